@@ -1,0 +1,21 @@
+"""What a user can ask of an optimize run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TARGETS = ("ort-cpu", "ort-cuda")
+
+
+@dataclass
+class OptimizeConfig:
+    target: str = "ort-cpu"
+    verify: bool = True  # compare optimized with original on generated inputs
+    force: bool = False  # write even when verification fails
+    attention: str = "exact"
+    padding_free: bool = True
+    tolerance: float = 1e-4  # max error relative to the output's scale
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")

@@ -1,0 +1,73 @@
+"""What an optimize run did: the report behind `--report` and `result.report`."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from attnfuse.passes.site import AttentionSite
+
+
+@dataclass
+class VerifyResult:
+    ok: bool
+    max_abs_error: float
+    max_rel_error: float
+    tolerance: float
+    inputs: list[dict[str, Any]] = field(default_factory=list)
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
+            "tolerance": self.tolerance,
+            "inputs": self.inputs,
+            "message": self.message,
+        }
+
+
+@dataclass
+class Report:
+    model: str = ""
+    target: str = "ort-cpu"
+    sites: list[AttentionSite] = field(default_factory=list)
+    fusions: list[Any] = field(default_factory=list)  # passes.onnx.Fusion
+    fused_ops: dict[str, int] = field(default_factory=dict)  # op type -> count in the output graph
+    verify: VerifyResult | None = None
+    rolled_back: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def attention_total(self) -> int:
+        return len(self.sites)
+
+    @property
+    def attention_fused(self) -> int:
+        return sum(site.fused for site in self.sites)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "target": self.target,
+            "attention": {
+                "total": self.attention_total,
+                "fused": self.attention_fused,
+                "sites": [site.summary() for site in self.sites],
+            },
+            "fused_ops": dict(self.fused_ops),
+            "fusions": [f.summary() for f in self.fusions],
+            "verify": self.verify.to_dict() if self.verify else None,
+            "rolled_back": list(self.rolled_back),
+            "seconds": round(self.seconds, 3),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def count_fused_ops(op_types: list[tuple[str, str]]) -> dict[str, int]:
+    """Count the com.microsoft ops (the fused ones) among (domain, op_type) pairs."""
+    return dict(Counter(op for domain, op in op_types if domain == "com.microsoft"))

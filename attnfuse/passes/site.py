@@ -1,0 +1,67 @@
+"""The description of one attention block, shared by the ONNX and the fx passes.
+
+Matching produces an `AttentionSite`; lowering consumes it. Nothing in here knows
+which graph format the site came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# Mask kinds, from the simplest to the most general.
+MASK_NONE = "none"
+MASK_KEY_PADDING = "key_padding"
+MASK_CAUSAL = "causal"
+MASK_CAUSAL_PADDING = "causal+key_padding"
+MASK_WINDOW = "window"
+MASK_ADDITIVE = "additive"
+
+# Bias kinds (what is added to the scores besides the mask).
+BIAS_NONE = "none"
+BIAS_ALIBI = "alibi"
+BIAS_ADDITIVE = "additive"
+
+
+@dataclass
+class AttentionSite:
+    """softmax(q @ k^T * scale + bias + mask) @ v, with its head split and merge.
+
+    `q`, `k`, `v` and `output` are references into the source graph (ONNX values or
+    fx nodes): `q`/`k`/`v` hold [batch, seq, heads*head_size] before the head split,
+    `output` holds the merged result the fused op replaces.
+    """
+
+    name: str
+    num_heads: int = 0
+    head_size: int = 0
+    scale: float = 0.0
+    mask: str = MASK_NONE
+    causal: bool = False
+    bias: str = BIAS_NONE
+    window: tuple[int, int] = (-1, -1)
+    alibi_slopes: list[float] | None = None
+    fused: bool = False
+    reason: str | None = None
+    # Graph references, filled by the matcher of each side.
+    q: Any = None
+    k: Any = None
+    v: Any = None
+    output: Any = None
+    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON-able part, for reports and `attnfuse inspect`."""
+        out = {
+            "name": self.name,
+            "fused": self.fused,
+            "reason": self.reason,
+            "num_heads": self.num_heads,
+            "head_size": self.head_size,
+            "scale": self.scale,
+            "mask": self.mask,
+            "causal": self.causal,
+            "bias": self.bias,
+        }
+        if self.window != (-1, -1):
+            out["window"] = list(self.window)
+        return out
