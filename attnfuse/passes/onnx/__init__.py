@@ -10,6 +10,11 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
+from attnfuse.passes.onnx import attention, gelu, layernorm, masks
+from attnfuse.passes.onnx.canonicalize import canonicalize
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, remove_unused, replace_uses
+from attnfuse.passes.onnx.lower_ort import lower_to_mha
+from attnfuse.passes.onnx.proof import prove
 from attnfuse.passes.site import AttentionSite
 
 
@@ -22,6 +27,7 @@ class Probe(Protocol):
 
     def get(self, name: str, run: int = 0) -> np.ndarray | None: ...
     def is_constant(self, name: str) -> bool: ...
+    def inputs(self, run: int = 0) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
 
 @dataclass
@@ -46,4 +52,44 @@ class PassResult:
 def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str] = frozenset()) -> PassResult:
     """Rewrite `model` in place. Sites and fusions named in `exclude` are left as they are
     (the optimizer rolls a rewrite back by running again without it)."""
-    return PassResult(sites=[], fusions=[])
+    graph = model.graph
+    canonicalize(graph, probe)
+    sites = fuse_attention(graph, probe, exclude)
+    fusions = gelu.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
+    remove_unused(model)
+    _check_replaced(graph, sites)
+    if any(node.domain == MS_DOMAIN for node in graph):
+        model.opset_imports[MS_DOMAIN] = 1
+    return PassResult(sites=sites, fusions=fusions)
+
+
+def fuse_attention(graph: ir.Graph, probe: Probe, exclude) -> list[AttentionSite]:
+    sites = []
+    for found in attention.find_sites(graph, probe, exclude):
+        if isinstance(found, AttentionSite):
+            sites.append(found)
+            continue
+        site = found.site
+        builder = Builder(site.name)
+        try:
+            output, bias = lower_to_mha(found, probe, builder)
+            extras = prove(builder.nodes, [(site.output, output)], probe, extra=[bias] if bias is not None else [])
+        except NoMatch as why:
+            site.reason = str(why)
+            sites.append(site)
+            continue
+        masks.describe(extras[0] if extras else None, site)
+        builder.commit(graph, after=found.output_node)
+        replace_uses(site.output, output)
+        site.fused = True
+        sites.append(site)
+    return sites
+
+
+def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
+    """A fused site whose softmax is still computed was not really replaced: say so."""
+    alive = {node.name for node in graph if node.op_type == "Softmax"}
+    for site in sites:
+        if site.fused and site.name in alive:
+            site.fused = False
+            site.reason = "the original attention is still computed: another op reads its intermediates"

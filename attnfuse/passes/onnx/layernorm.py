@@ -1,0 +1,2 @@
+def fuse(graph, probe, exclude):
+    return []

@@ -1,0 +1,74 @@
+"""Lower a matched attention site to ONNX Runtime's com.microsoft MultiHeadAttention.
+
+Everything the original added to the scores (masks, ALiBi, other biases) is
+rebuilt as one additive `attention_bias` of shape [batch or 1, heads or 1, S, T]
+from the very tensors the original graph computes: whatever way the exporter
+spelled the mask, the fused op sees the same numbers.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from attnfuse.passes.onnx.attention import Candidate, ScoreStep
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, observed
+
+
+def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Value, ir.Value | None]:
+    """Build MultiHeadAttention for `candidate`; returns (output, attention_bias or None)."""
+    site = candidate.site
+    dtype = observed(candidate.softmax.inputs[0], probe).dtype
+    bias = additive_bias(candidate.steps, site.num_heads, probe, builder, dtype)
+    if bias is not None:
+        # Two masks of finfo.min add up to -inf, and a row of -inf makes NaN.
+        bias = builder.op("Max", [bias, builder.const(np.finfo(dtype).min, dtype)])
+        bias = builder.op("Expand", [bias, _query_key_shape(site, builder)])
+    output = builder.op(
+        "MultiHeadAttention",
+        [site.q, site.k, site.v, None, None, bias],
+        {"num_heads": site.num_heads, "scale": site.scale},
+        domain=MS_DOMAIN,
+        name=f"{site.name}/MultiHeadAttention",
+    )
+    merged = observed(site.output, probe)
+    if merged.ndim != 3:
+        output = builder.op("Reshape", [output, builder.const([-1, *merged.shape[1:]], np.int64)])
+    return output, bias
+
+
+def additive_bias(steps: list[ScoreStep], heads: int, probe, builder: Builder, dtype) -> ir.Value | None:
+    """softmax(f(qk)) == softmax(scale * qk + bias): build `bias` from the steps of f."""
+    bias = None
+    for step in steps:
+        if step.kind == "scale" and bias is not None:
+            bias = builder.op("Div" if step.divide else "Mul", [bias, step.value])
+        elif step.kind in ("add", "sub"):
+            term = _as_4d(step.value, step.rank, heads, probe, builder)
+            if bias is None:
+                bias = term if step.kind == "add" else builder.op("Neg", [term])
+            else:
+                bias = builder.op("Add" if step.kind == "add" else "Sub", [bias, term])
+        elif step.kind == "where":
+            condition = _as_4d(step.value, step.rank, heads, probe, builder)
+            fill = _as_4d(step.fill, step.rank, heads, probe, builder)
+            kept = bias if bias is not None else builder.const(np.zeros((), dtype))
+            operands = [kept, fill] if step.keep_when else [fill, kept]
+            bias = builder.op("Where", [condition, *operands])
+    return bias
+
+
+def _as_4d(value: ir.Value, rank: int, heads: int, probe, builder: Builder) -> ir.Value:
+    """A term added to [batch*heads, S, T] scores, reshaped to add to [batch, heads, S, T]."""
+    shape = observed(value, probe).shape
+    if rank == 4 or len(shape) < 3 or shape[0] == 1:
+        return value  # broadcasts the same way against both layouts
+    tail = builder.op("Shape", [value], {"start": 1})
+    new_shape = builder.op("Concat", [builder.const([-1, heads], np.int64), tail], {"axis": 0})
+    return builder.op("Reshape", [value, new_shape])
+
+
+def _query_key_shape(site, builder: Builder) -> ir.Value:
+    """[1, 1, S, T], read from q and k at run time."""
+    seq_q = builder.op("Shape", [site.q], {"start": 1, "end": 2})
+    seq_k = builder.op("Shape", [site.k], {"start": 1, "end": 2})
+    return builder.op("Concat", [builder.const([1, 1], np.int64), seq_q, seq_k], {"axis": 0})

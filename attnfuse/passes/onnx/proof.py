@@ -1,0 +1,107 @@
+"""Prove a rewrite before it is applied.
+
+The nodes of a rewrite are run on their own in ONNX Runtime, fed with the values
+the probe observed in the original graph, and their result is compared with the
+value the original graph computed for the tensor they replace. A rewrite that
+does not reproduce it on the check inputs is never applied.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, observed
+
+TOLERANCE = 1e-4  # max abs error relative to the max abs of the original tensor
+
+
+def evaluate(nodes: list[ir.Node], outputs: list[ir.Value], probe, run: int) -> list[np.ndarray]:
+    """Run `nodes` alone; inputs they read from outside come from the probe."""
+    produced = {id(out) for node in nodes for out in node.outputs}
+    feeds: dict[str, np.ndarray] = {}
+    initializers = []
+    for node in nodes:
+        for value in node.inputs:
+            if value is None or id(value) in produced or value.name in feeds:
+                continue
+            if value.const_value is not None:
+                initializers.append(ir.serde.serialize_tensor(value.const_value))
+                initializers[-1].name = value.name
+                feeds[value.name] = None  # marks it seen
+            else:
+                feeds[value.name] = observed(value, probe, run)
+    graph = onnx.helper.make_graph(
+        [ir.serde.serialize_node(node) for node in nodes],
+        "rewrite",
+        [_value_info(name, array) for name, array in feeds.items() if array is not None],
+        [onnx.helper.make_value_info(out.name, onnx.TypeProto()) for out in outputs],
+        initializer=initializers,
+    )
+    model = onnx.helper.make_model(
+        graph,
+        opset_imports=[onnx.helper.make_opsetid("", 20), onnx.helper.make_opsetid(MS_DOMAIN, 1)],
+        ir_version=10,
+    )
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return session.run([out.name for out in outputs], {k: v for k, v in feeds.items() if v is not None})
+    except Exception as error:  # ORT refuses the fused op for these shapes or types
+        message = str(error).strip().splitlines()[0][:200]
+        raise NoMatch(f"ONNX Runtime rejects the fused op: {message}") from None
+
+
+def _value_info(name: str, array: np.ndarray) -> onnx.ValueInfoProto:
+    elem = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    return onnx.helper.make_tensor_value_info(name, elem, list(array.shape))
+
+
+def relative_error(expected: np.ndarray, got: np.ndarray, real: np.ndarray | None = None) -> float:
+    """Max abs difference over real token positions, relative to the expected scale."""
+    if expected.shape != got.shape:
+        return float("inf")
+    expected = expected.astype(np.float64)
+    got = got.astype(np.float64)
+    if real is not None:
+        keep = _positions(expected.shape, real)
+        if keep is not None:
+            expected, got = expected[keep], got[keep]
+    if expected.size == 0:
+        return 0.0
+    finite = np.isfinite(expected)
+    if not np.array_equal(finite, np.isfinite(got)):
+        return float("inf")
+    scale = max(float(np.abs(expected[finite]).max(initial=0.0)), 1e-6)
+    return float(np.abs(expected[finite] - got[finite]).max(initial=0.0)) / scale
+
+
+def _positions(shape: tuple[int, ...], real: np.ndarray):
+    """A boolean index of the real tokens for a tensor laid out [B, S, ...] or [B*S, ...]."""
+    batch, seqlen = real.shape
+    if len(shape) >= 2 and shape[:2] == (batch, seqlen):
+        return real
+    if len(shape) >= 1 and shape[0] == batch * seqlen and batch * seqlen != batch:
+        return real.reshape(-1)
+    return None
+
+
+def prove(nodes: list[ir.Node], claims: list[tuple[ir.Value, ir.Value]], probe, extra: list[ir.Value] = ()):
+    """Check that each new value equals the original one it replaces, on every probe run.
+
+    Returns the values of `extra` on run 0 (for describing the rewrite). Raises NoMatch.
+    """
+    extra = list(extra)
+    extras = []
+    for run in (0, 1):
+        news = evaluate(nodes, [new for _, new in claims] + extra, probe, run)
+        real = probe.inputs(run).real
+        for (old, _), got in zip(claims, news):
+            error = relative_error(observed(old, probe, run), got, real)
+            if not error <= TOLERANCE:
+                raise NoMatch(f"the fused op does not reproduce the original (relative error {error:.2g})")
+        if run == 0:
+            extras = news[len(claims):]
+    return extras
