@@ -78,19 +78,22 @@ def match(softmax: ir.Node, site: AttentionSite, probe) -> Candidate:
     v, v_scale = walk_to_root(pv.inputs[1], probe)
     if v_scale != 1.0:
         raise NoMatch("the values are scaled")
-    output = walk_head_merge(pv.outputs[0])
 
     scores = observed(logits, probe)
     q_value, k_value, v_value = (observed(x, probe) for x in (q, k, v))
-    if q_value.ndim != 3 or k_value.ndim != 3 or v_value.ndim != 3:
-        raise NoMatch(f"q/k/v before the head split have ranks {q_value.ndim}/{k_value.ndim}/{v_value.ndim}, not 3")
-    batch, seqlen, hidden = q_value.shape
+    if not {q_value.ndim, k_value.ndim, v_value.ndim} <= {3, 4}:
+        raise NoMatch(f"q/k/v before the head split have ranks {q_value.ndim}/{k_value.ndim}/{v_value.ndim}")
+    # [batch, seq, hidden], or [batch, seq, heads, head_size] where the exporter split heads first.
+    batch, seqlen = q_value.shape[:2]
+    hidden = int(np.prod(q_value.shape[2:]))
     heads = scores.shape[1] if scores.ndim == 4 else scores.shape[0] // max(batch, 1)
     if heads <= 0 or hidden % heads:
         raise NoMatch(f"hidden size {hidden} does not split into {heads} heads")
     if scores.shape[-2:] != (seqlen, k_value.shape[1]):
         raise NoMatch("the scores are not [query, key] of q and k")
 
+    v_hidden = v_value.size // (batch * v_value.shape[1])
+    output = walk_head_merge(pv.outputs[0], (batch, seqlen, v_hidden), probe)
     site.q, site.k, site.v, site.output = q, k, v, output
     site.num_heads = int(heads)
     site.head_size = hidden // heads
@@ -228,17 +231,18 @@ def probabilities_consumer(probs: ir.Value) -> ir.Node:
             raise NoMatch(f"the probabilities go into {node.op_type}, not a MatMul with v")
 
 
-def walk_head_merge(value: ir.Value) -> ir.Value:
-    """Forward through the head merge (Transpose, Reshape) to the merged output.
+def walk_head_merge(value: ir.Value, merged_shape: tuple[int, ...], probe) -> ir.Value:
+    """Forward through the head merge (Transpose, Reshape) to the [batch, seq, hidden] output.
 
     Shape readers do not count as uses: exporters read shapes to build the merge's
     target shape, and those readers die with the merge.
     """
-    while True:
+    while observed(value, probe).shape != merged_shape:
         users = [node for node in consumers(value) if node.op_type != "Shape"]
         if value.is_graph_output() or len(users) != 1:
-            return value
+            break
         node = users[0]
         if node.op_type not in ("Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten"):
-            return value
+            break
         value = node.outputs[0]
+    return value

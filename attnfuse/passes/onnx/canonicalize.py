@@ -10,7 +10,7 @@ def canonicalize(graph: ir.Graph, probe) -> None:
     for node in list(graph):
         if _is_noop(node, probe):
             node.outputs[0].replace_all_uses_with(node.inputs[0])
-    # Nodes left without readers are swept by the caller's dead-code pass.
+            graph.remove(node, safe=True)
 
 
 def _is_noop(node: ir.Node, probe) -> bool:

@@ -23,9 +23,10 @@ def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Valu
         # Two masks of finfo.min add up to -inf, and a row of -inf makes NaN.
         bias = builder.op("Max", [bias, builder.const(np.finfo(dtype).min, dtype)])
         bias = builder.op("Expand", [bias, _query_key_shape(site, builder)])
+    q, k, v = (_as_3d(x, probe, builder) for x in (site.q, site.k, site.v))
     output = builder.op(
         "MultiHeadAttention",
-        [site.q, site.k, site.v, None, None, bias],
+        [q, k, v, None, None, bias],
         {"num_heads": site.num_heads, "scale": site.scale},
         domain=MS_DOMAIN,
         name=f"{site.name}/MultiHeadAttention",
@@ -65,6 +66,13 @@ def _as_4d(value: ir.Value, rank: int, heads: int, probe, builder: Builder) -> i
     tail = builder.op("Shape", [value], {"start": 1})
     new_shape = builder.op("Concat", [builder.const([-1, heads], np.int64), tail], {"axis": 0})
     return builder.op("Reshape", [value, new_shape])
+
+
+def _as_3d(value: ir.Value, probe, builder: Builder) -> ir.Value:
+    """[batch, seq, heads, head_size] -> [batch, seq, hidden]; rank 3 stays."""
+    if observed(value, probe).ndim == 3:
+        return value
+    return builder.op("Reshape", [value, builder.const([0, 0, -1], np.int64)])
 
 
 def _query_key_shape(site, builder: Builder) -> ir.Value:
