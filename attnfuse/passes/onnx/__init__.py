@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from attnfuse.passes.onnx import attention, gelu, layernorm, masks
 from attnfuse.passes.onnx.canonicalize import canonicalize
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, remove_unused, replace_uses
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, opset, remove_unused, replace_uses
 from attnfuse.passes.onnx.lower_ort import lower_to_mha
 from attnfuse.passes.onnx.proof import prove
 from attnfuse.passes.site import AttentionSite
@@ -73,7 +73,7 @@ def fuse_attention(graph: ir.Graph, probe: Probe, exclude) -> list[AttentionSite
         builder = Builder(site.name)
         try:
             output, bias = lower_to_mha(found, probe, builder)
-            extras = prove(builder.nodes, [(site.output, output)], probe, extra=[bias] if bias is not None else [])
+            extras = prove(builder.nodes, [(site.output, output)], probe, [bias] if bias is not None else [], opset(graph))
         except NoMatch as why:
             site.reason = str(why)
             sites.append(site)

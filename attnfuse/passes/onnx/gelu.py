@@ -1,2 +1,148 @@
-def fuse(graph, probe, exclude):
-    return []
+"""Gelu, however it is spelled, and its bias: BiasGelu / FastGelu / Gelu (com.microsoft).
+
+Canonicalise first: an elementwise region of the graph that computes
+gelu(x), exactly (erf) or in the tanh approximation, is recognised by
+evaluating it, not by its ops; ONNX's own Gelu op is read directly. Then one
+rule: gelu(h + b) with a constant bias b becomes BiasGelu (erf) or FastGelu
+(tanh) with the bias folded in.
+"""
+from __future__ import annotations
+
+from math import erf, sqrt, tanh, pi
+
+import numpy as np
+import onnx_ir as ir
+
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, opset, replace_uses
+from attnfuse.passes.onnx.proof import evaluate, prove
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Cast"}
+_X = np.linspace(-6.0, 6.0, 97, dtype=np.float32)
+_REFERENCE = {
+    "none": np.array([0.5 * x * (1 + erf(x / sqrt(2))) for x in _X.astype(np.float64)]),
+    "tanh": np.array([0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x**3))) for x in _X.astype(np.float64)]),
+}
+
+
+def fuse(graph: ir.Graph, probe, exclude) -> list:
+    from attnfuse.passes.onnx import Fusion
+
+    fusions = []
+    for gelu in find_gelus(graph, probe):
+        x, y, approximate, name = gelu
+        op = "BiasGelu" if approximate == "none" else "FastGelu"
+        if name in exclude:
+            fusions.append(Fusion(name, op, False, "excluded (rolled back)"))
+            continue
+        builder = Builder(name)
+        h, bias = split_bias(x, probe)
+        if bias is None:
+            op = "Gelu" if approximate == "none" else "FastGelu"
+        new = builder.op(op, [h, bias] if bias is not None else [x], domain=MS_DOMAIN, name=f"{name}/{op}")
+        try:
+            prove(builder.nodes, [(y, new)], probe, opset=opset(graph))
+        except NoMatch as why:
+            fusions.append(Fusion(name, op, False, str(why)))
+            continue
+        builder.commit(graph, after=y.producer())
+        replace_uses(y, new)
+        fusions.append(Fusion(name, op, True))
+    return fusions
+
+
+def find_gelus(graph: ir.Graph, probe):
+    """(x, y, approximate, name) for every gelu(x) = y in the graph."""
+    for node in list(graph):
+        if node.op_type == "Gelu" and node.domain in ("", "ai.onnx"):
+            yield node.inputs[0], node.outputs[0], attr(node, "approximate", "none"), node.name
+        elif node.op_type in ("Erf", "Tanh"):
+            found = _decomposed(node, graph, probe)
+            if found:
+                yield (*found, node.name)
+
+
+def _decomposed(core: ir.Node, graph: ir.Graph, probe):
+    """The widest elementwise region around an Erf/Tanh that computes gelu."""
+    for y in reversed(_forward(core)):
+        for x in _backward(core, probe):
+            region = _region(x, y, probe)
+            if region is None:
+                continue
+            kind = _which_gelu(region, x, y, opset(graph))
+            if kind:
+                return x, y, kind
+    return None
+
+
+def _forward(core: ir.Node, steps: int = 5) -> list[ir.Value]:
+    values, value = [], core.outputs[0]
+    for _ in range(steps):
+        users = [use.node for use in value.uses()]
+        if len(users) != 1 or users[0].op_type not in ELEMENTWISE:
+            break
+        value = users[0].outputs[0]
+        values.append(value)
+    return values
+
+
+def _backward(core: ir.Node, probe, depth: int = 6) -> list[ir.Value]:
+    """Non-constant tensors feeding the Erf/Tanh through elementwise ops, nearest first."""
+    found, frontier = [], [core.inputs[0]]
+    for _ in range(depth):
+        next_frontier = []
+        for value in frontier:
+            if value is None or constant(value, probe) is not None or value in found:
+                continue
+            found.append(value)
+            node = value.producer()
+            if node is not None and node.op_type in ELEMENTWISE:
+                next_frontier.extend(node.inputs)
+        frontier = next_frontier
+    return found
+
+
+def _region(x: ir.Value, y: ir.Value, probe) -> list[ir.Node] | None:
+    """The nodes computing y from x and constants alone, or None if y reads anything else."""
+    nodes, stack, seen = [], [y], set()
+    while stack:
+        value = stack.pop()
+        if value is x or constant(value, probe) is not None or id(value) in seen:
+            continue
+        seen.add(id(value))
+        node = value.producer()
+        if node is None or node.op_type not in ELEMENTWISE:
+            return None
+        nodes.append(node)
+        stack.extend(node.inputs)
+    inside = {id(n) for n in nodes}
+    for node in nodes:  # intermediates must not escape the region
+        for out in node.outputs:
+            if out is not y and any(id(use.node) not in inside for use in out.uses()):
+                return None
+    order = {id(n): i for i, n in enumerate(y.graph)} if y.graph is not None else {}
+    return sorted(nodes, key=lambda n: order.get(id(n), 0))
+
+
+def _which_gelu(region: list[ir.Node], x: ir.Value, y: ir.Value, version: int) -> str | None:
+    try:
+        (got,) = evaluate(region, [y], lambda value: _X if value is x else None, version)
+    except NoMatch:
+        return None
+    if got is None or got.shape != _X.shape:
+        return None
+    for kind, reference in _REFERENCE.items():
+        if np.allclose(got, reference, rtol=1e-5, atol=1e-5):
+            return kind
+    return None
+
+
+def split_bias(x: ir.Value, probe) -> tuple[ir.Value, ir.Value | None]:
+    """x = h + b with b a constant vector over the last axis: (h, b); else (x, None)."""
+    node = x.producer()
+    if node is None or node.op_type != "Add":
+        return x, None
+    for i in (0, 1):
+        bias = constant(node.inputs[i], probe)
+        if bias is not None and bias.ndim == 1 and constant(node.inputs[1 - i], probe) is None:
+            return node.inputs[1 - i], node.inputs[i]
+    return x, None

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -146,5 +146,5 @@ def remove_unused(model: ir.Model) -> None:
     RemoveUnusedNodesPass()(model)
 
 
-def topological_nodes(graph: ir.Graph) -> Iterable[ir.Node]:
-    return list(graph)
+def opset(graph: ir.Graph) -> int:
+    return graph.opset_imports.get("", graph.opset_imports.get("ai.onnx", 20))

@@ -1,2 +1,65 @@
-def fuse(graph, probe, exclude):
-    return []
+"""Residual + bias + LayerNorm -> SkipLayerNormalization (com.microsoft).
+
+layernorm(a + b) where a and b are both activations (the residual sum) is a
+skip layernorm; when one side is itself h + bias with a constant bias vector,
+the bias folds in too.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from attnfuse.passes.onnx.gelu import split_bias
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, consumers, opset, replace_uses
+from attnfuse.passes.onnx.proof import prove
+
+
+def fuse(graph: ir.Graph, probe, exclude) -> list:
+    from attnfuse.passes.onnx import Fusion
+
+    fusions = []
+    for node in list(graph):
+        if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
+            continue
+        name = node.name
+        if name in exclude:
+            fusions.append(Fusion(name, "SkipLayerNormalization", False, "excluded (rolled back)"))
+            continue
+        try:
+            fuse_one(graph, node, probe)
+            fusions.append(Fusion(name, "SkipLayerNormalization", True))
+        except NoMatch as why:
+            fusions.append(Fusion(name, "SkipLayerNormalization", False, str(why)))
+    return fusions
+
+
+def fuse_one(graph: ir.Graph, layernorm: ir.Node, probe) -> None:
+    x, gamma, beta = (list(layernorm.inputs) + [None, None])[:3]
+    if attr(layernorm, "axis", -1) != -1:
+        raise NoMatch("layernorm is not over the last axis")
+    total = x.producer()
+    if total is None or total.op_type != "Add" or any(constant(v, probe) is not None for v in total.inputs):
+        raise NoMatch("the input is not a residual sum")
+    skip, other = total.inputs
+    h, bias = split_bias(other, probe)
+    if bias is None:
+        skip, other = other, skip
+        h, bias = split_bias(other, probe)
+    if bias is None:
+        h = other
+    builder = Builder(layernorm.name)
+    outputs = builder.op(
+        "SkipLayerNormalization",
+        [h, skip, gamma, beta, bias],
+        {"epsilon": attr(layernorm, "epsilon", 1e-5)},
+        domain=MS_DOMAIN,
+        num_outputs=4,
+        name=f"{layernorm.name}/SkipLayerNormalization",
+    )
+    claims = [(layernorm.outputs[0], outputs[0])]
+    sum_read_elsewhere = any(user is not layernorm for user in consumers(x)) or x.is_graph_output()
+    if sum_read_elsewhere:
+        claims.append((x, outputs[3]))
+    prove(builder.nodes, claims, probe, opset=opset(graph))
+    builder.commit(graph, after=layernorm)
+    for old, new in claims:
+        replace_uses(old, new)

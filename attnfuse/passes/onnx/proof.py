@@ -12,43 +12,43 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, observed
+from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, constant, observed
 
 TOLERANCE = 1e-4  # max abs error relative to the max abs of the original tensor
 
 
-def evaluate(nodes: list[ir.Node], outputs: list[ir.Value], probe, run: int) -> list[np.ndarray]:
-    """Run `nodes` alone; inputs they read from outside come from the probe."""
+def evaluate(nodes: list[ir.Node], outputs: list[ir.Value], source, opset: int = 20) -> list[np.ndarray]:
+    """Run `nodes` alone in ONNX Runtime. `source(value)` gives each tensor they read
+    from outside; constants travel as initializers."""
     produced = {id(out) for node in nodes for out in node.outputs}
     feeds: dict[str, np.ndarray] = {}
-    initializers = []
+    initializers: dict[str, onnx.TensorProto] = {}
     for node in nodes:
         for value in node.inputs:
-            if value is None or id(value) in produced or value.name in feeds:
+            if value is None or id(value) in produced or value.name in feeds or value.name in initializers:
                 continue
-            if value.const_value is not None:
-                initializers.append(ir.serde.serialize_tensor(value.const_value))
-                initializers[-1].name = value.name
-                feeds[value.name] = None  # marks it seen
+            fixed = constant(value)
+            if fixed is not None:
+                initializers[value.name] = onnx.numpy_helper.from_array(fixed, value.name)
             else:
-                feeds[value.name] = observed(value, probe, run)
+                feeds[value.name] = source(value)
     graph = onnx.helper.make_graph(
         [ir.serde.serialize_node(node) for node in nodes],
         "rewrite",
-        [_value_info(name, array) for name, array in feeds.items() if array is not None],
+        [_value_info(name, array) for name, array in feeds.items()],
         [onnx.helper.make_value_info(out.name, onnx.TypeProto()) for out in outputs],
-        initializer=initializers,
+        initializer=list(initializers.values()),
     )
     model = onnx.helper.make_model(
         graph,
-        opset_imports=[onnx.helper.make_opsetid("", 20), onnx.helper.make_opsetid(MS_DOMAIN, 1)],
+        opset_imports=[onnx.helper.make_opsetid("", opset), onnx.helper.make_opsetid(MS_DOMAIN, 1)],
         ir_version=10,
     )
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return session.run([out.name for out in outputs], {k: v for k, v in feeds.items() if v is not None})
+        return session.run([out.name for out in outputs], feeds)
     except Exception as error:  # ORT refuses the fused op for these shapes or types
         message = str(error).strip().splitlines()[0][:200]
         raise NoMatch(f"ONNX Runtime rejects the fused op: {message}") from None
@@ -88,7 +88,7 @@ def _positions(shape: tuple[int, ...], real: np.ndarray):
     return None
 
 
-def prove(nodes: list[ir.Node], claims: list[tuple[ir.Value, ir.Value]], probe, extra: list[ir.Value] = ()):
+def prove(nodes: list[ir.Node], claims: list[tuple[ir.Value, ir.Value]], probe, extra: list[ir.Value] = (), opset: int = 20):
     """Check that each new value equals the original one it replaces, on every probe run.
 
     Returns the values of `extra` on run 0 (for describing the rewrite). Raises NoMatch.
@@ -96,7 +96,7 @@ def prove(nodes: list[ir.Node], claims: list[tuple[ir.Value, ir.Value]], probe, 
     extra = list(extra)
     extras = []
     for run in (0, 1):
-        news = evaluate(nodes, [new for _, new in claims] + extra, probe, run)
+        news = evaluate(nodes, [new for _, new in claims] + extra, lambda value: observed(value, probe, run), opset)
         real = probe.inputs(run).real
         for (old, _), got in zip(claims, news):
             error = relative_error(observed(old, probe, run), got, real)
