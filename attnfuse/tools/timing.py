@@ -1,0 +1,34 @@
+"""Timing for benchmarks and the demo: interleaved runs, medians, ratios."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+
+def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
+                        desc: str = "timing") -> dict[str, float]:
+    """Median seconds of each runner. Runs go round-robin so that the machine's drift
+    (other load, clocks) falls on every contender alike."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    with tqdm(total=repeats * len(runners), desc=desc, leave=False, disable=None) as bar:
+        for _ in range(repeats):
+            for name, run in runners.items():
+                start = time.perf_counter()
+                run()
+                samples[name].append(time.perf_counter() - start)
+                bar.update()
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def table(header: list[str], rows: list[list[object]]) -> str:
+    cells = [header, *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
