@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx import attention, gelu, layernorm, masks
+from attnfuse.passes.onnx import attention, embed, gelu, layernorm, masks
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, opset, remove_unused, replace_uses
 from attnfuse.passes.onnx.lower_ort import lower_to_mha
@@ -55,8 +55,9 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     graph = model.graph
     canonicalize(graph, probe)
     sites = fuse_attention(graph, probe, exclude)
-    fusions = gelu.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
+    fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
+    graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
     if any(node.domain == MS_DOMAIN for node in graph):
         model.opset_imports[MS_DOMAIN] = 1

@@ -1,0 +1,176 @@
+"""optimize_onnx and inspect_onnx: the pipeline behind the Python API and the command line.
+
+load -> probe the original -> rewrite a copy -> verify against the original ->
+roll back the rewrites that change the result.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from attnfuse.optimizer import io
+from attnfuse.optimizer.config import OptimizeConfig
+from attnfuse.optimizer.errors import UserError, VerificationError
+from attnfuse.optimizer.probe import Probe
+from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops
+from attnfuse.optimizer.verify import Verifier, check_inputs
+from attnfuse.passes.onnx import PassResult, run_passes
+
+ModelSource = str | os.PathLike | onnx.ModelProto
+Progress = Callable[[str], None]
+# The stages an optimize run goes through, in order, as given to `progress`.
+# Roll-back trials are announced as "roll back <name>" between "verify" and the end.
+STAGES = ("load", "probe", "rewrite", "verify")
+
+
+@dataclass
+class OptimizeResult:
+    """The optimized model (an onnx_ir.Model, weights shared with the input) and its report."""
+
+    model: ir.Model
+    report: Report
+
+    @property
+    def proto(self) -> onnx.ModelProto:
+        """The model as one self-contained ModelProto; ValueError for models over 2 GB."""
+        return io.to_proto(self.model)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically; weights go to PATH.data when the model is large or its input had external data."""
+        io.save_model(self.model, path)
+
+
+@dataclass
+class _Attempt:
+    """One run of the passes on a fresh copy of the original."""
+
+    model: ir.Model
+    passes: PassResult
+    exclude: frozenset[str]
+    verify: VerifyResult | None = None
+
+
+def optimize_onnx(
+    model: ModelSource, config: OptimizeConfig | None = None, *, progress: Progress | None = None, **overrides: Any
+) -> OptimizeResult:
+    """Optimize an ONNX model (a path or a ModelProto); `overrides` are OptimizeConfig fields.
+
+    Raises UserError for unusable input and VerificationError when the result differs
+    from the original beyond `config.tolerance` even after rolling back rewrites
+    (unless `force`, which returns the fully rewritten model with the failed check).
+    """
+    config = make_config(config, overrides)
+    stage = progress or _quiet
+    start = time.perf_counter()
+    stage("load")
+    original = io.load_model(model)
+    stage("probe")
+    probe = Probe.capture(original, seed=config.seed)
+    stage("rewrite")
+    attempt = _rewrite(original, probe, config)
+    rolled_back: dict[str, str] = {}
+    if config.verify:
+        stage("verify")
+        verifier = Verifier(original, config, check_inputs(original, probe, config.seed))
+        attempt, rolled_back = _verified(attempt, original, probe, config, verifier, stage)
+    report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
+    if report.verify is not None and not report.verify.ok and not config.force:
+        raise VerificationError(f"verification failed: {report.verify.message}", report)
+    return OptimizeResult(attempt.model, report)
+
+
+def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **overrides: Any) -> Report:
+    """What optimize_onnx would rewrite: the passes run on a copy, nothing is verified or written."""
+    config = make_config(config, overrides)
+    start = time.perf_counter()
+    original = io.load_model(model)
+    attempt = _rewrite(original, Probe.capture(original, seed=config.seed), config)
+    return _report(model, config, attempt, {}, time.perf_counter() - start)
+
+
+def make_config(config: OptimizeConfig | None, overrides: dict[str, Any]) -> OptimizeConfig:
+    """`config` (or the defaults) with `overrides` applied; bad names or values are UserErrors."""
+    try:
+        return dataclasses.replace(config or OptimizeConfig(), **overrides)
+    except TypeError:
+        known = {f.name for f in dataclasses.fields(OptimizeConfig)}
+        unknown = ", ".join(sorted(set(overrides) - known))
+        raise UserError(f"unknown option {unknown}; options are {', '.join(sorted(known))}") from None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _quiet(stage: str) -> None:
+    pass
+
+
+def _rewrite(original: ir.Model, probe: Probe, config: OptimizeConfig, exclude: frozenset[str] = frozenset()) -> _Attempt:
+    copy = original.clone()  # graph copied, weights shared
+    return _Attempt(copy, run_passes(copy, probe, config, exclude), exclude)
+
+
+def _verified(
+    first: _Attempt, original: ir.Model, probe: Probe, config: OptimizeConfig, verifier: Verifier, stage: Progress
+) -> tuple[_Attempt, dict[str, str]]:
+    """The first attempt if it verifies; otherwise the rewrites that verify together, and the
+    reasons the others were rolled back. Returns `first` unchanged when nothing verifies."""
+
+    def attempt(exclude: frozenset[str]) -> _Attempt:
+        result = _rewrite(original, probe, config, exclude)
+        result.verify = verifier.check(result.model)
+        return result
+
+    first.verify = verifier.check(first.model)
+    candidates = _fused_names(first.passes)
+    if first.verify.ok or not candidates:
+        return first, {}
+    # Start from no rewrite at all and enable them one at a time, keeping those that pass.
+    stage("roll back")
+    best = attempt(frozenset(candidates))
+    if not best.verify.ok:  # the failure is not any one rewrite's: nothing to roll back to
+        return first, {}
+    rolled_back = {}
+    for name in candidates:
+        stage(f"roll back {name}")
+        trial = attempt(best.exclude - {name})
+        if trial.verify.ok:
+            best = trial
+        else:
+            rolled_back[name] = trial.verify.message
+    return best, rolled_back
+
+
+def _fused_names(passes: PassResult) -> list[str]:
+    return [item.name for item in [*passes.sites, *passes.fusions] if item.fused]
+
+
+def _report(
+    source: ModelSource, config: OptimizeConfig, attempt: _Attempt, rolled_back: dict[str, str], seconds: float
+) -> Report:
+    for item in [*attempt.passes.sites, *attempt.passes.fusions]:
+        if item.name in rolled_back:
+            item.fused = False
+            item.reason = f"rolled back: {rolled_back[item.name]}"
+    return Report(
+        model=_source_name(source),
+        target=config.target,
+        sites=attempt.passes.sites,
+        fusions=attempt.passes.fusions,
+        fused_ops=count_fused_ops([(node.domain, node.op_type) for node in attempt.model.graph.all_nodes()]),
+        verify=attempt.verify,
+        rolled_back=list(rolled_back),
+        seconds=seconds,
+    )
+
+
+def _source_name(source: ModelSource) -> str:
+    if isinstance(source, onnx.ModelProto):
+        return source.graph.name or "<ModelProto>"
+    return os.fspath(source)

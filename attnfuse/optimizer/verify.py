@@ -1,0 +1,117 @@
+"""Does the optimized model compute what the original computes?
+
+Both run in ONNX Runtime on generated check inputs. Padded positions of a
+padding-free model's outputs are zero by design, so only real tokens count.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from attnfuse.optimizer.errors import first_line
+from attnfuse.optimizer.inputs import CheckInputs, make_inputs
+from attnfuse.optimizer.io import session
+from attnfuse.optimizer.probe import RUN_SIZES
+from attnfuse.optimizer.report import VerifyResult
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None) -> tuple[float, float]:
+    """(max absolute error, max error relative to each output's largest magnitude).
+
+    Outputs whose first two dims are the mask's [B, S] are compared at real tokens only.
+    A missing output or a shape mismatch is an infinite error.
+    """
+    max_abs = max_rel = 0.0
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or np.shape(got) != np.shape(ref):
+            return float("inf"), float("inf")
+        ref, got = _real_part(np.asarray(ref), np.asarray(got), real)
+        error = _abs_error(ref, got)
+        max_abs = max(max_abs, error)
+        max_rel = max(max_rel, error / _scale(ref))
+    return max_abs, max_rel
+
+
+def _real_part(ref: np.ndarray, got: np.ndarray, real: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    if real is not None and ref.ndim >= 2 and ref.shape[:2] == real.shape:
+        return ref[real], got[real]
+    return ref, got
+
+
+def _abs_error(ref: np.ndarray, got: np.ndarray) -> float:
+    if ref.size == 0:
+        return 0.0
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(ref - got)
+    # Equal infinities and NaN where the original has NaN are agreement; other NaN is not.
+    same = (ref == got) | (np.isnan(ref) & np.isnan(got))
+    return float(np.max(np.where(same, 0.0, np.nan_to_num(diff, nan=np.inf))))
+
+
+def _scale(ref: np.ndarray) -> float:
+    finite = np.abs(ref[np.isfinite(ref)]) if ref.dtype.kind in "fc" else np.abs(ref)
+    scale = float(finite.max()) if finite.size else 0.0
+    return scale if scale > 0 else 1.0
+
+
+def check_inputs(model: ir.Model, probe: Any, seed: int = 0) -> list[CheckInputs]:
+    """The probe's two input sets, and a third with left padding."""
+    batch, seqlen = RUN_SIZES[0]
+    return [probe.inputs(0), probe.inputs(1), make_inputs(model, batch, seqlen, seed + len(RUN_SIZES), padding="left")]
+
+
+def providers(target: str) -> list[str]:
+    """ORT CPU, or CUDA when the target asks for it and this machine has it."""
+    if target == "ort-cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class Verifier:
+    """The original's outputs, computed once, against which candidates are checked."""
+
+    def __init__(self, original: ir.Model, config: Any, inputs_list: list[CheckInputs]):
+        self.config = config
+        self.inputs_list = inputs_list
+        runner = session(original, providers(config.target), optimize=False)
+        self.output_names = [o.name for o in runner.get_outputs()]
+        self.references = [self._run(runner, inputs) for inputs in inputs_list]
+
+    def _run(self, runner: ort.InferenceSession, inputs: CheckInputs) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))
+
+    def check(self, candidate: ir.Model) -> VerifyResult:
+        try:
+            runner = session(candidate, providers(self.config.target))
+            results = [self._run(runner, inputs) for inputs in self.inputs_list]
+        except Exception as e:  # a rewrite that does not even run fails verification
+            return self._result([], message=f"the optimized model does not run: {first_line(e)}")
+        per_set = [
+            (inputs, *compare(reference, result, inputs.real))
+            for inputs, reference, result in zip(self.inputs_list, self.references, results)
+        ]
+        return self._result(per_set)
+
+    def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "") -> VerifyResult:
+        max_abs = max((a for _, a, _ in per_set), default=float("inf"))
+        max_rel = max((r for _, _, r in per_set), default=float("inf"))
+        tolerance = self.config.tolerance
+        ok = max_rel <= tolerance
+        if not message:
+            verdict = "within" if ok else "over"
+            message = f"max relative error {max_rel:.3g} {verdict} tolerance {tolerance:g}"
+        inputs = [
+            {"inputs": inputs.describe(), "padding": inputs.padding, "max_abs_error": a, "max_rel_error": r}
+            for inputs, a, r in per_set
+        ] or [{"inputs": inputs.describe(), "padding": inputs.padding} for inputs in self.inputs_list]
+        return VerifyResult(ok, max_abs, max_rel, tolerance, inputs, message)
+
+
+def verify(original: ir.Model, optimized: ir.Model, config: Any, inputs_list: list[CheckInputs]) -> VerifyResult:
+    """Run both models on every set of check inputs; ok when the error is within tolerance."""
+    return Verifier(original, config, inputs_list).check(optimized)

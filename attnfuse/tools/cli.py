@@ -1,0 +1,212 @@
+"""The `attnfuse` command line.
+
+Exit codes: 0 success; 1 bad input (missing, truncated or non-ONNX model, unwritable
+output, bad option); 2 verification failed (nothing written); 3 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from attnfuse.optimizer import io
+from attnfuse.optimizer.api import STAGES, inspect_onnx, make_config, optimize_onnx
+from attnfuse.optimizer.config import TARGETS
+from attnfuse.optimizer.errors import UserError, VerificationError, first_line
+from attnfuse.optimizer.report import Report
+
+ATTENTION_MODES = ("exact",)
+FORCE_HELP = (
+    "write the output even when verification fails; the run then exits 0 "
+    "and prints a warning with the measured error"
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(build_parser(), argv)
+    except UserError as e:
+        return _fail(str(e), 1)
+    except VerificationError as e:
+        return _fail(f"{e}; nothing written (--force writes it anyway)", 2)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:
+        if os.environ.get("ATTNFUSE_DEBUG"):
+            raise
+        return _fail(f"internal error: {type(e).__name__}: {first_line(e)} (run with ATTNFUSE_DEBUG=1 for the traceback)", 3)
+
+
+def _run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    # demo and bench take their own options; every other command takes only its own.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "module", None):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.args = extra
+    return args.run(args)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"attnfuse: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad usage is a UserError like any other: one line, exit code 1."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="attnfuse", description="Find attention in ONNX models and fuse it.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    optimize = commands.add_parser(
+        "optimize",
+        help="optimize an ONNX model",
+        description="Optimize IN and write OUT, after checking OUT against IN on generated inputs. "
+        "Exit codes: 0 written; 1 bad input or option; 2 verification failed, nothing written; 3 internal error.",
+    )
+    optimize.add_argument("model", metavar="IN.onnx")
+    optimize.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
+    optimize.add_argument("--target", choices=TARGETS, default="ort-cpu")
+    optimize.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
+    optimize.add_argument("--no-verify", action="store_true", help="skip the comparison with the original")
+    optimize.add_argument("--force", action="store_true", help=FORCE_HELP)
+    optimize.add_argument("--attention", choices=ATTENTION_MODES, default="exact")
+    optimize.add_argument("--no-padding-free", action="store_true", help="keep padded tokens in the computation")
+    optimize.set_defaults(run=_optimize)
+
+    inspect = commands.add_parser("inspect", help="list the attention sites and fusions found")
+    inspect.add_argument("model", metavar="IN.onnx")
+    inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    inspect.set_defaults(run=_inspect)
+
+    for name, summary in (("demo", "run the demo"), ("bench", "run the benchmarks")):
+        delegate = commands.add_parser(name, help=summary, add_help=False)
+        delegate.set_defaults(run=_delegate, module=f"attnfuse.tools.{name}")
+    return parser
+
+
+# --- optimize --------------------------------------------------------------
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    config = make_config(
+        None,
+        dict(
+            target=args.target,
+            verify=not args.no_verify,
+            force=args.force,
+            attention=args.attention,
+            padding_free=not args.no_padding_free,
+        ),
+    )
+    # Fail on an unwritable output now, not after the slow part.
+    for path in filter(None, (args.output, args.report)):
+        io.check_writable(path)
+    with _StageBar() as stage:
+        result = optimize_onnx(args.model, config, progress=stage)
+        stage("save")
+        result.save(args.output)
+        if args.report:
+            io.write_text(args.report, result.report.to_json())
+    print(_summary(result.report, args.output))
+    verify = result.report.verify
+    if verify is not None and not verify.ok:  # only reached with --force
+        print(f"attnfuse: warning: verification failed ({verify.message}); written anyway because of --force", file=sys.stderr)
+    return 0
+
+
+class _StageBar:
+    """A progress bar over the stages of a run, on stderr when it is a terminal."""
+
+    STAGES = (*STAGES, "save")
+
+    def __enter__(self) -> _StageBar:
+        self.bar = tqdm(total=len(self.STAGES), file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+        self.started = False
+        return self
+
+    def __call__(self, stage: str) -> None:
+        if stage in self.STAGES:
+            self.bar.update(int(self.started))  # the previous stage is done
+            self.started = True
+        self.bar.set_description(stage)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _summary(report: Report, output: str) -> str:
+    ops = ", ".join(f"{op} x{count}" for op, count in sorted(report.fused_ops.items())) or "none"
+    verify = report.verify
+    if verify is None:
+        checked = "skipped (--no-verify)"
+    else:
+        checked = (
+            f"{'ok' if verify.ok else 'FAILED'}, max abs error {verify.max_abs_error:.3g}, "
+            f"max rel error {verify.max_rel_error:.3g} (tolerance {verify.tolerance:g})"
+        )
+    return "\n".join(
+        [
+            f"attention fused: {report.attention_fused}/{report.attention_total}",
+            f"fused ops: {ops}",
+            f"verify: {checked}",
+            f"wrote {output} in {report.seconds:.2f} s",
+        ]
+    )
+
+
+# --- inspect ---------------------------------------------------------------
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    report = inspect_onnx(args.model)
+    print(report.to_json() if args.json else _inspect_tables(report))
+    return 0
+
+
+def _inspect_tables(report: Report) -> str:
+    sites = _table(
+        ["attention site", "heads", "head size", "mask", "causal", "bias", "fused"],
+        [
+            [s.name, s.num_heads, s.head_size, s.mask, "yes" if s.causal else "no", s.bias, _fused(s.fused, s.reason)]
+            for s in report.sites
+        ],
+    )
+    fusions = _table(["fusion", "op", "fused"], [[f.name, f.op, _fused(f.fused, f.reason)] for f in report.fusions])
+    return f"{sites}\n\n{fusions}"
+
+
+def _fused(fused: bool, reason: str | None) -> str:
+    return "yes" if fused else f"no: {reason or 'unknown reason'}"
+
+
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    if not rows:
+        return f"{header[0]}: none found"
+    cells = [header, *([str(c) for c in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+# --- demo, bench -----------------------------------------------------------
+
+
+def _delegate(args: argparse.Namespace) -> int:
+    """Run attnfuse.tools.demo / .bench, which are imported only when asked for."""
+    try:
+        module = importlib.import_module(args.module)
+    except ImportError as e:
+        raise UserError(f"{args.command} is not available: {first_line(e)}") from None
+    return module.main(args.args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
