@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +22,8 @@ class VerifyResult:
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "max_abs_error": self.max_abs_error,
-            "max_rel_error": self.max_rel_error,
+            "max_abs_error": _finite_or_none(self.max_abs_error),
+            "max_rel_error": _finite_or_none(self.max_rel_error),
             "tolerance": self.tolerance,
             "inputs": self.inputs,
             "message": self.message,
@@ -71,3 +72,8 @@ class Report:
 def count_fused_ops(op_types: list[tuple[str, str]]) -> dict[str, int]:
     """Count the com.microsoft ops (the fused ones) among (domain, op_type) pairs."""
     return dict(Counter(op for domain, op in op_types if domain == "com.microsoft"))
+
+
+def _finite_or_none(number: float) -> float | None:
+    """Strict JSON has no Infinity or NaN: an error that is not finite is reported as null."""
+    return number if math.isfinite(number) else None
