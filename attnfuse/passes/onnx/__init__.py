@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx import attention, embed, gelu, layernorm, masks
+from attnfuse.passes.onnx import attention, embed, gelu, layernorm, masks, padding_free
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, opset, remove_unused, replace_uses
 from attnfuse.passes.onnx.lower_ort import lower_to_mha
@@ -57,6 +57,9 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     sites = fuse_attention(graph, probe, exclude)
     fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
+    if getattr(config, "padding_free", False):
+        fusions.append(_padding_free(graph, probe, exclude))
+        remove_unused(model)
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
     if any(node.domain == MS_DOMAIN for node in graph):
@@ -94,3 +97,14 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
         if site.fused and site.name in alive:
             site.fused = False
             site.reason = "the original attention is still computed: another op reads its intermediates"
+
+
+def _padding_free(graph: ir.Graph, probe: Probe, exclude) -> Fusion:
+    name = padding_free.NAME
+    if name in exclude:
+        return Fusion(name, "PaddingFree", False, "excluded (rolled back)")
+    try:
+        padding_free.apply(graph, probe)
+    except NoMatch as why:
+        return Fusion(name, "PaddingFree", False, str(why))
+    return Fusion(name, "PaddingFree", True)
