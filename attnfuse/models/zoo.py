@@ -16,6 +16,7 @@ from attnfuse.models import wrappers
 from attnfuse.models._export import EXPORTERS, cached, export_onnx
 
 ATTENTIONS = ("eager", "sdpa")
+WEIGHTS_VERSION = "w2"  # part of the cache key: bump it when build_torch changes the weights
 VOCAB = 128
 MAX_POSITIONS = 64
 IMAGE, PATCH, CHANNELS = 32, 8, 3
@@ -94,6 +95,7 @@ def build_torch(family: str, attention: str = "eager", seed: int = 0) -> torch.n
     config._attn_implementation = effective_attention(family, attention)
     torch.manual_seed(seed)
     model = getattr(transformers, f"{spec.class_prefix}Model")(config, **spec.init_kwargs)
+    randomise_vectors(model)
     if spec.kind == "vision":
         wrapper = wrappers.VisionModel(model)
     elif spec.kind == "decoder":
@@ -101,6 +103,15 @@ def build_torch(family: str, attention: str = "eager", seed: int = 0) -> torch.n
     else:
         wrapper = wrappers.TextModel(model)
     return wrapper.float().eval()
+
+
+def randomise_vectors(model: torch.nn.Module, spread: float = 0.1) -> None:
+    """Biases start at 0 and layernorm weights at 1: a fusion that dropped one would go
+    unnoticed. Perturb every vector parameter so that each one changes the output."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.ndim == 1:
+                parameter.add_(torch.randn_like(parameter) * spread)
 
 
 def padding_mask(lengths: list[int], seqlen: int) -> torch.Tensor:
@@ -144,4 +155,4 @@ def export(case: ZooCase, path: str | os.PathLike) -> pathlib.Path:
 
 def exported(case: ZooCase, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """The case's .onnx, exported on first use into the cache and reused after."""
-    return cached(case.id, lambda tmp: export(case, tmp), cache_dir)
+    return cached(f"{case.id}-{WEIGHTS_VERSION}", lambda tmp: export(case, tmp), cache_dir)

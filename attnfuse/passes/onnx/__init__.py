@@ -58,7 +58,7 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
-        fusions.append(_padding_free(graph, probe, exclude))
+        fusions.append(_padding_free(graph, probe, exclude, sites))
         remove_unused(model)
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
@@ -82,7 +82,10 @@ def fuse_attention(graph: ir.Graph, probe: Probe, exclude) -> list[AttentionSite
             site.reason = str(why)
             sites.append(site)
             continue
-        masks.describe(extras[0] if extras else None, site)
+        bias_value = extras[0] if extras else None
+        masks.describe(bias_value, site)
+        site.extras["node"] = f"{site.name}/MultiHeadAttention"
+        site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias_value, probe.inputs(0).real)
         builder.commit(graph, after=found.output_node)
         replace_uses(site.output, output)
         site.fused = True
@@ -99,12 +102,13 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, exclude) -> Fusion:
+def _padding_free(graph: ir.Graph, probe: Probe, exclude, sites: list[AttentionSite]) -> Fusion:
     name = padding_free.NAME
     if name in exclude:
         return Fusion(name, "PaddingFree", False, "excluded (rolled back)")
+    masked = {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")}
     try:
-        padding_free.apply(graph, probe)
+        padding_free.apply(graph, probe, masked)
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why))
     return Fusion(name, "PaddingFree", True)

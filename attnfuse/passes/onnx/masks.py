@@ -56,3 +56,11 @@ def _bias_kind(values: np.ndarray, masked: np.ndarray) -> str:
         per_head.append(s)
     linear = all(s.size == 0 or np.allclose(np.abs(s), np.abs(s).mean(), rtol=1e-3, atol=1e-5) for s in per_head)
     return kinds.BIAS_ALIBI if linear else kinds.BIAS_ADDITIVE
+
+
+def masks_padded_keys(bias: np.ndarray | None, real: np.ndarray | None) -> bool:
+    """Does the bias mask, for every row, each key the input mask marks as padding?"""
+    if bias is None or real is None or bias.shape[0] != real.shape[0] or bias.shape[-1] != real.shape[1]:
+        return False
+    padded = (bias <= MASKED).all(axis=(1, 2))  # [batch, keys]
+    return bool(np.all(padded[~real]))

@@ -1,14 +1,17 @@
 """Padding-free execution (after ByteTransformer): run token-wise ops on the real tokens only.
 
-The real tokens are gathered once, where the first token-wise op reads a
-[batch, seq, ...] activation, into [1, tokens, ...]: a batch of one sequence, so
-every op keeps the rank it had. Token-wise ops (projections, bias adds, residual
-adds, layernorms, gelus and their fused forms) then run on those rows. An op that
-needs the padded layout (attention, pooling, a graph output, a Shape reader) gets
-it back by one Gather from the packed rows plus a zero row: padded positions of
-a restored tensor are zero.
+A token-major activation is [batch, seq, ...] ("tokens") or [batch*seq, ...]
+("rows"). Its real tokens are gathered once, where the first token-wise op reads
+it, into [1, n, ...] or [n, ...]: every op keeps the rank it had. Token-wise ops
+(projections, bias adds, residual adds, layernorms, gelus, their fused forms, and
+layout ops that leave the token dims alone) then run on those rows. An op that
+needs the padded layout (attention, a graph output, a Shape reader) gets it back
+by one Gather from the packed rows plus a zero row: padded positions of a
+restored tensor are zero.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -16,9 +19,24 @@ import onnx_ir as ir
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, replace_uses
 
 NAME = "padding-free"
+TOKENS, ROWS = "tokens", "rows"
 
-_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "FastGelu"}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "BiasGelu", "FastGelu"}
+_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
+_FUSED_TOKEN_WISE = {"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
+
+
+@dataclass(frozen=True)
+class Form:
+    """[batch, seq, ...] ("tokens", packed as [1, n, ...]) or [batch*seq, ...] ("rows", packed as [n, ...])."""
+
+    kind: str
+    rank: int
+
+    @property
+    def lead(self) -> int:
+        """How many leading dims index the token."""
+        return 2 if self.kind == TOKENS else 1
 
 
 def find_mask(graph: ir.Graph) -> ir.Value | None:
@@ -32,79 +50,124 @@ def find_mask(graph: ir.Graph) -> ir.Value | None:
 
 
 class Layout:
-    """Which values are token-major ([batch, seq, ...] float activations) and their ranks."""
+    """Which values are token-major activations, and in which form."""
 
     def __init__(self, probe, mask: ir.Value):
         self.probe = probe
-        self.sizes = [probe.inputs(run).feeds[mask.name].shape for run in (0, 1)]
-        self._rank: dict[int, int] = {}
+        self.sizes = [tuple(probe.inputs(run).feeds[mask.name].shape) for run in (0, 1)]
+        self._forms: dict[int, Form | None] = {}
 
-    def rank(self, value: ir.Value | None) -> int:
-        """The rank of a token-major value, 0 for anything else."""
+    def form(self, value: ir.Value | None) -> Form | None:
         if value is None:
-            return 0
-        if id(value) not in self._rank:
-            self._rank[id(value)] = self._observed_rank(value)
-        return self._rank[id(value)]
+            return None
+        if id(value) not in self._forms:
+            self._forms[id(value)] = self.observed(value) if self.seen(value) else self._inferred(value)
+        return self._forms[id(value)]
 
-    def set_rank(self, value: ir.Value, rank: int) -> None:
-        self._rank[id(value)] = rank
+    def set_form(self, value: ir.Value, form: Form | None) -> None:
+        self._forms[id(value)] = form
 
-    def _observed_rank(self, value: ir.Value) -> int:
-        arrays = [self.probe.get(value.name, run) if value.name else None for run in (0, 1)]
-        if any(a is None for a in arrays):
-            return self._inferred_rank(value)
-        ok = all(a.dtype.kind == "f" and a.ndim >= 3 and a.shape[:2] == tuple(size)
-                 for a, size in zip(arrays, self.sizes))
-        return arrays[0].ndim if ok else 0
+    def seen(self, value: ir.Value) -> bool:
+        return bool(value.name) and all(self.probe.get(value.name, run) is not None for run in (0, 1))
 
-    def _inferred_rank(self, value: ir.Value) -> int:
+    def shapes(self, value: ir.Value) -> list[tuple[int, ...]]:
+        return [self.probe.get(value.name, run).shape for run in (0, 1)]
+
+    def observed(self, value: ir.Value) -> Form | None:
+        arrays = [self.probe.get(value.name, run) for run in (0, 1)]
+        if any(a.dtype.kind != "f" for a in arrays):
+            return None
+        if all(a.ndim >= 3 and a.shape[:2] == size for a, size in zip(arrays, self.sizes)):
+            return Form(TOKENS, arrays[0].ndim)
+        if all(a.ndim >= 2 and a.shape[0] == size[0] * size[1] for a, size in zip(arrays, self.sizes)):
+            return Form(ROWS, arrays[0].ndim)
+        return None
+
+    def _inferred(self, value: ir.Value) -> Form | None:
         """Values made by the fusion passes were never observed: follow their producer."""
         node = value.producer()
         if node is None:
-            return 0
+            return None
         if node.op_type == "EmbedLayerNormalization":
-            return 3 if value.index() in (0, 2) else 0
+            return Form(TOKENS, 3) if value.index() in (0, 2) else None
         if node.op_type == "MultiHeadAttention":
-            return self.rank(node.inputs[0]) if value.index() == 0 else 0
-        if is_token_wise(node, self, self.probe):
-            return max(self.rank(x) for x in node.inputs if x is not None)
-        return 0
+            return self.form(node.inputs[0]) if value.index() == 0 else None
+        forms = token_wise_forms(node, self)
+        return forms[value.index()] if forms else None
 
 
-def is_token_wise(node: ir.Node, layout: Layout, probe) -> bool:
-    """Each output token depends only on the same token of the inputs (and constants)."""
-    op = node.op_type
-    if node.domain not in ("", "ai.onnx", MS_DOMAIN) or len(node.outputs) == 0:
-        return False
-    if node.domain == MS_DOMAIN and op not in ("SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"):
-        return False
+def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
+    """The forms of the outputs if each output token depends only on the same token of
+    the inputs (and on constants); None if the node mixes tokens or is not known."""
+    op, probe = node.op_type, layout.probe
+    if node.domain not in ("", "ai.onnx", MS_DOMAIN) or not node.outputs or not node.inputs:
+        return None
+    if node.domain == MS_DOMAIN and op not in _FUSED_TOKEN_WISE:
+        return None
     inputs = [x for x in node.inputs if x is not None]
-    token_major = [x for x in inputs if layout.rank(x)]
-    if not token_major:
-        return False
+    forms = {layout.form(x) for x in inputs} - {None}
+    if len(forms) != 1:
+        return None
+    (form,) = forms
+    same = [form] * len(node.outputs)
+    per_token = all(layout.form(x) == form or _same_for_every_token(x, probe) for x in inputs)
+    if op in _UNARY or op in _ELEMENTWISE:
+        return same if per_token else None
+    first = layout.form(node.inputs[0])
+    if first is None:
+        return None
     if op == "MatMul":
         weight = constant(node.inputs[1], probe)
-        return layout.rank(node.inputs[0]) > 0 and weight is not None and weight.ndim == 2
+        return same if weight is not None and weight.ndim == 2 else None
+    if op == "Gemm":
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        ok = first == Form(ROWS, 2) and not attr(node, "transA", 0) and constant(node.inputs[1], probe) is not None
+        return same if ok and (bias is None or _same_for_every_token(bias, probe)) else None
     if op == "LayerNormalization":
-        return attr(node, "axis", -1) == -1 and layout.rank(node.inputs[0]) > 0 \
-            and all(_broadcasts_per_token(x, probe) for x in inputs[1:])
-    if op == "SkipLayerNormalization":
-        return all(layout.rank(x) or _broadcasts_per_token(x, probe) for x in inputs)
-    if op in _UNARY or op in _ELEMENTWISE:
-        rank = max(layout.rank(x) for x in token_major)
-        return all(layout.rank(x) == rank or _broadcasts_per_token(x, probe) for x in inputs)
-    return False
+        return same if attr(node, "axis", -1) in (-1, first.rank - 1) and per_token else None
+    if op in ("Split", "Gather", "Transpose", "Reshape"):
+        return _layout_forms(node, first, layout)
+    return None
 
 
-def _broadcasts_per_token(value: ir.Value, probe) -> bool:
-    """A constant that is the same for every token (shape [H], [1, 1, H], ...)."""
+def _layout_forms(node: ir.Node, form: Form, layout: Layout) -> list[Form] | None:
+    """Layout ops that leave the token dims alone."""
+    op, probe = node.op_type, layout.probe
+    if op == "Split":
+        axis = attr(node, "axis", 0) % form.rank
+        fixed = len(node.inputs) < 2 or node.inputs[1] is None or constant(node.inputs[1], probe) is not None
+        return [form] * len(node.outputs) if axis >= form.lead and fixed else None
+    if op == "Gather":
+        indices = constant(node.inputs[1], probe)
+        axis = attr(node, "axis", 0) % form.rank
+        return [Form(form.kind, form.rank - 1 + indices.ndim)] if indices is not None and axis >= form.lead else None
+    if op == "Transpose":
+        perm = list(attr(node, "perm", []))
+        return [form] if perm[: form.lead] == list(range(form.lead)) else None
+    # Reshape: to a shape seen to keep the tokens, with the same trailing dims on every input.
+    out = node.outputs[0]
+    if layout.seen(out):
+        out_form = layout.observed(out)
+        trailing = {shape[out_form.lead:] for shape in layout.shapes(out)} if out_form else set()
+        return [out_form] if len(trailing) == 1 else None
+    target = constant(node.inputs[1], probe)
+    if target is None or attr(node, "allowzero", 0):
+        return None
+    if list(target[: form.lead]) == [0] * form.lead:  # copies the token dims
+        return [Form(form.kind, len(target))]
+    if form.kind == TOKENS and target[0] == -1 and len(target) == form.rank - 1 and (target[1:] > 0).all():
+        return [Form(ROWS, len(target))]  # [B, S, ...] -> [B*S, ...]
+    return None
+
+
+def _same_for_every_token(value: ir.Value, probe) -> bool:
+    """A constant that broadcasts along the token dims only (shape [H], [1, 1, H], ...)."""
     array = constant(value, probe)
     return array is not None and (array.ndim <= 1 or all(d == 1 for d in array.shape[:-1]))
 
 
 class Packer:
-    """Makes (and caches) the packed and padded forms of values."""
+    """Makes, once per value, its packed and its padded form."""
 
     def __init__(self, graph: ir.Graph, mask: ir.Value, layout: Layout):
         self.graph, self.layout = graph, layout
@@ -113,52 +176,64 @@ class Packer:
         b = Builder(NAME)
         flat = b.op("Reshape", [mask, b.const([-1], np.int64)])
         real = b.op("Not", [b.op("Equal", [flat, b.op("CastLike", [b.const(0, np.int64), flat])])])
-        self.index = b.op("Reshape", [b.op("NonZero", [real]), b.const([-1], np.int64)])  # [tokens]
-        tokens = b.op("Shape", [self.index])
-        position = b.op("Sub", [b.op("CumSum", [b.op("Cast", [real], {"to": ir.DataType.INT64}), b.const(0, np.int64)]),
-                                b.const(1, np.int64)])
-        self.scatter = b.op("Where", [real, position, b.op("Squeeze", [tokens, b.const([0], np.int64)])])
+        self.index = b.op("Reshape", [b.op("NonZero", [real]), b.const([-1], np.int64)])  # [n]
+        count = b.op("Squeeze", [b.op("Shape", [self.index]), b.const([0], np.int64)])
+        ones = b.op("Cast", [real], {"to": ir.DataType.INT64})
+        rank = b.op("Sub", [b.op("CumSum", [ones, b.const(0, np.int64)]), b.const(1, np.int64)])
+        self.source = b.op("Where", [real, rank, count])  # padded position -> its packed row, or the zero row
         self.batch_seq = b.op("Shape", [mask])
+        self.batch_times_seq = b.op("ReduceProd", [self.batch_seq], {"keepdims": 1})
         graph.insert_before(next(iter(graph)), b.nodes)
 
     def is_packed(self, value: ir.Value) -> bool:
-        return id(value) in self._packed and self._packed[id(value)] is value
+        return self._packed.get(id(value)) is value
 
-    def mark_packed(self, value: ir.Value, rank: int) -> None:
+    def mark_packed(self, value: ir.Value, form: Form) -> None:
         self._packed[id(value)] = value
-        self.layout.set_rank(value, rank)
+        self.layout.set_form(value, form)
 
     def packed(self, value: ir.Value) -> ir.Value:
-        """[B, S, ...] -> [1, tokens, ...]"""
         if id(value) not in self._packed:
+            form = self.layout.form(value)
             b = Builder(f"{NAME}/pack")
-            rows = b.op("Reshape", [value, b.op("Concat", [b.const([-1], np.int64), b.op("Shape", [value], {"start": 2})], {"axis": 0})])
-            packed = b.op("Unsqueeze", [b.op("Gather", [rows, self.index], {"axis": 0}), b.const([0], np.int64)])
+            if form.kind == TOKENS:
+                rows = b.op("Reshape", [value, self._shape(b, [b.const([-1], np.int64)], value, start=2)])
+                packed = b.op("Unsqueeze", [b.op("Gather", [rows, self.index], {"axis": 0}), b.const([0], np.int64)])
+            else:
+                packed = b.op("Gather", [value, self.index], {"axis": 0})
             self._insert_after(value, b)
-            self.mark_packed(packed, self.layout.rank(value))
+            self.mark_packed(packed, form)
             self._packed[id(value)] = packed
         return self._packed[id(value)]
 
     def padded(self, value: ir.Value) -> ir.Value:
-        """[1, tokens, ...] -> [B, S, ...], zeros at padded positions."""
+        """The padded layout back, zeros at padded positions."""
         if id(value) not in self._padded:
-            rank = self.layout.rank(value)
+            form = self.layout.form(value)
             b = Builder(f"{NAME}/restore")
-            rows = b.op("Squeeze", [value, b.const([0], np.int64)])
-            pads = np.zeros(2 * (rank - 1), np.int64)
-            pads[rank - 1] = 1  # one zero row after the last token
-            with_zero = b.op("Pad", [rows, b.const(pads)])
-            gathered = b.op("Gather", [with_zero, self.scatter], {"axis": 0})
-            shape = b.op("Concat", [self.batch_seq, b.op("Shape", [value], {"start": 2})], {"axis": 0})
-            self._padded[id(value)] = b.op("Reshape", [gathered, shape])
+            rows = b.op("Squeeze", [value, b.const([0], np.int64)]) if form.kind == TOKENS else value
+            rows_rank = form.rank - form.lead + 1
+            pads = np.zeros(2 * rows_rank, np.int64)
+            pads[rows_rank] = 1  # one zero row after the last token
+            gathered = b.op("Gather", [b.op("Pad", [rows, b.const(pads)]), self.source], {"axis": 0})
+            if form.kind == TOKENS:
+                gathered = b.op("Reshape", [gathered, self._shape(b, [self.batch_seq], value, start=2)])
+            self._padded[id(value)] = gathered
             self._insert_after(value, b)
         return self._padded[id(value)]
 
     def padded_shape(self, value: ir.Value) -> ir.Value:
+        """Shape(padded value), without restoring it."""
+        form = self.layout.form(value)
         b = Builder(f"{NAME}/shape")
-        shape = b.op("Concat", [self.batch_seq, b.op("Shape", [value], {"start": 2})], {"axis": 0})
+        leading = self.batch_seq if form.kind == TOKENS else self.batch_times_seq
+        shape = self._shape(b, [leading], value, start=form.lead)
         self._insert_after(value, b)
         return shape
+
+    @staticmethod
+    def _shape(b: Builder, head: list[ir.Value], value: ir.Value, start: int) -> ir.Value:
+        return b.op("Concat", [*head, b.op("Shape", [value], {"start": start})], {"axis": 0})
 
     def _insert_after(self, value: ir.Value, builder: Builder) -> None:
         producer = value.producer()
@@ -168,33 +243,36 @@ class Packer:
             self.graph.insert_after(producer, builder.nodes)
 
 
-def apply(graph: ir.Graph, probe) -> None:
-    """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch."""
+def apply(graph: ir.Graph, probe, masked_attention: set[str]) -> None:
+    """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch.
+
+    Exact only if nothing but token-wise ops, Shape readers, graph outputs (compared
+    on real tokens) and attention that masks every padded key (`masked_attention`,
+    by node name) reads an activation: padded positions of a restored tensor are
+    zeros, not what the original computed there. Checked before anything changes.
+    """
     mask = find_mask(graph)
     if mask is None:
         raise NoMatch("the model has no attention-mask input")
     layout = Layout(probe, mask)
+    _check_padding_is_ignored(graph, layout, masked_attention)
     packer = Packer(graph, mask, layout)
-    token_wise_ops = 0
+    packed_ops = 0
     for node in list(graph):
         if node.name and node.name.startswith(NAME):
             continue
-        if is_token_wise(node, layout, probe):
-            rank = max(layout.rank(x) for x in node.inputs if x is not None)
-            for i, x in enumerate(node.inputs):
-                if x is not None and layout.rank(x):
-                    node.replace_input_with(i, packer.packed(x))
-            for out in node.outputs:
-                packer.mark_packed(out, rank)
-            token_wise_ops += 1
-        else:
-            for i, x in enumerate(node.inputs):
-                if x is not None and packer.is_packed(x):
-                    if node.op_type == "Shape" and not node.attributes:
-                        replace_uses(node.outputs[0], packer.padded_shape(x))
-                    else:
-                        node.replace_input_with(i, packer.padded(x))
-    if token_wise_ops == 0:
+        forms = token_wise_forms(node, layout)
+        if forms is not None:
+            _run_packed(node, forms, layout, packer)
+            packed_ops += 1
+            continue
+        for i, x in enumerate(node.inputs):
+            if x is not None and packer.is_packed(x):
+                if node.op_type == "Shape" and not node.attributes:
+                    replace_uses(node.outputs[0], packer.padded_shape(x))
+                else:
+                    node.replace_input_with(i, packer.padded(x))
+    if packed_ops == 0:
         raise NoMatch("no token-wise op reads a [batch, seq, ...] activation")
     for i, output in enumerate(list(graph.outputs)):
         if packer.is_packed(output):
@@ -202,3 +280,29 @@ def apply(graph: ir.Graph, probe) -> None:
             restored.name, output.name = output.name, f"{output.name}__packed"
             restored.type, restored.shape = output.type, output.shape
             graph.outputs[i] = restored
+
+
+def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer) -> None:
+    for i, x in enumerate(node.inputs):
+        if x is not None and layout.form(x):
+            node.replace_input_with(i, packer.packed(x))
+    if node.op_type == "Reshape" and layout.seen(node.outputs[0]):
+        # The target shape was computed for the padded layout: give the packed one.
+        out_form = forms[0]
+        trailing = list(layout.shapes(node.outputs[0])[0][out_form.lead:])
+        head = [1, -1] if out_form.kind == TOKENS else [-1]
+        b = Builder(f"{NAME}/reshape")
+        node.replace_input_with(1, b.const(np.array(head + trailing, np.int64)))
+        packer.graph.insert_before(node, b.nodes)
+    for out, form in zip(node.outputs, forms):
+        packer.mark_packed(out, form)
+
+
+def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str]) -> None:
+    for node in graph:
+        if token_wise_forms(node, layout) is not None or node.op_type == "Shape":
+            continue
+        if node.op_type == "MultiHeadAttention" and node.name in masked_attention:
+            continue
+        if any(layout.form(x) for x in node.inputs if x is not None):
+            raise NoMatch(f"{node.op_type} {node.name} reads activations at padded positions")
