@@ -20,7 +20,7 @@ from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
 from attnfuse.optimizer.probe import Probe
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops
-from attnfuse.optimizer.verify import Verifier, check_inputs
+from attnfuse.optimizer.verify import Verifier, check_inputs, providers
 from attnfuse.passes.onnx import PassResult, run_passes
 
 ModelSource = str | os.PathLike | onnx.ModelProto
@@ -74,12 +74,19 @@ def optimize_onnx(
     stage("probe")
     probe = Probe.capture(original, seed=config.seed)
     stage("rewrite")
-    attempt = _rewrite(original, probe, config)
+    checked = checkable(config)
+    attempt = _rewrite(original, probe, checked)
     rolled_back: dict[str, str] = {}
     if config.verify:
         stage("verify")
-        verifier = Verifier(original, config, check_inputs(original, probe, config.seed))
-        attempt, rolled_back = _verified(attempt, original, probe, config, verifier, stage)
+        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed))
+        attempt, rolled_back = _verified(attempt, original, probe, checked, verifier, stage)
+    if checked is not config:
+        # The verified rewrites again, with the target's own ops (CUDA-only ones that this
+        # machine cannot run) in place of their CPU equivalents.
+        final = _rewrite(original, probe, config, attempt.exclude)
+        final.verify = attempt.verify
+        attempt = final
     report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
     if report.verify is not None and not report.verify.ok and not config.force:
         raise VerificationError(f"verification failed: {report.verify.message}", report)
@@ -93,6 +100,14 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     original = io.load_model(model)
     attempt = _rewrite(original, Probe.capture(original, seed=config.seed), config)
     return _report(model, config, attempt, {}, time.perf_counter() - start)
+
+
+def checkable(config: OptimizeConfig) -> OptimizeConfig:
+    """The config whose output this machine can run and so verify: the CUDA target's
+    rewrites are checked in their CPU form when no CUDA provider is here."""
+    if config.target == "ort-cuda" and providers(config.target) == ["CPUExecutionProvider"]:
+        return dataclasses.replace(config, target="ort-cpu")
+    return config
 
 
 def make_config(config: OptimizeConfig | None, overrides: dict[str, Any]) -> OptimizeConfig:

@@ -15,6 +15,7 @@ from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, opset, remove_unused, replace_uses
 from attnfuse.passes.onnx.lower_ort import lower_to_mha
 from attnfuse.passes.onnx.proof import prove
+from attnfuse.passes import site as kinds
 from attnfuse.passes.site import AttentionSite
 
 
@@ -58,7 +59,7 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
-        fusions.append(_padding_free(graph, probe, exclude, sites))
+        fusions.append(_padding_free(graph, probe, config, exclude, sites))
         remove_unused(model)
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
@@ -102,13 +103,17 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, exclude, sites: list[AttentionSite]) -> Fusion:
+def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[AttentionSite]) -> Fusion:
     name = padding_free.NAME
     if name in exclude:
         return Fusion(name, "PaddingFree", False, "excluded (rolled back)")
     masked = {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")}
+    packed = set()
+    if getattr(config, "target", "") == "ort-cuda":  # PackedMultiHeadAttention: plain key padding only
+        packed = {site.extras["node"] for site in sites if site.extras.get("node") in masked
+                  and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
     try:
-        padding_free.apply(graph, probe, masked)
+        padding_free.apply(graph, probe, masked, packed)
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why))
     return Fusion(name, "PaddingFree", True)

@@ -175,7 +175,7 @@ class Packer:
         self._padded: dict[int, ir.Value] = {}
         b = Builder(NAME)
         flat = b.op("Reshape", [mask, b.const([-1], np.int64)])
-        real = b.op("Not", [b.op("Equal", [flat, b.op("CastLike", [b.const(0, np.int64), flat])])])
+        real = self.real = b.op("Not", [b.op("Equal", [flat, b.op("CastLike", [b.const(0, np.int64), flat])])])
         self.index = b.op("Reshape", [b.op("NonZero", [real]), b.const([-1], np.int64)])  # [n]
         count = b.op("Squeeze", [b.op("Shape", [self.index]), b.const([0], np.int64)])
         ones = b.op("Cast", [real], {"to": ir.DataType.INT64})
@@ -184,6 +184,22 @@ class Packer:
         self.batch_seq = b.op("Shape", [mask])
         self.batch_times_seq = b.op("ReduceProd", [self.batch_seq], {"keepdims": 1})
         graph.insert_before(next(iter(graph)), b.nodes)
+
+    def sequence_layout(self) -> tuple[ir.Value, ir.Value]:
+        """PackedMultiHeadAttention's token_offset [B, S] (real positions first, then
+        padded ones) and cumulative_sequence_length [B + 1], both int32."""
+        if not hasattr(self, "_sequence_layout"):
+            b = Builder(f"{NAME}/sequences")
+            padded = b.op("Reshape", [b.op("NonZero", [b.op("Not", [self.real])]), b.const([-1], np.int64)])
+            order = b.op("Concat", [self.index, padded], {"axis": 0})
+            offsets = b.op("Cast", [b.op("Reshape", [order, self.batch_seq])], {"to": ir.DataType.INT32})
+            rows = b.op("Reshape", [b.op("Cast", [self.real], {"to": ir.DataType.INT32}), self.batch_seq])
+            lengths = b.op("CumSum", [b.op("ReduceSum", [rows, b.const([1], np.int64)], {"keepdims": 0}),
+                                      b.const(0, np.int64)])
+            cumulative = b.op("Concat", [b.const([0], np.int32), lengths], {"axis": 0})
+            self.graph.insert_after(self.batch_times_seq.producer(), b.nodes)
+            self._sequence_layout = (offsets, cumulative)
+        return self._sequence_layout
 
     def is_packed(self, value: ir.Value) -> bool:
         return self._packed.get(id(value)) is value
@@ -243,13 +259,15 @@ class Packer:
             self.graph.insert_after(producer, builder.nodes)
 
 
-def apply(graph: ir.Graph, probe, masked_attention: set[str]) -> None:
+def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: set[str] = frozenset()) -> None:
     """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch.
 
     Exact only if nothing but token-wise ops, Shape readers, graph outputs (compared
     on real tokens) and attention that masks every padded key (`masked_attention`,
     by node name) reads an activation: padded positions of a restored tensor are
     zeros, not what the original computed there. Checked before anything changes.
+    Attention named in `packed_attention` (plain key padding, no other bias) runs on
+    the packed tokens as PackedMultiHeadAttention, for ONNX Runtime's CUDA provider.
     """
     mask = find_mask(graph)
     if mask is None:
@@ -265,6 +283,9 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str]) -> None:
         if forms is not None:
             _run_packed(node, forms, layout, packer)
             packed_ops += 1
+            continue
+        if node.name in packed_attention and all(layout.form(x) == Form(TOKENS, 3) for x in node.inputs[:3]):
+            _attend_packed(node, packer)
             continue
         for i, x in enumerate(node.inputs):
             if x is not None and packer.is_packed(x):
@@ -296,6 +317,22 @@ def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer
         packer.graph.insert_before(node, b.nodes)
     for out, form in zip(node.outputs, forms):
         packer.mark_packed(out, form)
+
+
+def _attend_packed(node: ir.Node, packer: Packer) -> None:
+    """MultiHeadAttention on padded q, k, v -> PackedMultiHeadAttention on the packed tokens."""
+    b = Builder(f"{NAME}/attention")
+    token_dim = b.const([0], np.int64)
+    q, k, v = (b.op("Squeeze", [packer.packed(x), token_dim]) for x in node.inputs[:3])
+    offsets, cumulative = packer.sequence_layout()
+    out = b.op("PackedMultiHeadAttention", [q, k, v, None, offsets, cumulative],
+               {name: a for name, a in node.attributes.items() if name in ("num_heads", "scale")},
+               domain=MS_DOMAIN, name=node.name.replace("MultiHeadAttention", "PackedMultiHeadAttention"))
+    packed = b.op("Unsqueeze", [out, token_dim])
+    packer.graph.insert_before(node, b.nodes)
+    packer.mark_packed(packed, Form(TOKENS, 3))
+    replace_uses(node.outputs[0], packed)
+    packer.graph.remove(node, safe=True)
 
 
 def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str]) -> None:
