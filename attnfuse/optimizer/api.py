@@ -176,6 +176,7 @@ def _report(
     return Report(
         model=_source_name(source),
         target=config.target,
+        attention_mode=config.attention,
         sites=attempt.passes.sites,
         fusions=attempt.passes.fusions,
         fused_ops=count_fused_ops([(node.domain, node.op_type) for node in attempt.model.graph.all_nodes()]),

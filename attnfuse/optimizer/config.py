@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnfuse.passes.modes import parse_attention
+
 TARGETS = ("ort-cpu", "ort-cuda")
 
 
@@ -19,3 +21,4 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
+        self.attention = str(parse_attention(self.attention))  # ValueError with the usage

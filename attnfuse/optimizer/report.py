@@ -18,6 +18,7 @@ class VerifyResult:
     tolerance: float
     inputs: list[dict[str, Any]] = field(default_factory=list)
     message: str = ""
+    mean_cosine: float = 1.0  # of the outputs' vectors at real tokens; reported for approximations
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -25,6 +26,7 @@ class VerifyResult:
             "max_abs_error": _finite_or_none(self.max_abs_error),
             "max_rel_error": _finite_or_none(self.max_rel_error),
             "tolerance": self.tolerance,
+            "mean_cosine": _finite_or_none(self.mean_cosine),
             "inputs": self.inputs,
             "message": self.message,
         }
@@ -34,6 +36,7 @@ class VerifyResult:
 class Report:
     model: str = ""
     target: str = "ort-cpu"
+    attention_mode: str = "exact"
     sites: list[AttentionSite] = field(default_factory=list)
     fusions: list[Any] = field(default_factory=list)  # passes.onnx.Fusion
     fused_ops: dict[str, int] = field(default_factory=dict)  # op type -> count in the output graph
@@ -57,6 +60,7 @@ class Report:
                 "total": self.attention_total,
                 "fused": self.attention_fused,
                 "sites": [site.summary() for site in self.sites],
+                "mode": self.attention_mode,
             },
             "fused_ops": dict(self.fused_ops),
             "fusions": [f.summary() for f in self.fusions],

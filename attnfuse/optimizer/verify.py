@@ -16,6 +16,7 @@ from attnfuse.optimizer.inputs import CheckInputs, make_inputs
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.probe import RUN_SIZES
 from attnfuse.optimizer.report import VerifyResult
+from attnfuse.passes.modes import parse_attention
 
 
 def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None) -> tuple[float, float]:
@@ -34,6 +35,20 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
         max_abs = max(max_abs, error)
         max_rel = max(max_rel, error / _scale(ref))
     return max_abs, max_rel
+
+
+def mean_cosine(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None) -> float:
+    """Mean cosine similarity of the outputs' last-axis vectors at real tokens (1.0 is equal)."""
+    cosines = []
+    for name, ref in reference.items():
+        got = candidate.get(name)
+        if got is None or np.shape(got) != np.shape(ref) or np.ndim(ref) < 2:
+            continue
+        ref, got = _real_part(np.asarray(ref, np.float64), np.asarray(got, np.float64), real)
+        ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+        norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
+        cosines.append(np.mean((ref * got).sum(-1) / np.maximum(norms, 1e-30)))
+    return float(np.mean(cosines)) if cosines else 1.0
 
 
 def _real_part(ref: np.ndarray, got: np.ndarray, real: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
@@ -77,6 +92,8 @@ class Verifier:
 
     def __init__(self, original: ir.Model, config: Any, inputs_list: list[CheckInputs]):
         self.config = config
+        mode = parse_attention(config.attention)
+        self.approximation = str(mode) if mode.approximate else None
         self.inputs_list = inputs_list
         runner = session(original, providers(config.target), optimize=False)
         self.output_names = [o.name for o in runner.get_outputs()]
@@ -95,7 +112,14 @@ class Verifier:
             (inputs, *compare(reference, result, inputs.real))
             for inputs, reference, result in zip(self.inputs_list, self.references, results)
         ]
-        return self._result(per_set)
+        verdict = self._result(per_set)
+        verdict.mean_cosine = float(np.mean([mean_cosine(reference, result, inputs.real) for inputs, reference, result
+                                             in zip(self.inputs_list, self.references, results)]))
+        if self.approximation:  # measured and reported, not held to the exact tolerance
+            verdict.ok = bool(np.isfinite(verdict.max_rel_error))
+            verdict.message = (f"approximation {self.approximation}: max relative error {verdict.max_rel_error:.3g}, "
+                               f"mean cosine similarity {verdict.mean_cosine:.6f}")
+        return verdict
 
     def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "") -> VerifyResult:
         max_abs = max((a for _, a, _ in per_set), default=float("inf"))

@@ -64,4 +64,8 @@ class AttentionSite:
         }
         if self.window != (-1, -1):
             out["window"] = list(self.window)
+        if self.alibi_slopes:
+            out["alibi_slopes"] = [round(s, 6) for s in self.alibi_slopes]
+        if "approximation" in self.extras:
+            out["approximation"] = self.extras["approximation"]
         return out

@@ -13,8 +13,8 @@ import onnx_ir as ir
 from attnfuse.passes.onnx import attention, embed, gelu, layernorm, masks, padding_free
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, opset, remove_unused, replace_uses
-from attnfuse.passes.onnx.lower_ort import lower_to_mha
-from attnfuse.passes.onnx.proof import prove
+from attnfuse.passes.onnx.sites import fuse_attention
+from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
 from attnfuse.passes.site import AttentionSite
 
@@ -55,7 +55,7 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     (the optimizer rolls a rewrite back by running again without it)."""
     graph = model.graph
     canonicalize(graph, probe)
-    sites = fuse_attention(graph, probe, exclude)
+    sites = fuse_attention(graph, probe, exclude, modes.parse_attention(getattr(config, "attention", "exact")))
     fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
@@ -66,32 +66,6 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     if any(node.domain == MS_DOMAIN for node in graph):
         model.opset_imports[MS_DOMAIN] = 1
     return PassResult(sites=sites, fusions=fusions)
-
-
-def fuse_attention(graph: ir.Graph, probe: Probe, exclude) -> list[AttentionSite]:
-    sites = []
-    for found in attention.find_sites(graph, probe, exclude):
-        if isinstance(found, AttentionSite):
-            sites.append(found)
-            continue
-        site = found.site
-        builder = Builder(site.name)
-        try:
-            output, bias = lower_to_mha(found, probe, builder)
-            extras = prove(builder.nodes, [(site.output, output)], probe, [bias] if bias is not None else [], opset(graph))
-        except NoMatch as why:
-            site.reason = str(why)
-            sites.append(site)
-            continue
-        bias_value = extras[0] if extras else None
-        masks.describe(bias_value, site)
-        site.extras["node"] = f"{site.name}/MultiHeadAttention"
-        site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias_value, probe.inputs(0).real)
-        builder.commit(graph, after=found.output_node)
-        replace_uses(site.output, output)
-        site.fused = True
-        sites.append(site)
-    return sites
 
 
 def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:

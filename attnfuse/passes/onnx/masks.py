@@ -64,3 +64,10 @@ def masks_padded_keys(bias: np.ndarray | None, real: np.ndarray | None) -> bool:
         return False
     padded = (bias <= MASKED).all(axis=(1, 2))  # [batch, keys]
     return bool(np.all(padded[~real]))
+
+
+def alibi_slopes(bias: np.ndarray) -> list[float]:
+    """Per-head slope of an ALiBi bias: its step from one key to the next, on unmasked pairs."""
+    masked = bias <= MASKED
+    steps = np.diff(np.where(masked, np.nan, bias), axis=-1)
+    return [float(np.nanmedian(np.abs(steps[:, h]))) for h in range(bias.shape[1])]

@@ -1,0 +1,147 @@
+"""Fuse every attention site: lower, prove (or, for an opt-in approximation, measure), apply.
+
+Each matched site is first lowered to MultiHeadAttention and proved; the values of
+its bias then say what its mask is. A banded mask is lowered again, exactly, to
+windowed attention; an approximation (`--attention window=...|performer=...|elu|
+linformer=...`) replaces plain softmax attention and its error is measured on the
+probe's inputs instead of proved.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from attnfuse.passes import modes
+from attnfuse.passes import site as kinds
+from attnfuse.passes.onnx import attention, lower_sparse, masks
+from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, replace_uses
+from attnfuse.passes.onnx.lower_ort import lower_to_mha
+from attnfuse.passes.onnx.padding_free import find_mask
+from attnfuse.passes.onnx.proof import evaluate, prove, relative_error
+from attnfuse.passes.site import AttentionSite
+
+def fuse_attention(graph: ir.Graph, probe, exclude, mode: modes.AttentionMode) -> list[AttentionSite]:
+    sites = []
+    mask_input = find_mask(graph)
+    for found in attention.find_sites(graph, probe, exclude):
+        if isinstance(found, AttentionSite):
+            sites.append(found)
+            continue
+        try:
+            builder, output = lower(found, probe, graph, mask_input, mode)
+        except NoMatch as why:
+            found.site.reason = str(why)
+            sites.append(found.site)
+            continue
+        builder.commit(graph, after=found.output_node)
+        replace_uses(found.site.output, output)
+        found.site.fused = True
+        sites.append(found.site)
+    return sites
+
+
+def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) -> tuple[Builder, ir.Value]:
+    site = found.site
+    builder = Builder(site.name)
+    output, bias = lower_to_mha(found, probe, builder)
+    extras = prove(builder.nodes, [(site.output, output)], probe, [bias] if bias is not None else [], opset(graph))
+    bias_value = extras[0] if extras else None
+    masks.describe(bias_value, site)
+    site.extras["node"] = f"{site.name}/MultiHeadAttention"
+    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias_value, probe.inputs(0).real)
+    if site.bias == kinds.BIAS_ALIBI:
+        site.alibi_slopes = masks.alibi_slopes(bias_value)
+    key_real = _key_real(site, mask_input)
+    if mode.approximate:
+        return _approximate(found, probe, graph, mode, key_real)
+    if site.mask == kinds.MASK_WINDOW and site.bias == kinds.BIAS_NONE:
+        try:
+            return _exact_window(found, probe, graph, key_real)
+        except NoMatch as why:  # MultiHeadAttention is exact too; keep it and say why
+            site.extras["window_not_lowered"] = str(why)
+    return builder, output
+
+
+def _exact_window(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
+    """A banded mask: attention over each query's band only, proved like any rewrite."""
+    site = found.site
+    b = Builder(site.name)
+    left, right = site.window
+    out = lower_sparse.windowed(b, site.q, site.k, site.v, **_geometry(site, probe, found), left=left, right=right,
+                                causal=site.causal, global_tokens=0, key_real=key_real(b) if key_real else None)
+    out = _like_output(b, out, site, probe)
+    prove(b.nodes, [(site.output, out)], probe, opset=opset(graph))
+    site.extras["node"] = None
+    return b, out
+
+
+def _approximate(found, probe, graph, mode, key_real) -> tuple[Builder, ir.Value]:
+    site = found.site
+    allowed = {kinds.MASK_NONE, kinds.MASK_KEY_PADDING, kinds.MASK_CAUSAL, kinds.MASK_CAUSAL_PADDING}
+    if site.mask not in allowed or site.bias != kinds.BIAS_NONE:
+        raise NoMatch(f"{mode} replaces plain softmax attention; this site has mask {site.mask}, bias {site.bias}")
+    if site.mask in (kinds.MASK_KEY_PADDING, kinds.MASK_CAUSAL_PADDING) and key_real is None:
+        raise NoMatch("the key padding does not come from the attention-mask input")
+    if site.causal and mode.kind == modes.LINFORMER:
+        raise NoMatch("linformer mixes future keys into every query: not for causal attention")
+    b = Builder(site.name)
+    common = dict(_geometry(site, probe, found), key_real=key_real(b) if key_real else None)
+    if mode.kind == modes.WINDOW:
+        out = lower_sparse.windowed(b, site.q, site.k, site.v, left=mode.window, right=0 if site.causal else mode.window,
+                                    causal=site.causal, global_tokens=mode.global_tokens, **common)
+    elif mode.kind == modes.LINFORMER:
+        out = lower_sparse.linformer(b, site.q, site.k, site.v, rank=mode.rank, **common)
+    else:
+        feature_map = "elu" if mode.kind == modes.ELU else "favor"
+        out = lower_sparse.linear(b, site.q, site.k, site.v, feature_map=feature_map, features=mode.features,
+                                  seed=mode.seed, causal=site.causal, **common)
+    out = _like_output(b, out, site, probe)
+    site.extras["node"] = None
+    site.extras["approximation"] = _measure(b, out, site, probe, opset(graph), str(mode))
+    return b, out
+
+
+def _measure(b: Builder, out: ir.Value, site, probe, version: int, mode: str) -> dict:
+    """The approximation's error against exact attention on the probe's inputs."""
+    errors, cosines = [], []
+    for run in (0, 1):
+        (got,) = evaluate(b.nodes, [out], lambda value: observed(value, probe, run), version)
+        expected = observed(site.output, probe, run)
+        real = probe.inputs(run).real
+        errors.append(relative_error(expected, got, real))
+        cosines.append(_mean_cosine(expected, got, real))
+    return {"mode": mode, "max_rel_error": max(errors), "mean_cosine": float(np.mean(cosines))}
+
+
+def _mean_cosine(expected: np.ndarray, got: np.ndarray, real) -> float:
+    a, c = expected.reshape(-1, expected.shape[-1]), got.reshape(-1, got.shape[-1])
+    if real is not None and expected.shape[:2] == real.shape:
+        a, c = a[real.reshape(-1)], c[real.reshape(-1)]
+    dot = (a * c).sum(-1)
+    norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(c, axis=-1)
+    return float(np.mean(dot / np.maximum(norms, 1e-12)))
+
+
+def _geometry(site, probe, found) -> dict:
+    return dict(heads=site.num_heads, head_size=site.head_size, scale=site.scale,
+                dtype=observed(found.softmax.inputs[0], probe).dtype)
+
+
+def _key_real(site, mask_input):
+    """A function building bool [B, T] of the real keys from the mask input, or None."""
+    if mask_input is None or not site.extras.get("masks_padded_keys"):
+        return None
+
+    def build(b: Builder) -> ir.Value:
+        zero = b.op("CastLike", [b.const(0, np.int64), mask_input])
+        return b.op("Not", [b.op("Equal", [mask_input, zero])])
+
+    return build
+
+
+def _like_output(b: Builder, out: ir.Value, site, probe) -> ir.Value:
+    """The merged [B, S, hidden] result in the rank of the tensor it replaces."""
+    merged = observed(site.output, probe)
+    if merged.ndim == 3:
+        return out
+    return b.op("Reshape", [out, b.const([-1, *merged.shape[1:]], np.int64)])
