@@ -69,3 +69,16 @@ class AttentionSite:
         if "approximation" in self.extras:
             out["approximation"] = self.extras["approximation"]
         return out
+
+
+@dataclass
+class Fusion:
+    """One rewrite other than attention: skip+bias+layernorm, bias+gelu, padding-free, ..."""
+
+    name: str
+    op: str
+    fused: bool
+    reason: str | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {"name": self.name, "op": self.op, "fused": self.fused, "reason": self.reason}

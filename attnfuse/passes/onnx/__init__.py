@@ -10,13 +10,13 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx import attention, embed, gelu, layernorm, masks, padding_free
-from attnfuse.passes.onnx.canonicalize import canonicalize
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, opset, remove_unused, replace_uses
-from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
-from attnfuse.passes.site import AttentionSite
+from attnfuse.passes.onnx import embed, gelu, layernorm, padding_free
+from attnfuse.passes.onnx.canonicalize import canonicalize
+from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, remove_unused
+from attnfuse.passes.onnx.sites import fuse_attention
+from attnfuse.passes.site import AttentionSite, Fusion
 
 
 class Probe(Protocol):
@@ -31,17 +31,6 @@ class Probe(Protocol):
     def inputs(self, run: int = 0) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
 
-@dataclass
-class Fusion:
-    """One non-attention rewrite: skip+bias+layernorm, bias+gelu, ..."""
-
-    name: str
-    op: str
-    fused: bool
-    reason: str | None = None
-
-    def summary(self) -> dict[str, Any]:
-        return {"name": self.name, "op": self.op, "fused": self.fused, "reason": self.reason}
 
 
 @dataclass

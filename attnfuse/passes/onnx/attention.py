@@ -18,10 +18,10 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.graph import NoMatch, attr, constant, consumers, observed, scalar
+from attnfuse.passes.onnx.masks import MASKED
 from attnfuse.passes.site import AttentionSite
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Dropout"}
-MASK_FILL_LIMIT = -1e4  # a Where that writes a score this low (or lower) is a mask
 
 
 @dataclass
@@ -136,7 +136,7 @@ def walk_scores(logits: ir.Value, probe) -> tuple[ir.Node, list[ScoreStep]]:
             main_index = _main_index(node, probe, candidates=(1, 2))
             fill = if_false if main_index == 1 else if_true
             fill_value = constant(fill, probe)
-            if fill_value is None or fill_value.size and fill_value.max() > MASK_FILL_LIMIT:
+            if fill_value is None or fill_value.size and fill_value.max() > MASKED:
                 raise NoMatch("a Where on the scores writes a value that is not a mask")
             steps.append(ScoreStep("where", condition, fill=fill, keep_when=main_index == 1, rank=rank))
             value = node.inputs[main_index]

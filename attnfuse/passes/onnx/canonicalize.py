@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import attr, observed
+from attnfuse.passes.onnx.graph import observed
 
 
 def canonicalize(graph: ir.Graph, probe) -> None:

@@ -10,14 +10,13 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, consumers, opset, replace_uses
+from attnfuse.passes.site import Fusion
 from attnfuse.passes.onnx.proof import prove
 
 OP = "EmbedLayerNormalization"
 
 
 def fuse(graph: ir.Graph, probe, exclude) -> list:
-    from attnfuse.passes.onnx import Fusion
-
     fusions = []
     for node in list(graph):
         if node.op_type != "LayerNormalization" or not _is_embedding_sum(node.inputs[0], probe):

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, opset, replace_uses
+from attnfuse.passes.site import Fusion
 from attnfuse.passes.onnx.proof import evaluate, prove
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Cast"}
@@ -25,8 +26,6 @@ _REFERENCE = {
 
 
 def fuse(graph: ir.Graph, probe, exclude) -> list:
-    from attnfuse.passes.onnx import Fusion
-
     fusions = []
     for gelu in find_gelus(graph, probe):
         x, y, approximate, name = gelu

@@ -10,12 +10,11 @@ import onnx_ir as ir
 
 from attnfuse.passes.onnx.gelu import split_bias
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, consumers, opset, replace_uses
+from attnfuse.passes.site import Fusion
 from attnfuse.passes.onnx.proof import prove
 
 
 def fuse(graph: ir.Graph, probe, exclude) -> list:
-    from attnfuse.passes.onnx import Fusion
-
     fusions = []
     for node in list(graph):
         if node.op_type != "LayerNormalization" or node.domain not in ("", "ai.onnx"):
