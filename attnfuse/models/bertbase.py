@@ -14,7 +14,7 @@ import torch
 from attnfuse.models import _export, wrappers
 from attnfuse.models.zoo import randomise_vectors
 
-WEIGHTS_VERSION = "w1"  # part of the cache key: bump it when build_torch changes the weights
+WEIGHTS_VERSION = "w1"  # part of the cache key: bump it when load_torch changes the weights
 CONFIG = dict(
     vocab_size=8192, hidden_size=768, num_hidden_layers=4, num_attention_heads=12, intermediate_size=3072,
     max_position_embeddings=512,
@@ -22,8 +22,9 @@ CONFIG = dict(
 _TEXT_DIMS = {0: "batch", 1: "sequence"}
 
 
-def build_torch(attention: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """forward(input_ids, attention_mask, token_type_ids) -> last_hidden_state; eval mode, fp32."""
+def load_torch(attention: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """forward(input_ids, attention_mask, token_type_ids) -> last_hidden_state; eval mode, fp32.
+    Named as minilm.load_torch, so that benchmarks take either module."""
     from transformers import BertConfig, BertModel
 
     config = BertConfig(**CONFIG)
@@ -48,7 +49,7 @@ def export_onnx(path: str | os.PathLike, dynamo: bool = True, attention: str = "
     example = padded_batch(batch=2, max_length=16, seed=1)
     inputs = {name: torch.from_numpy(array) for name, array in example.items()}
     dims = {name: _TEXT_DIMS for name in (*inputs, "last_hidden_state")}
-    return _export.export_onnx(build_torch(attention), inputs, path, dynamo=dynamo, dynamic_dims=dims)
+    return _export.export_onnx(load_torch(attention), inputs, path, dynamo=dynamo, dynamic_dims=dims)
 
 
 def exported(dynamo: bool = True, attention: str = "sdpa", cache_dir: str | os.PathLike | None = None) -> pathlib.Path:

@@ -41,13 +41,14 @@ Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
+    key: str  # as --model names it
     name: str
-    module: object  # attnfuse.models.minilm or .bertbase: load/exported/padded_batch
+    module: object  # attnfuse.models.minilm or .bertbase: load_torch, exported, padded_batch
     batch: int
     max_length: int = 128
 
     def torch_model(self) -> torch.nn.Module:
-        return self.module.load_torch("sdpa") if hasattr(self.module, "load_torch") else self.module.build_torch("sdpa")
+        return self.module.load_torch("sdpa")
 
     def exported(self, dynamo: bool, attention: str) -> Path:
         return self.module.exported(dynamo=dynamo, attention=attention)
@@ -56,9 +57,10 @@ class ModelSpec:
 def model_specs(choice: str, quick: bool) -> list[ModelSpec]:
     from attnfuse.models import bertbase, minilm
 
-    shrink = (lambda batch: dict(batch=4, max_length=32)) if quick else (lambda batch: dict(batch=batch))
-    specs = {"minilm": ModelSpec("MiniLM-L6", minilm, **shrink(32)), "bert-base": ModelSpec("BERT-base x4", bertbase, **shrink(16))}
-    return list(specs.values()) if choice == "all" else [specs[choice]]
+    specs = [ModelSpec("minilm", "MiniLM-L6", minilm, batch=32), ModelSpec("bert-base", "BERT-base x4", bertbase, batch=16)]
+    if quick:
+        specs = [dataclasses.replace(spec, batch=4, max_length=32) for spec in specs]
+    return [spec for spec in specs if choice in ("all", spec.key)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +225,8 @@ def measure(spec: ModelSpec, geometry: Geometry, workload: Workload, contenders:
     """Check every contender against torch, time them all interleaved, and return one record each."""
     feeds, mask = workload.feeds, workload.feeds["attention_mask"]
     runnable = [c for c in contenders if c.run is not None]
-    expected = runnable[0].run(feeds)  # torch eager: the reference
-    errors = {c.name: relative_error(c.run(feeds), expected, mask) for c in runnable}
+    outputs = {c.name: c.run(feeds) for c in runnable}
+    errors = {name: relative_error(output, outputs[TORCH], mask) for name, output in outputs.items()}
     # The checking runs above are a first warm-up; torch needs a second before it settles.
     times = interleaved_medians({c.name: (lambda c=c: c.run(feeds)) for c in runnable}, repeats, warmup=1,
                                 desc=f"{spec.name} {workload.name}")
@@ -261,7 +263,7 @@ def gemm_gflops(threads: int, repeats: int, size: int = GEMM_SIZE) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.matmul(a, b)  # warm-up
     seconds = []
-    for _ in range(max(repeats, 3)):
+    for _ in range(max(repeats, 5)):
         start = time.perf_counter()
         torch.matmul(a, b)
         seconds.append(time.perf_counter() - start)
@@ -283,16 +285,19 @@ def timing_cells(r: dict) -> list[str]:
         return [f"FAILED: {r['build_error'][:60]}", "", "", "", ""]
     verdict = "" if r["correct"] else " WRONG"
     return [f"{r['median_ms']:.1f}", f"{r['max_rel_error']:.1e}{verdict}", f"{r['real_gflops']:.1f}",
-            f"{r['vs_torch']:.2f}x", f"{r['vs_fastest_peer']:.2f}x"]
+            speedup(r["vs_torch"]), speedup(r["vs_fastest_peer"])]
 
 
 def summary_table(records: list[dict]) -> str:
     """attnfuse padding-free against the fastest correct peer, per workload, by padding."""
-    rows = []
-    for r in sorted((r for r in records if r["contender"] == "attnfuse padding-free"), key=lambda r: (r["model"], r["padding"])):
-        rows.append([r["model"], r["workload"], f"{r['padding']:.0%}", r["fastest_peer"], *timing_cells(r)[:1],
-                     f"{r['vs_fastest_peer']:.2f}x" if r["median_ms"] is not None else "-"])
+    mine = sorted((r for r in records if r["contender"] == "attnfuse padding-free"), key=lambda r: (r["model"], r["padding"]))
+    rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["fastest_peer"], *timing_cells(r)[:1],
+             speedup(r["vs_fastest_peer"])] for r in mine]
     return table(["model", "workload", "pad", "fastest peer", "attnfuse pf ms", "speedup"], rows)
+
+
+def speedup(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
 
 
 def plot(records: list[dict], path: Path) -> None:
@@ -375,8 +380,9 @@ def run_all(specs: list[ModelSpec], sweep: bool, threads: int, repeats: int) -> 
         for spec, loads in plans:
             step(f"{spec.name}: torch")
             module = spec.torch_model()
+            geometry = Geometry.of(module)
             contenders = build_contenders(spec, module, threads, step)
             for workload in loads:
                 step(f"{spec.name}: {workload.name}")
-                records += measure(spec, Geometry.of(module), workload, contenders, repeats)
+                records += measure(spec, geometry, workload, contenders, repeats)
     return records, gemm
