@@ -1,0 +1,56 @@
+"""Rewrites of torch.export graphs: attention, skip+layernorm, bias+gelu, padding-free.
+
+The one entry point the optimizer calls is `run_passes`.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from attnfuse.passes.fx import fusions, padding_free
+from attnfuse.passes.fx.attention import fuse_attention
+from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, remove_no_ops
+from attnfuse.passes.site import AttentionSite, Fusion
+
+
+@dataclass
+class PassResult:
+    sites: list[AttentionSite]
+    fusions: list[Fusion]
+
+
+def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_free_on: bool,
+               exclude: frozenset[str] = frozenset()) -> PassResult:
+    """Rewrite `module` in place, probing it on `runs` ((args, kwargs) check inputs).
+    Sites and fusions named in `exclude` are left as they are."""
+    graph = module.graph
+    probe = FxProbe(module, runs)
+    remove_no_ops(graph)
+    mask = find_mask(graph, probe)
+    sites = fuse_attention(graph, probe, mask, exclude)
+    found = fusions.fuse(graph, probe, exclude)
+    module.recompile()
+    if padding_free_on:
+        found.append(_padding_free(module, runs, mask, exclude))
+    return PassResult(sites, found)
+
+
+def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, exclude: frozenset[str]) -> Fusion:
+    fusion = Fusion(padding_free.NAME, "packed tokens", fused=False)
+    saved = copy.deepcopy(module.graph)  # the pass changes the graph as it goes: keep a way back
+    try:
+        if mask is None:
+            raise NoMatch("the model has no attention-mask input")
+        if padding_free.NAME in exclude:
+            raise NoMatch("excluded (rolled back)")
+        # Probe again: the fused ops just added are what padding-free must see.
+        packed = padding_free.apply(module.graph, FxProbe(module, runs), mask)
+        fusion.fused, fusion.reason = True, None
+        fusion.op = f"packed tokens ({packed} ops)"
+    except NoMatch as e:
+        fusion.reason = str(e)
+        module.graph = saved
+    module.recompile()
+    return fusion

@@ -1,0 +1,256 @@
+"""The fused ops as torch.library custom ops: what the fx passes put into a graph.
+
+Each op has a CPU implementation in torch, a CUDA implementation on the Triton
+kernels (`attnfuse.kernels.triton`, imported only when a CUDA tensor arrives), and a
+fake implementation (shapes only) so that torch.export and torch.compile see
+through it. Graphs call the plain functions at the bottom of this module, not the
+ops: under `torch.onnx.export` those functions emit ONNX Runtime's com.microsoft
+ops instead, so an optimized module exports with its fusions in place.
+
+Layouts: q, k, v and outputs keep the heads merged, [..., heads * head_size], with
+the tokens in the leading dims: [batch, seq, hidden] padded, or the packed rows of
+padding-free execution ([1, tokens, hidden] or [tokens, hidden]).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from attnfuse.kernels import reference
+
+MS_DOMAIN = "com.microsoft"
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the implementations
+# ---------------------------------------------------------------------------
+
+
+def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, S, H*D] -> [B, H, S, D]."""
+    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, S, D] -> [B, S, H*D]."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def additive_mask(
+    key_padding_mask: Optional[torch.Tensor], bias: Optional[torch.Tensor], causal: bool,
+    queries: int, keys: int, dtype: torch.dtype, device: torch.device,
+) -> Optional[torch.Tensor]:
+    """One additive mask that broadcasts to [B, H, S, T]: 0 where a key is seen, the
+    dtype's lowest value where it is hidden (never -inf: a row that sees nothing then
+    averages its keys, as the models' own masks make it do, instead of giving NaN)."""
+    hidden = None
+    if key_padding_mask is not None:
+        hidden = (key_padding_mask == 0)[:, None, None, :]
+    if causal:
+        upper = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(1)
+        hidden = upper if hidden is None else hidden | upper
+    lowest = torch.finfo(dtype).min
+    mask = None
+    if hidden is not None:
+        mask = torch.zeros((), dtype=dtype, device=device).masked_fill(hidden, lowest)
+    if bias is not None:
+        bias = bias.to(dtype)
+        # Two lowest values add up to -inf; keep the sum finite.
+        mask = bias if mask is None else (bias + mask).clamp_min(lowest)
+    return mask
+
+
+def _padded_attention(q, k, v, key_padding_mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
+    mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], k.shape[1], q.dtype, q.device)
+    out = F.scaled_dot_product_attention(
+        split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads), attn_mask=mask, scale=scale
+    )
+    return merge_heads(out)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Packed tokens in any leading form ([1, T, X] or [T, X]) as [T, X]."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _unpack(rows: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return reference.unpack(rows, indices, mask.shape[0], mask.shape[1])
+
+
+def _sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
+    return (mask != 0).sum(dim=1, dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------
+# attnfuse::attention: softmax attention on padded [B, S, hidden] tensors
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnfuse::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], num_heads: int, scale: float, causal: bool,
+) -> torch.Tensor:
+    """softmax(q k^T * scale + bias, masked) v with heads merged; key_padding_mask [B, T] nonzero for a real key."""
+    return _padded_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal).contiguous()
+
+
+@attention_op.register_fake
+def _(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# ---------------------------------------------------------------------------
+# attnfuse::packed_attention: attention on the packed real tokens
+# ---------------------------------------------------------------------------
+
+
+def _packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
+    rows = [_rows(x) for x in (q, k, v)]
+    if bias is not None:
+        padded = [_unpack(x, indices, mask) for x in rows]
+        out = _padded_attention(*padded, None, bias, num_heads, scale, causal)
+        out = out.flatten(0, 1).index_select(0, indices)
+    else:
+        # Each sequence on its own: no padded keys, no mask, and no work on padding.
+        lengths = _sequence_lengths(mask).tolist()
+        pieces = [
+            _padded_attention(qs[None], ks[None], vs[None], None, None, num_heads, scale, causal)[0]
+            for qs, ks, vs in zip(*(x.split(lengths) for x in rows)) if qs.shape[0]
+        ]
+        out = torch.cat(pieces) if pieces else rows[2].new_empty(0, rows[2].shape[-1])
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("attnfuse::packed_attention", mutates_args=())
+def packed_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor,
+    bias: Optional[torch.Tensor], num_heads: int, scale: float, causal: bool,
+) -> torch.Tensor:
+    """Attention over the packed tokens of each sequence.
+
+    q, k, v: packed rows; indices: their flat positions in the padded [B*S] layout
+    (sorted, as `reference.pack` gives them); mask: the [B, S] padding mask. Without
+    `bias`, each sequence attends to its own tokens (causal in packed order). With a
+    [B|1, H|1, S, S] `bias` (the model's own, hiding every padded key), attention runs
+    on the restored padded layout and the real rows are taken back.
+    """
+    return _packed_attention(q, k, v, indices, mask, bias, num_heads, scale, causal)
+
+
+@packed_attention_op.register_kernel("cuda")
+def _(q, k, v, indices, mask, bias, num_heads, scale, causal):
+    if bias is not None:
+        return _packed_attention(q, k, v, indices, mask, bias, num_heads, scale, causal)
+    from attnfuse.kernels.triton import varlen_attention
+
+    lengths = _sequence_lengths(mask)
+    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    rows = [_rows(x).unflatten(-1, (num_heads, -1)) for x in (q, k, v)]
+    out = varlen_attention(*rows, cu_seqlens, int(lengths.max()) if lengths.numel() else 0, scale=scale, causal=causal)
+    return out.reshape(*q.shape[:-1], v.shape[-1])
+
+
+@packed_attention_op.register_fake
+def _(q, k, v, indices, mask, bias, num_heads, scale, causal):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# ---------------------------------------------------------------------------
+# attnfuse::skip_layernorm and attnfuse::bias_gelu
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnfuse::skip_layernorm", mutates_args=())
+def skip_layernorm_op(
+    x: torch.Tensor, skip: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor,
+    beta: Optional[torch.Tensor], eps: float,
+) -> torch.Tensor:
+    """layernorm(x + skip + bias) over the last dim."""
+    h = x + skip if bias is None else x + skip + bias
+    return F.layer_norm(h, (h.shape[-1],), weight, beta, eps)
+
+
+@skip_layernorm_op.register_kernel("cuda")
+def _(x, skip, bias, weight, beta, eps):
+    from attnfuse.kernels.triton import skip_layernorm
+
+    return skip_layernorm(x, skip, bias, weight, beta, eps)
+
+
+@skip_layernorm_op.register_fake
+def _(x, skip, bias, weight, beta, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("attnfuse::bias_gelu", mutates_args=())
+def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
+    """gelu(x + bias), erf or tanh form."""
+    return F.gelu(x + bias, approximate=approximate)
+
+
+@bias_gelu_op.register_kernel("cuda")
+def _(x, bias, approximate):
+    from attnfuse.kernels.triton import bias_gelu
+
+    return bias_gelu(x, bias, approximate)
+
+
+@bias_gelu_op.register_fake
+def _(x, bias, approximate):
+    return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------------------
+# What graphs call: the ops, or their ONNX form under torch.onnx.export
+# ---------------------------------------------------------------------------
+
+
+def _exporting() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def attention(q, k, v, key_padding_mask, bias, num_heads: int, scale: float, causal: bool):
+    if _exporting():
+        return _onnx_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal)
+    return attention_op(q, k, v, key_padding_mask, bias, num_heads, scale, causal)
+
+
+def packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool):
+    if _exporting():
+        # ONNX Runtime's CPU provider has no packed attention: restore, attend, re-pack.
+        padded = [_unpack(_rows(x), indices, mask) for x in (q, k, v)]
+        out = _onnx_attention(*padded, None if bias is not None else mask, bias, num_heads, scale, causal)
+        return out.flatten(0, 1).index_select(0, indices).reshape(*q.shape[:-1], v.shape[-1])
+    return packed_attention_op(q, k, v, indices, mask, bias, num_heads, scale, causal)
+
+
+def skip_layernorm(x, skip, bias, weight, beta, eps: float):
+    if _exporting():
+        inputs = (x, skip, weight, beta, bias)
+        return _symbolic("SkipLayerNormalization", inputs, {"epsilon": float(eps)}, x)
+    return skip_layernorm_op(x, skip, bias, weight, beta, eps)
+
+
+def bias_gelu(x, bias, approximate: str):
+    if _exporting():
+        return _symbolic("FastGelu" if approximate == "tanh" else "BiasGelu", (x, bias), {}, x)
+    return bias_gelu_op(x, bias, approximate)
+
+
+def _onnx_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
+    mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], k.shape[1], q.dtype, q.device)
+    if mask is not None:
+        # MultiHeadAttention's attention_bias is [B or 1, H or 1, S, T]: no broadcast over S or T.
+        mask = mask.expand(*mask.shape[:2], q.shape[1], k.shape[1])
+    return _symbolic(
+        "MultiHeadAttention", (q, k, v, None, None, mask), {"num_heads": num_heads, "scale": float(scale)}, q,
+        shape=(*q.shape[:-1], v.shape[-1]),
+    )
+
+
+def _symbolic(op_type: str, inputs, attrs: dict, like: torch.Tensor, shape=None) -> torch.Tensor:
+    return torch.onnx.ops.symbolic(
+        f"{MS_DOMAIN}::{op_type}", inputs, attrs, dtype=like.dtype, shape=like.shape if shape is None else shape, version=1
+    )

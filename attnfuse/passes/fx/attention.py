@@ -1,0 +1,427 @@
+"""Find attention in a torch.export graph by what it computes, and replace it with attnfuse::attention.
+
+Every softmax over the last dim, and every `scaled_dot_product_attention`, is a
+candidate. For a softmax, the scores are some function f of a product q @ k^T
+(matmul, bmm or baddbmm), and the probabilities multiply v. Rather than parse f,
+the matcher evaluates it: f(0) (the same ops with q zeroed) is the bias and mask,
+(f(qk) - f(0)) / qk the scale, and the site is accepted only if
+f(qk) == scale * qk + f(0) on the probe. The mask is classified from f(0) against
+the model's padding mask (none, key padding, causal, causal + key padding, or an
+additive tensor kept as it is). q, k and v are traced back to the [B, S, heads *
+head_size] tensors they were split from, whatever view/transpose/select spelled
+the split. Last, the fused op is evaluated on the probe and must equal the
+original output on real tokens.
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from attnfuse.kernels import ops
+from attnfuse.passes import site as kinds
+from attnfuse.passes.fx.graph import LAYOUT, PASS_THROUGH, FxProbe, NoMatch, aten, close_enough, is_op, only_user, remove_dead
+from attnfuse.passes.site import AttentionSite
+
+PRODUCTS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default)
+SOFTMAXES = (aten.softmax.int, aten._softmax.default)
+SDPA = aten.scaled_dot_product_attention.default
+SCORE_OPS = {
+    aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.where.self, aten.where.ScalarOther,
+    aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.view.default, aten.reshape.default,
+    *PASS_THROUGH,
+}
+LOWEST = torch.finfo(torch.float32).min  # what a boolean mask becomes: finite, so a row that sees nothing is not NaN
+HIDDEN = -1e4  # a score at or below this hides its key (masks use -10000, finfo.min or -inf)
+TOLERANCE = 1e-4
+
+
+@dataclass
+class Match:
+    """A softmax (or SDPA) recognised as attention, before anything in the graph changes."""
+
+    site: AttentionSite
+    output: fx.Node  # the attention output [B, H, S, Dv] (or [B*H, S, Dv])
+    bias: list[torch.Tensor] | None  # f(0) per probe run: what the scores add besides scale * q.k
+    make_bias: Callable[[fx.Graph], fx.Node]  # builds f(0) in the graph
+    q: fx.Node | None = None  # the [B, S, H*D] (or [B, S, H, D]) tensors q, k, v are split from
+    k: fx.Node | None = None
+    v: fx.Node | None = None
+    merged: fx.Node | None = None  # the [B, S, H*Dv] output the fused op replaces
+    mask: fx.Node | None = None  # the padding mask input, when the site masks by key padding
+
+
+def fuse_attention(graph: fx.Graph, probe: FxProbe, mask_input: fx.Node | None, exclude: frozenset[str]) -> list[AttentionSite]:
+    """Replace every attention in `graph` that proves equal; return a site for each candidate."""
+    sites = []
+    for node in list(graph.nodes):
+        if not (is_op(node, SDPA) or (is_op(node, *SOFTMAXES) and _last_dim(node, probe))):
+            continue
+        site = AttentionSite(name=_site_name(node, len(sites)))
+        try:
+            match = (_match_sdpa if is_op(node, SDPA) else _match_softmax)(node, site, probe, mask_input)
+            _prove(match, probe, mask_input)
+            if site.name in exclude:
+                raise NoMatch("excluded (rolled back)")
+            _replace(graph, match, probe)
+            site.fused = True
+        except NoMatch as e:
+            site.reason = str(e)
+        sites.append(site)
+    remove_dead(graph)
+    return sites
+
+
+# ---------------------------------------------------------------------------
+# Matching
+# ---------------------------------------------------------------------------
+
+
+def _match_softmax(softmax: fx.Node, site: AttentionSite, probe: FxProbe, mask_input) -> Match:
+    chain, product = _score_chain(softmax.args[0])
+    probs_matmul = _probabilities_times_v(softmax)
+    q_node, kt_node = product.args[-2], product.args[-1]
+    v_node = probs_matmul.args[1]
+    queries = [_canonical(probe.tensor(q_node, r), probe, r) for r in range(probe.runs)]
+    keys = [_canonical(probe.tensor(kt_node, r).transpose(-1, -2), probe, r) for r in range(probe.runs)]
+    site.num_heads, site.head_size = queries[0].shape[1], queries[0].shape[3]
+    bias = [_scores_with_zero_q(chain, product, probe, r) for r in range(probe.runs)]
+    scale = _measured_scale(product, softmax.args[0], bias, probe)
+    match = Match(site, probs_matmul, bias, lambda graph: _build_scores_with_zero_q(graph, chain, product, probe, mask_input))
+    return _finish(match, scale, (q_node, queries), (kt_node, keys), v_node, probe, mask_input)
+
+
+def _match_sdpa(node: fx.Node, site: AttentionSite, probe: FxProbe, mask_input) -> Match:
+    q_node, k_node, v_node = node.args[:3]
+    attn_mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    causal = bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
+    if node.kwargs.get("enable_gqa"):
+        raise NoMatch("grouped-query SDPA is not handled")
+    queries = [_canonical(probe.tensor(q_node, r), probe, r) for r in range(probe.runs)]
+    keys = [_canonical(probe.tensor(k_node, r), probe, r) for r in range(probe.runs)]
+    site.num_heads, site.head_size = queries[0].shape[1], queries[0].shape[3]
+    scale = node.kwargs.get("scale") or site.head_size ** -0.5
+    bias = None
+    if attn_mask is not None:
+        bias = [_as_additive(probe.tensor(attn_mask, r)) for r in range(probe.runs)]
+    if causal:
+        site.causal = True
+        bias = [_with_causal(b, queries[r]) for r, b in enumerate(bias or [None] * probe.runs)]
+    match = Match(site, node, bias, lambda graph: _build_sdpa_bias(graph, attn_mask, probe))
+    return _finish(match, scale, (q_node, queries), (k_node, keys), v_node, probe, mask_input)
+
+
+def _finish(match: Match, scale: float, queries, keys, v_node: fx.Node, probe: FxProbe, mask_input) -> Match:
+    """Trace q, k, v to their merged sources (scalar factors on q and k fold into the scale),
+    find the merged output and classify the mask."""
+    values = [_canonical(probe.tensor(v_node, r), probe, r) for r in range(probe.runs)]
+    (match.q, q_factor), (match.k, k_factor) = _heads_source(*queries, probe), _heads_source(*keys, probe, transposed=True)
+    match.v, v_factor = _heads_source(v_node, values, probe)
+    if v_factor != 1.0:
+        raise NoMatch("v is scaled after the head split")
+    match.site.scale = scale * q_factor * k_factor
+    match.merged = _merged_output(match.output, probe)
+    _classify(match, probe, mask_input)
+    return match
+
+
+def _last_dim(softmax: fx.Node, probe: FxProbe) -> bool:
+    value = probe.tensor(softmax, 0)
+    dim = softmax.args[1]
+    return value is not None and value.dim() >= 3 and dim in (-1, value.dim() - 1)
+
+
+def _score_chain(scores: fx.Node) -> tuple[list[fx.Node], fx.Node]:
+    """The ops between the q @ k^T product and the softmax, product first."""
+    chain, node = [], scores
+    for _ in range(16):
+        if is_op(node, *PRODUCTS):
+            return chain[::-1], node
+        if not is_op(node, *SCORE_OPS):
+            break
+        chain.append(node)
+        path = [a for a in node.args if isinstance(a, fx.Node) and _reaches_product(a)]
+        if len(path) != 1:
+            break
+        node = path[0]
+    raise NoMatch("the softmax input is not a function of one q @ k^T product")
+
+
+def _reaches_product(node: fx.Node, depth: int = 16) -> bool:
+    if is_op(node, *PRODUCTS):
+        return True
+    if depth == 0 or not is_op(node, *SCORE_OPS):
+        return False
+    return any(isinstance(a, fx.Node) and _reaches_product(a, depth - 1) for a in node.args)
+
+
+def _probabilities_times_v(softmax: fx.Node) -> fx.Node:
+    node = softmax
+    for _ in range(8):
+        user = only_user(node)
+        if user is None:
+            break
+        if is_op(user, aten.matmul.default, aten.bmm.default) and user.args[0] is node:
+            return user
+        if not is_op(user, *PASS_THROUGH, aten.view.default, aten.reshape.default):
+            break
+        node = user
+    raise NoMatch("the softmax output does not multiply v")
+
+
+def _batch(probe: FxProbe, run: int) -> int:
+    for node in probe.values[run]:
+        if node.op == "placeholder" and isinstance(probe.values[run][node], torch.Tensor):
+            return probe.values[run][node].shape[0]
+    raise NoMatch("the graph has no tensor input")
+
+
+def _canonical(x: torch.Tensor | None, probe: FxProbe, run: int) -> torch.Tensor:
+    """[B, H, L, D] from [B, H, L, D] or [B*H, L, D]."""
+    if x is None or x.dim() not in (3, 4):
+        raise NoMatch("q, k or v is not a [batch, heads, seq, head_size] tensor")
+    if x.dim() == 3:
+        batch = _batch(probe, run)
+        if x.shape[0] % batch:
+            raise NoMatch("q, k or v has a first dim that is not batch x heads")
+        x = x.reshape(batch, -1, *x.shape[1:])
+    return x
+
+
+def _heads_source(node: fx.Node, canonical: list[torch.Tensor], probe: FxProbe, transposed: bool = False) -> tuple[fx.Node, float]:
+    """The farthest tensor up the layout ops whose head split is `canonical` (up to a
+    constant factor, returned): [B, L, H*D], or [B, L, H, D] when heads are not contiguous."""
+    found, factor, current = None, 1.0, node
+    for _ in range(24):
+        if all(_splits_to(probe.tensor(current, r), canonical[r], factor) for r in range(probe.runs)):
+            found = (current, factor)
+        if is_op(current, *LAYOUT, *PASS_THROUGH):
+            current = current.args[0]
+        elif is_op(current, aten.mul.Tensor, aten.div.Tensor) and isinstance(current.args[1], (int, float)):
+            factor *= current.args[1] if current.target == aten.mul.Tensor else 1.0 / current.args[1]
+            current = current.args[0]
+        else:
+            break
+    if found is None:
+        raise NoMatch(f"cannot trace {'k' if transposed else 'q or v'} back to a [batch, seq, hidden] tensor")
+    return found
+
+
+def _splits_to(x: torch.Tensor | None, heads: torch.Tensor, factor: float) -> bool:
+    batch, num_heads, length, size = heads.shape
+    if x is None or not x.dtype.is_floating_point or x.shape[:2] != (batch, length):
+        return False
+    if x.dim() == 3 and x.shape[2] == num_heads * size:
+        split = x.reshape(batch, length, num_heads, size).transpose(1, 2)
+    elif x.dim() == 4 and x.shape[2:] == (num_heads, size):
+        split = x.transpose(1, 2)
+    else:
+        return False
+    return close_enough(split * factor, heads, 1e-6)
+
+
+def _merged_output(output: fx.Node, probe: FxProbe) -> fx.Node:
+    """The first tensor after the attention output that holds it as [B, S, H*Dv]."""
+    values = [_canonical(probe.tensor(output, r), probe, r) for r in range(probe.runs)]
+    merged = [v.transpose(1, 2).flatten(2) for v in values]
+    node = output
+    for _ in range(8):
+        user = only_user(node)
+        if user is None or not is_op(user, *LAYOUT, *PASS_THROUGH):
+            break
+        node = user
+        if all(close_enough(probe.tensor(node, r), merged[r], 1e-6) if probe.tensor(node, r) is not None
+               and probe.tensor(node, r).shape == merged[r].shape else False for r in range(probe.runs)):
+            return node
+    raise NoMatch("the attention output is not merged back to [batch, seq, hidden]")
+
+
+# ---------------------------------------------------------------------------
+# Scores: scale, bias and mask, measured
+# ---------------------------------------------------------------------------
+
+
+def _evaluate(node: fx.Node, env: dict[fx.Node, object], probe: FxProbe, run: int) -> object:
+    def value(a):
+        if isinstance(a, fx.Node):
+            return env[a] if a in env else probe.get(a, run)
+        if isinstance(a, (list, tuple)):
+            return type(a)(value(x) for x in a)
+        return a
+
+    return node.target(*value(node.args), **{k: value(v) for k, v in node.kwargs.items()})
+
+
+def _scores_with_zero_q(chain: list[fx.Node], product: fx.Node, probe: FxProbe, run: int) -> torch.Tensor:
+    """f(0): the softmax input recomputed with q zeroed (the bias and mask the scores carry)."""
+    q = product.args[-2]
+    env = {q: torch.zeros_like(probe.tensor(q, run))}
+    env[product] = _evaluate(product, env, probe, run)
+    for node in chain:
+        env[node] = _evaluate(node, env, probe, run)
+    return env[chain[-1]] if chain else env[product]
+
+
+def _measured_scale(product: fx.Node, scores: fx.Node, bias: list[torch.Tensor], probe: FxProbe) -> float:
+    """The s with f(qk) == s * qk + f(0), checked on every probe run."""
+    scale = None
+    for run, zero in enumerate(bias):
+        # baddbmm's alpha is a scale like any other: measured, not read.
+        qk = torch.matmul(probe.tensor(product.args[-2], run), probe.tensor(product.args[-1], run))
+        got = probe.tensor(scores, run)
+        qk = qk.reshape(got.shape) if qk.numel() == got.numel() else qk
+        if qk.shape != got.shape:
+            raise NoMatch("the scores do not have the q @ k^T product's shape")
+        seen = (zero > HIDDEN).expand_as(got) & (qk.abs() > 1e-3 * qk.abs().max())
+        if not seen.any():
+            raise NoMatch("no unmasked score to measure the scale on")
+        ratio = ((got - zero) / qk)[seen]
+        scale = float(ratio.median()) if scale is None else scale
+        predicted = scale * qk + zero
+        unmasked = (zero > HIDDEN).expand_as(got)
+        if not close_enough(predicted[unmasked], got[unmasked], TOLERANCE):
+            raise NoMatch("the scores are not scale * q.k + bias")
+    return scale
+
+
+def _as_additive(mask: torch.Tensor) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros((), dtype=torch.float32).masked_fill(~mask, LOWEST)
+    return mask.float()
+
+
+def _with_causal(bias: torch.Tensor | None, queries: torch.Tensor) -> torch.Tensor:
+    length = queries.shape[2]
+    upper = torch.ones(length, length, dtype=torch.bool).triu(1)
+    causal = torch.zeros((), dtype=torch.float32).masked_fill(upper, LOWEST)
+    return causal if bias is None else (bias + causal).clamp_min(LOWEST)
+
+
+def _classify(match: Match, probe: FxProbe, mask_input: fx.Node | None) -> None:
+    """Set the site's mask kind; keep the additive bias only when no simpler kind fits."""
+    site = match.site
+    if match.bias is None:
+        site.mask = kinds.MASK_NONE
+        return
+    for kind, causal, by_padding in (
+        (kinds.MASK_NONE, False, False), (kinds.MASK_KEY_PADDING, False, True),
+        (kinds.MASK_CAUSAL, True, False), (kinds.MASK_CAUSAL_PADDING, True, True),
+    ):
+        if by_padding and mask_input is None:
+            continue
+        if all(_bias_is(match.bias[r], probe, r, mask_input if by_padding else None, causal) for r in range(probe.runs)):
+            site.mask, site.causal = kind, causal
+            match.mask = mask_input if by_padding else None
+            match.bias = None
+            return
+    site.mask, site.bias = kinds.MASK_ADDITIVE, kinds.BIAS_ADDITIVE
+
+
+def _bias_is(bias: torch.Tensor, probe: FxProbe, run: int, mask_input, causal: bool) -> bool:
+    """Whether `bias`, on real query rows, hides exactly what the mask kind hides and adds nothing else."""
+    bias = bias.float()
+    if bias.dim() != 4:
+        return False
+    length = bias.shape[-1]
+    hidden = torch.zeros(1, 1, bias.shape[-2], length, dtype=torch.bool)
+    if causal:
+        if bias.shape[-2] != length:
+            return False
+        hidden = hidden | torch.ones(length, length, dtype=torch.bool).triu(1)
+    rows = torch.ones(bias.shape[0], 1, bias.shape[-2], 1, dtype=torch.bool)
+    if mask_input is not None:
+        real = probe.tensor(mask_input, run) != 0
+        if real.shape[-1] != length:
+            return False
+        hidden = hidden | ~real[:, None, None, :]
+        rows = real[:, None, :, None] if real.shape[-1] == bias.shape[-2] else rows
+    hidden, bias = torch.broadcast_tensors(hidden, bias)
+    rows = rows.expand_as(bias)
+    hides = bias <= HIDDEN
+    return bool(((hides == hidden) | ~rows).all()) and bool((bias[rows & ~hidden].abs() < 1e-6).all())
+
+
+# ---------------------------------------------------------------------------
+# Proof and replacement
+# ---------------------------------------------------------------------------
+
+
+def _prove(match: Match, probe: FxProbe, mask_input: fx.Node | None) -> None:
+    """The fused op on the probe's values must give the original output on real tokens."""
+    site = match.site
+    for run in range(probe.runs):
+        q, k, v = (_merged_value(probe.tensor(source, run)) for source in (match.q, match.k, match.v))
+        mask = probe.tensor(match.mask, run) if match.mask is not None else None
+        bias = match.bias[run] if match.bias is not None else None
+        got = ops.attention_op(q, k, v, mask, bias, site.num_heads, site.scale, site.causal)
+        want = probe.tensor(match.merged, run)
+        if mask_input is not None and probe.tensor(mask_input, run).shape == want.shape[:2]:
+            real = probe.tensor(mask_input, run) != 0
+            got, want = got[real], want[real]
+        if not close_enough(got, want, TOLERANCE):
+            raise NoMatch("the fused attention does not reproduce the original output")
+
+
+def _merged_value(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(2) if x.dim() == 4 else x
+
+
+def _merged_node(graph: fx.Graph, node: fx.Node, probe: FxProbe) -> fx.Node:
+    """[B, S, H, D] sources (heads not contiguous in memory) are flattened to [B, S, H*D]."""
+    return graph.call_function(aten.flatten.using_ints, (node, 2)) if probe.tensor(node, 0).dim() == 4 else node
+
+
+def _replace(graph: fx.Graph, match: Match, probe: FxProbe) -> None:
+    site = match.site
+    with graph.inserting_before(match.merged):
+        q, k, v = (_merged_node(graph, node, probe) for node in (match.q, match.k, match.v))
+        bias = match.make_bias(graph) if match.bias is not None else None
+        fused = graph.call_function(ops.attention, (q, k, v, match.mask, bias, site.num_heads, site.scale, site.causal))
+    fused.meta["attnfuse"] = site.name
+    match.merged.replace_all_uses_with(fused)
+    probe.alias(fused, match.merged)
+    site.q, site.k, site.v, site.output = q, k, v, fused
+
+
+def _build_scores_with_zero_q(
+    graph: fx.Graph, chain: list[fx.Node], product: fx.Node, probe: FxProbe, mask_input: fx.Node | None
+) -> fx.Node:
+    """f(0) as graph nodes: the product replaced by zeros of its shape (no q @ k^T computed).
+    Sizes come from the mask input where there is one, so that the head-split q and k
+    are not kept alive (padding-free could not run them on packed tokens)."""
+    q, k = product.args[-2], product.args[-1]
+    shape = probe.tensor(product, 0).shape
+    if mask_input is not None and probe.tensor(mask_input, 0).shape[1] == shape[-1]:
+        batch, length = (graph.call_function(aten.sym_size.int, (mask_input, d)) for d in (0, 1))
+        heads = shape[1] if len(shape) == 4 else graph.call_function(operator.mul, (batch, shape[0] // _batch(probe, 0)))
+        size = [batch, heads, length, length] if len(shape) == 4 else [heads, length, length]
+    else:
+        size = [graph.call_function(aten.sym_size.int, (q, d)) for d in range(len(shape) - 1)]
+        size.append(graph.call_function(aten.sym_size.int, (k, len(shape) - 1)))
+    like = probe.tensor(product, 0)
+    zero = graph.call_function(aten.zeros.default, (size,), {"dtype": like.dtype, "device": like.device})
+    if product.target == aten.baddbmm.default:
+        zero = graph.call_function(aten.add.Tensor, (zero, product.args[0]), {"alpha": product.kwargs.get("beta", 1)})
+    env = {product: zero}
+    for node in chain:
+        env[node] = graph.node_copy(node, lambda n: env.get(n, n))
+    return env[chain[-1]] if chain else zero
+
+
+def _build_sdpa_bias(graph: fx.Graph, attn_mask: fx.Node, probe: FxProbe) -> fx.Node:
+    if probe.tensor(attn_mask, 0).dtype != torch.bool:
+        return attn_mask
+    hidden = graph.call_function(aten.logical_not.default, (attn_mask,))
+    zeros = graph.call_function(aten.zeros_like.default, (attn_mask,), {"dtype": torch.float32})
+    return graph.call_function(aten.masked_fill.Scalar, (zeros, hidden, LOWEST))
+
+
+def _site_name(node: fx.Node, index: int) -> str:
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return f"{path}#{index}" if path else f"attention#{index}"
+    return f"{node.name}#{index}"

@@ -1,0 +1,119 @@
+"""What every fx pass shares: the probe (each node's value on the check inputs) and node helpers.
+
+The fx passes recognise what a graph computes the way the ONNX passes do: by the
+values its nodes take on real inputs, not by which aten ops spell it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.fx._pytree import tree_flatten_spec
+
+aten = torch.ops.aten
+
+
+class NoMatch(Exception):
+    """A rewrite does not apply; the message says what did not fit."""
+
+
+# Ops that only move or view data: walking through them keeps "the same tensor".
+LAYOUT = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+    aten.permute.default, aten.contiguous.default, aten.clone.default, aten.select.int,
+    aten.unsqueeze.default, aten.squeeze.dim, aten.expand.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.t.default,
+}
+# Ops that leave values alone at inference.
+PASS_THROUGH = {aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default, aten.alias.default}
+
+
+class FxProbe:
+    """Every node's value on each check input, from one run of the original graph per input."""
+
+    def __init__(self, module: fx.GraphModule, runs: list[tuple[tuple, dict]]):
+        self.values: list[dict[fx.Node, Any]] = []
+        for args, kwargs in runs:
+            recorder = _Recorder(module)
+            with torch.no_grad():
+                recorder.run(*tree_flatten_spec((args, kwargs), module._in_spec))
+            self.values.append(recorder.env)
+
+    @property
+    def runs(self) -> int:
+        return len(self.values)
+
+    def get(self, node: Any, run: int) -> Any:
+        """The node's value on run `run`; a non-node argument is its own value."""
+        if isinstance(node, fx.Node):
+            return self.values[run].get(node)
+        return node
+
+    def alias(self, new: fx.Node, old: fx.Node) -> None:
+        """`new` replaces `old` and was proven to compute the same values."""
+        for values in self.values:
+            values[new] = values[old]
+
+    def tensor(self, node: Any, run: int) -> torch.Tensor | None:
+        value = self.get(node, run)
+        return value if isinstance(value, torch.Tensor) else None
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: fx.GraphModule):
+        super().__init__(module, garbage_collect_values=False)
+
+
+def is_op(node: Any, *targets) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def only_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def placeholders(graph: fx.Graph) -> list[fx.Node]:
+    return [node for node in graph.nodes if node.op == "placeholder"]
+
+
+def find_mask(graph: fx.Graph, probe: FxProbe) -> fx.Node | None:
+    """The padding mask input: a rank-2 integer or bool placeholder named as a mask."""
+    for node in placeholders(graph):
+        value = probe.tensor(node, 0)
+        if "mask" in node.name.lower() and value is not None and value.dim() == 2 \
+                and not value.dtype.is_floating_point:
+            return node
+    return None
+
+
+def remove_no_ops(graph: fx.Graph) -> None:
+    """Drop the dtype asserts torch.export leaves on intermediate values, and dropout at
+    inference: fx counts both as side effects, so they would keep the nodes a rewrite
+    replaced alive."""
+    for node in list(graph.nodes):
+        if is_op(node, aten._assert_tensor_metadata.default):
+            graph.erase_node(node)
+        elif is_op(node, aten.dropout.default) and not (node.args[2] if len(node.args) > 2 else node.kwargs.get("train")):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+def remove_dead(graph: fx.Graph) -> None:
+    """Dead-code elimination that also drops unused SDPA and dropout (fx keeps them as random ops)."""
+
+    def impure(node: fx.Node) -> bool:
+        if node.op != "call_function":
+            return node.op in ("placeholder", "output", "call_module")
+        return "assert" in str(node.target) or "constrain" in str(node.target)
+
+    graph.eliminate_dead_code(is_impure_node=impure)
+
+
+def close_enough(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> bool:
+    """Equal within `tolerance` relative to `want`'s scale."""
+    if got.shape != want.shape:
+        return False
+    scale = max(float(want.abs().max()) if want.numel() else 0.0, 1e-6)
+    return bool(((got.float() - want.float()).abs().max() / scale <= tolerance).item()) if want.numel() else True
