@@ -20,7 +20,7 @@ import torch.fx as fx
 
 from attnfuse.kernels import ops
 from attnfuse.passes.fx.attention import HIDDEN
-from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, is_op, remove_dead
+from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, remove_dead
 
 NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
