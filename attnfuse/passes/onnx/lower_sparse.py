@@ -16,7 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.kernels.reference import favor_features
-from attnfuse.passes.onnx.graph import Builder
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder
 
 
 class Heads:
@@ -61,58 +61,105 @@ class Heads:
 def windowed(b: Builder, q, k, v, *, heads: int, head_size: int, scale: float, left: int, right: int,
              causal: bool, global_tokens: int, key_real, dtype) -> ir.Value:
     h = Heads(b, heads, head_size, dtype)
+    band = Band(b, h.dim(q, 1), max(left, right, 1))
+    if not global_tokens:
+        return _windowed_mha(b, h, band, q, k, v, scale, left, right, causal, key_real)
     qh, kh, vh = h.split(q), h.split(k), h.split(v)
-    block = max(left, right, 1)
-    seqlen = h.dim(qh, 2)
-    blocks = b.op("Div", [b.op("Add", [seqlen, b.const([block - 1], np.int64)]), b.const([block], np.int64)])
-    padded_len = b.op("Mul", [blocks, b.const([block], np.int64)])
-    pad = b.op("Sub", [padded_len, seqlen])
-
-    def in_blocks(x):  # [B, H, S, D] -> [B, H, nb, C, D], zero rows past the end
-        pads = b.op("Concat", [b.const([0, 0, 0, 0, 0, 0], np.int64), pad, b.const([0], np.int64)], {"axis": 0})
-        return b.op("Reshape", [b.op("Pad", [x, pads]), b.const([0, 0, -1, block, head_size], np.int64)])
-
-    def with_neighbours(x):  # [B, H, nb, C, D] -> [B, H, nb, 3C, D]: previous, own, next block
-        before = b.op("Pad", [x, b.const([0, 0, 1, 0, 0, 0, 0, 0, 0, 0], np.int64)])
-        after = b.op("Pad", [x, b.const([0, 0, 0, 0, 0, 0, 0, 1, 0, 0], np.int64)])
-        previous = b.op("Slice", [before, b.const([0], np.int64), blocks, b.const([2], np.int64)])
-        following = b.op("Slice", [after, b.const([1], np.int64), b.op("Add", [blocks, b.const([1], np.int64)]),
-                                   b.const([2], np.int64)])
-        return b.op("Concat", [previous, x, following], {"axis": 3})
-
-    query_blocks = in_blocks(qh)
-    keys, values = with_neighbours(in_blocks(kh)), with_neighbours(in_blocks(vh))
+    query_blocks = band.blocks_of(qh, axis=2, width=head_size)
+    keys, values = (band.with_neighbours(band.blocks_of(x, axis=2, width=head_size), axis=2) for x in (kh, vh))
     scores = b.op("Mul", [b.op("MatMul", [query_blocks, h.transpose_last(keys, 5)]), h.scalar(scale)])
-
-    # Which of the 3C keys each query of a block sees: [nb, C, 3C].
-    query_pos = b.op("Reshape", [b.op("Range", [b.const(0, np.int64), b.op("Squeeze", [padded_len]),
-                                                 b.const(1, np.int64)]), b.const([-1, block], np.int64)])
-    key_pos = b.op("Concat", [b.op("Sub", [query_pos, b.const(block, np.int64)]), query_pos,
-                              b.op("Add", [query_pos, b.const(block, np.int64)])], {"axis": 1})
-    key_at = b.op("Unsqueeze", [key_pos, b.const([1], np.int64)])  # [nb, 1, 3C]
-    offset = b.op("Sub", [key_at, b.op("Unsqueeze", [query_pos, b.const([2], np.int64)])])
-    seen = [b.op("GreaterOrEqual", [offset, b.const(-left, np.int64)]),
-            b.op("LessOrEqual", [offset, b.const(0 if causal else right, np.int64)]),
-            b.op("GreaterOrEqual", [key_at, b.const(global_tokens, np.int64)]),  # globals are added below
-            b.op("Less", [key_at, b.op("Squeeze", [seqlen])])]
-    seen = _all(b, [b.op("Unsqueeze", [s, b.const([0, 1], np.int64)]) for s in seen])  # [1, 1, nb, C, 3C]
-    if key_real is not None:
-        real_padded = b.op("Pad", [key_real, b.op("Concat", [b.const([0, block], np.int64), b.const([0], np.int64),
-                                                             b.op("Add", [pad, b.const([block], np.int64)])], {"axis": 0})])
-        key_index = b.op("Add", [key_pos, b.const(block, np.int64)])
-        real = b.op("Gather", [real_padded, key_index], {"axis": 1})  # [B, nb, 3C]
-        seen = b.op("And", [seen, b.op("Unsqueeze", [real, b.const([1, 3], np.int64)])])
+    seen = band.seen(left, right, causal, global_tokens, key_real, head_axis=1)  # [B|1, 1, nb, C, 3C]
     scores = b.op("Where", [seen, scores, h.lowest()])
-
-    if global_tokens:
-        scores, values = _add_global_keys(b, h, scores, values, query_blocks, kh, vh, query_pos,
-                                          global_tokens, causal, key_real, scale)
+    scores, values = _add_global_keys(b, h, scores, values, query_blocks, kh, vh, band.query_pos,
+                                      global_tokens, causal, key_real, scale)
     out = b.op("MatMul", [b.op("Softmax", [scores], {"axis": -1}), values])
     out = b.op("Reshape", [out, b.const([0, 0, -1, head_size], np.int64)])
-    out = b.op("Slice", [out, b.const([0], np.int64), seqlen, b.const([2], np.int64)])
-    if global_tokens:
-        out = _global_queries(b, h, out, qh, kh, vh, global_tokens, causal, key_real, scale)
+    out = b.op("Slice", [out, b.const([0], np.int64), band.seqlen, b.const([2], np.int64)])
+    out = _global_queries(b, h, out, qh, kh, vh, global_tokens, causal, key_real, scale)
     return h.merge(out)
+
+
+def _windowed_mha(b: Builder, h: Heads, band: Band, q, k, v, scale, left, right, causal, key_real) -> ir.Value:
+    """Blocks as the batch of ONNX Runtime's fused MultiHeadAttention: [B*nb, C] queries over
+    [B*nb, 3C] keys, the band as its attention_bias. No head transposes, no score tensors
+    of ours: several times faster on the CPU than MatMul, Where and Softmax."""
+    hidden = h.heads * h.head_size
+    flat = [b.op("Reshape", [x, b.const([0, 0, hidden], np.int64)]) for x in (q, k, v)]
+    queries = band.blocks_of(flat[0], axis=1, width=hidden)  # [B, nb, C, hidden]
+    keys, values = (band.with_neighbours(band.blocks_of(x, axis=1, width=hidden), axis=1) for x in flat[1:])  # [B, nb, 3C, hidden]
+    # The band is the same for every block: one constant [1, 1, C, 3C] bias. What differs per
+    # block (keys past either end, padded keys) goes in as the key padding mask.
+    bias = b.const(np.where(band.band(left, right, causal), 0, np.finfo(h.dtype).min).astype(h.dtype)[None, None])
+    batch = b.op("Concat", [h.dim(q, 0), b.const([1, 1], np.int64)], {"axis": 0})
+    valid = b.op("Expand", [band.key_valid(0, key_real), batch])  # [B, nb, 3C]
+    valid = b.op("Cast", [b.op("Reshape", [valid, b.const([-1, 3 * band.block], np.int64)])], {"to": ir.DataType.INT32})
+    as_batch = lambda x, length: b.op("Reshape", [x, b.const([-1, length, hidden], np.int64)])  # noqa: E731
+    out = b.op("MultiHeadAttention", [as_batch(queries, band.block), as_batch(keys, 3 * band.block),
+                                      as_batch(values, 3 * band.block), None, valid, bias],
+               {"num_heads": h.heads, "scale": float(scale)}, domain=MS_DOMAIN)
+    out = b.op("Reshape", [out, b.op("Concat", [h.dim(q, 0), b.const([-1, hidden], np.int64)], {"axis": 0})])
+    return b.op("Slice", [out, b.const([0], np.int64), band.seqlen, b.const([1], np.int64)])
+
+
+class Band:
+    """Blocks of C = max(left, right) tokens: each query block sees its own and its two
+    neighbouring key blocks (3C keys), masked to the exact band."""
+
+    def __init__(self, b: Builder, seqlen: ir.Value, block: int):
+        self.b, self.seqlen, self.block = b, seqlen, block
+        self.blocks = b.op("Div", [b.op("Add", [seqlen, b.const([block - 1], np.int64)]), b.const([block], np.int64)])
+        self.padded_len = b.op("Mul", [self.blocks, b.const([block], np.int64)])
+        self.pad = b.op("Sub", [self.padded_len, seqlen])
+        positions = b.op("Range", [b.const(0, np.int64), b.op("Squeeze", [self.padded_len]), b.const(1, np.int64)])
+        self.query_pos = b.op("Reshape", [positions, b.const([-1, block], np.int64)])  # [nb, C]
+        self.key_pos = b.op("Concat", [b.op("Sub", [self.query_pos, b.const(block, np.int64)]), self.query_pos,
+                                       b.op("Add", [self.query_pos, b.const(block, np.int64)])], {"axis": 1})  # [nb, 3C]
+
+    def blocks_of(self, x: ir.Value, axis: int, width: int) -> ir.Value:
+        """The sequence axis (followed by one of `width`) cut into [nb, C], zero rows past the end."""
+        b, rank = self.b, axis + 2
+        before = b.const([0] * (rank + axis), np.int64)
+        pads = b.op("Concat", [before, self.pad, b.const([0] * (rank - axis - 1), np.int64)], {"axis": 0})
+        shape = [0] * axis + [-1, self.block, width]
+        return b.op("Reshape", [b.op("Pad", [x, pads]), b.const(shape, np.int64)])
+
+    def with_neighbours(self, x: ir.Value, axis: int) -> ir.Value:
+        """[..., nb, C, ...] -> [..., nb, 3C, ...]: previous, own and next block."""
+        b, rank = self.b, axis + 3
+        start, end = np.zeros(rank, np.int64), np.zeros(rank, np.int64)
+        start[axis], end[axis] = 1, 1
+        before = b.op("Pad", [x, b.const(np.concatenate([start, np.zeros(rank, np.int64)]))])
+        after = b.op("Pad", [x, b.const(np.concatenate([np.zeros(rank, np.int64), end]))])
+        at = b.const([axis], np.int64)
+        previous = b.op("Slice", [before, b.const([0], np.int64), self.blocks, at])
+        following = b.op("Slice", [after, b.const([1], np.int64), b.op("Add", [self.blocks, b.const([1], np.int64)]), at])
+        return b.op("Concat", [previous, x, following], {"axis": axis + 1})
+
+    def band(self, left: int, right: int, causal: bool) -> np.ndarray:
+        """bool [C, 3C]: query i of a block sees key j of its 3C keys. The same for every block."""
+        offset = (np.arange(3 * self.block) - self.block)[None, :] - np.arange(self.block)[:, None]
+        return (offset >= -left) & (offset <= (0 if causal else right))
+
+    def key_valid(self, global_tokens: int, key_real) -> ir.Value:
+        """bool [B or 1, nb, 3C]: the key lies inside the sequence, is real, and is not a global token."""
+        b = self.b
+        valid = _all(b, [b.op("GreaterOrEqual", [self.key_pos, b.const(global_tokens, np.int64)]),  # globals apart
+                         b.op("Less", [self.key_pos, b.op("Squeeze", [self.seqlen])])])
+        valid = b.op("Unsqueeze", [valid, b.const([0], np.int64)])
+        if key_real is not None:
+            ends = b.op("Concat", [b.const([0, self.block], np.int64), b.const([0], np.int64),
+                                   b.op("Add", [self.pad, b.const([self.block], np.int64)])], {"axis": 0})
+            real_padded = b.op("Pad", [key_real, ends])
+            real = b.op("Gather", [real_padded, b.op("Add", [self.key_pos, b.const(self.block, np.int64)])], {"axis": 1})
+            valid = b.op("And", [valid, real])
+        return valid
+
+    def seen(self, left: int, right: int, causal: bool, global_tokens: int, key_real, head_axis: int) -> ir.Value:
+        """Which of its 3C keys each query sees: bool [B or 1, nb, C, 3C] with a unit head axis inserted."""
+        b = self.b
+        valid = b.op("Unsqueeze", [self.key_valid(global_tokens, key_real), b.const([2], np.int64)])
+        seen = b.op("And", [b.const(self.band(left, right, causal)), valid])
+        return b.op("Unsqueeze", [seen, b.const([head_axis], np.int64)])
 
 
 def _add_global_keys(b, h, scores, values, query_blocks, kh, vh, query_pos, count, causal, key_real, scale):
