@@ -23,10 +23,15 @@ def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Valu
         # Two masks of finfo.min add up to -inf, and a row of -inf makes NaN.
         bias = builder.op("Max", [bias, builder.const(np.finfo(dtype).min, dtype)])
         bias = builder.op("Expand", [bias, _query_key_shape(site, builder)])
+    return multi_head_attention(site, probe, builder, attention_bias=bias), bias
+
+
+def multi_head_attention(site, probe, builder: Builder, *, attention_bias=None, key_padding_mask=None) -> ir.Value:
+    """MultiHeadAttention on the site's q, k, v, shaped like the output it replaces."""
     q, k, v = (_as_3d(x, probe, builder) for x in (site.q, site.k, site.v))
     output = builder.op(
         "MultiHeadAttention",
-        [q, k, v, None, None, bias],
+        [q, k, v, None, key_padding_mask, attention_bias],
         {"num_heads": site.num_heads, "scale": site.scale},
         domain=MS_DOMAIN,
         name=f"{site.name}/MultiHeadAttention",
@@ -34,7 +39,7 @@ def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Valu
     merged = observed(site.output, probe)
     if merged.ndim != 3:
         output = builder.op("Reshape", [output, builder.const([-1, *merged.shape[1:]], np.int64)])
-    return output, bias
+    return output
 
 
 def additive_bias(steps: list[ScoreStep], heads: int, probe, builder: Builder, dtype) -> ir.Value | None:

@@ -15,7 +15,7 @@ from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import attention, lower_sparse, masks
 from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, replace_uses
-from attnfuse.passes.onnx.lower_ort import lower_to_mha
+from attnfuse.passes.onnx.lower_ort import lower_to_mha, multi_head_attention
 from attnfuse.passes.onnx.padding_free import find_mask
 from attnfuse.passes.onnx.proof import evaluate, prove, relative_error
 from attnfuse.passes.site import AttentionSite
@@ -54,12 +54,25 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
     key_real = _key_real(site, mask_input)
     if mode.approximate:
         return _approximate(found, probe, graph, mode, key_real)
+    if site.mask == kinds.MASK_KEY_PADDING and site.bias == kinds.BIAS_NONE and key_real:
+        return _key_padding(found, probe, graph, key_real)
     if site.mask == kinds.MASK_WINDOW and site.bias == kinds.BIAS_NONE:
         try:
             return _exact_window(found, probe, graph, key_real)
         except NoMatch as why:  # MultiHeadAttention is exact too; keep it and say why
             site.extras["window_not_lowered"] = str(why)
     return builder, output
+
+
+def _key_padding(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
+    """Plain key padding: the mask input itself as MultiHeadAttention's key_padding_mask, instead
+    of a [B, 1, S, T] bias (which costs S x T memory and time on long sequences). Proved."""
+    site = found.site
+    b = Builder(site.name)
+    mask = b.op("Cast", [key_real(b)], {"to": ir.DataType.INT32})
+    out = multi_head_attention(site, probe, b, key_padding_mask=mask)
+    prove(b.nodes, [(site.output, out)], probe, opset=opset(graph))
+    return b, out
 
 
 def _exact_window(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
