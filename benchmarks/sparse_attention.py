@@ -47,12 +47,15 @@ def optimized_models(path: str) -> dict[str, bytes]:
 def peak_memory_mb(model_file: Path, length: int, threads: int) -> float:
     """Max resident set of a fresh process that loads the model and runs it once."""
     code = (
-        "import resource, sys, numpy as np, onnxruntime as ort\n"
+        "import sys, numpy as np, onnxruntime as ort\n"
         f"o = ort.SessionOptions(); o.intra_op_num_threads = {threads}\n"
         f"s = ort.InferenceSession({str(model_file)!r}, o, providers=['CPUExecutionProvider'])\n"
         f"ids = np.random.default_rng(0).integers(1, 256, (1, {length}))\n"
         "s.run(None, {'input_ids': ids, 'attention_mask': np.ones_like(ids)})\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n"
+        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
+        # fork and exec, so it would report this benchmark's own peak.
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
+        "print(int(hwm.split()[1]) / 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -34,7 +34,7 @@ def test_band_becomes_windowed_attention(name, window, causal):
     for node in result.model.graph:
         if node.op_type == "MultiHeadAttention":  # over blocks: keys are each block's neighbours, never all keys
             keys = node.inputs[1].producer()
-            assert keys.op_type == "Reshape" and keys.inputs[0].producer().op_type == "Concat"
+            assert keys.op_type == "Reshape" and keys.inputs[0].producer().op_type == "Gather"
     feeds = padded([30, 17, 1], 30)  # longer than anything the verifier saw
     real = feeds["attention_mask"].astype(bool)
     expected, got = run(path, feeds), run(result.proto, feeds)

@@ -66,7 +66,7 @@ def windowed(b: Builder, q, k, v, *, heads: int, head_size: int, scale: float, l
         return _windowed_mha(b, h, band, q, k, v, scale, left, right, causal, key_real)
     qh, kh, vh = h.split(q), h.split(k), h.split(v)
     query_blocks = band.blocks_of(qh, axis=2, width=head_size)
-    keys, values = (band.with_neighbours(band.blocks_of(x, axis=2, width=head_size), axis=2) for x in (kh, vh))
+    keys, values = (band.neighbourhoods(x, axis=2, rank=4) for x in (kh, vh))
     scores = b.op("Mul", [b.op("MatMul", [query_blocks, h.transpose_last(keys, 5)]), h.scalar(scale)])
     seen = band.seen(left, right, causal, global_tokens, key_real, head_axis=1)  # [B|1, 1, nb, C, 3C]
     scores = b.op("Where", [seen, scores, h.lowest()])
@@ -86,7 +86,7 @@ def _windowed_mha(b: Builder, h: Heads, band: Band, q, k, v, scale, left, right,
     hidden = h.heads * h.head_size
     flat = [b.op("Reshape", [x, b.const([0, 0, hidden], np.int64)]) for x in (q, k, v)]
     queries = band.blocks_of(flat[0], axis=1, width=hidden)  # [B, nb, C, hidden]
-    keys, values = (band.with_neighbours(band.blocks_of(x, axis=1, width=hidden), axis=1) for x in flat[1:])  # [B, nb, 3C, hidden]
+    keys, values = (band.neighbourhoods(x, axis=1, rank=3) for x in flat[1:])  # [B, nb, 3C, hidden]
     # The band is the same for every block: one constant [1, 1, C, 3C] bias. What differs per
     # block (keys past either end, padded keys) goes in as the key padding mask.
     bias = b.const(np.where(band.band(left, right, causal), 0, np.finfo(h.dtype).min).astype(h.dtype)[None, None])
@@ -123,17 +123,16 @@ class Band:
         shape = [0] * axis + [-1, self.block, width]
         return b.op("Reshape", [b.op("Pad", [x, pads]), b.const(shape, np.int64)])
 
-    def with_neighbours(self, x: ir.Value, axis: int) -> ir.Value:
-        """[..., nb, C, ...] -> [..., nb, 3C, ...]: previous, own and next block."""
-        b, rank = self.b, axis + 3
-        start, end = np.zeros(rank, np.int64), np.zeros(rank, np.int64)
-        start[axis], end[axis] = 1, 1
-        before = b.op("Pad", [x, b.const(np.concatenate([start, np.zeros(rank, np.int64)]))])
-        after = b.op("Pad", [x, b.const(np.concatenate([np.zeros(rank, np.int64), end]))])
-        at = b.const([axis], np.int64)
-        previous = b.op("Slice", [before, b.const([0], np.int64), self.blocks, at])
-        following = b.op("Slice", [after, b.const([1], np.int64), b.op("Add", [self.blocks, b.const([1], np.int64)]), at])
-        return b.op("Concat", [previous, x, following], {"axis": axis + 1})
+    def neighbourhoods(self, x: ir.Value, axis: int, rank: int) -> ir.Value:
+        """[..., S, ...] -> [..., nb, 3C, ...]: each block's keys (previous, own and next block),
+        gathered in one copy; positions outside the sequence read zero rows."""
+        b = self.b
+        before = np.zeros(rank, np.int64)
+        before[axis] = self.block
+        after = b.op("Concat", [b.const([0] * axis, np.int64), b.op("Add", [self.pad, b.const([self.block], np.int64)]),
+                                b.const([0] * (rank - axis - 1), np.int64)], {"axis": 0})
+        padded = b.op("Pad", [x, b.op("Concat", [b.const(before), after], {"axis": 0})])
+        return b.op("Gather", [padded, b.op("Add", [self.key_pos, b.const(self.block, np.int64)])], {"axis": axis})
 
     def band(self, left: int, right: int, causal: bool) -> np.ndarray:
         """bool [C, 3C]: query i of a block sees key j of its 3C keys. The same for every block."""
@@ -147,11 +146,7 @@ class Band:
                          b.op("Less", [self.key_pos, b.op("Squeeze", [self.seqlen])])])
         valid = b.op("Unsqueeze", [valid, b.const([0], np.int64)])
         if key_real is not None:
-            ends = b.op("Concat", [b.const([0, self.block], np.int64), b.const([0], np.int64),
-                                   b.op("Add", [self.pad, b.const([self.block], np.int64)])], {"axis": 0})
-            real_padded = b.op("Pad", [key_real, ends])
-            real = b.op("Gather", [real_padded, b.op("Add", [self.key_pos, b.const(self.block, np.int64)])], {"axis": 1})
-            valid = b.op("And", [valid, real])
+            valid = b.op("And", [valid, self.neighbourhoods(key_real, axis=1, rank=2)])
         return valid
 
     def seen(self, left: int, right: int, causal: bool, global_tokens: int, key_real, head_axis: int) -> ir.Value:
