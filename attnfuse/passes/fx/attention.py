@@ -23,7 +23,10 @@ import torch.fx as fx
 
 from attnfuse.kernels import ops
 from attnfuse.passes import site as kinds
-from attnfuse.passes.fx.graph import LAYOUT, PASS_THROUGH, FxProbe, NoMatch, aten, close_enough, is_op, only_user, remove_dead
+from attnfuse.passes.fx.graph import (
+    LAYOUT, PASS_THROUGH, FxProbe, NoMatch, aten,
+    close_enough, is_op, only_user, remove_dead, rewrite_unless_excluded,
+)
 from attnfuse.passes.site import AttentionSite
 
 PRODUCTS = (aten.matmul.default, aten.bmm.default, aten.baddbmm.default)
@@ -64,10 +67,7 @@ def fuse_attention(graph: fx.Graph, probe: FxProbe, mask_input: fx.Node | None, 
         try:
             match = (_match_sdpa if is_op(node, SDPA) else _match_softmax)(node, site, probe, mask_input)
             _prove(match, probe, mask_input)
-            if site.name in exclude:
-                raise NoMatch("excluded (rolled back)")
-            _replace(graph, match, probe)
-            site.fused = True
+            rewrite_unless_excluded(site, exclude, lambda: _replace(graph, match, probe))
         except NoMatch as e:
             site.reason = str(e)
         sites.append(site)

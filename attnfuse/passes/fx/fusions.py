@@ -13,7 +13,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from attnfuse.kernels import ops
-from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, close_enough, is_op, only_user, remove_dead
+from attnfuse.passes.fx.graph import (
+    FxProbe, NoMatch, aten, close_enough,
+    is_op, only_user, remove_dead, rewrite_unless_excluded,
+)
 from attnfuse.passes.site import Fusion
 
 TOLERANCE = 1e-5
@@ -63,15 +66,8 @@ def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusio
             found = rule(node, probe)
             if found is None:
                 continue
-            name = f"{op_name}:{node.name}"
-            fusion = Fusion(name, op_name, fused=False)
-            try:
-                if name in exclude:
-                    raise NoMatch("excluded (rolled back)")
-                _replace(graph, node, *found, probe)
-                fusion.fused = True
-            except NoMatch as e:
-                fusion.reason = str(e)
+            fusion = Fusion(f"{op_name}:{node.name}", op_name, fused=False)
+            rewrite_unless_excluded(fusion, exclude, lambda: _replace(graph, node, *found, probe))
             fusions.append(fusion)
     remove_dead(graph)
     return fusions

@@ -5,6 +5,7 @@ values its nodes take on real inputs, not by which aten ops spell it.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -63,6 +64,18 @@ class FxProbe:
 class _Recorder(fx.Interpreter):
     def __init__(self, module: fx.GraphModule):
         super().__init__(module, garbage_collect_values=False)
+
+
+def rewrite_unless_excluded(item, exclude: frozenset[str], rewrite: Callable[[], None]) -> None:
+    """Run `rewrite` for a site or fusion and mark it fused; a NoMatch (or the item's name in
+    `exclude`, as a roll-back asks) leaves the graph alone and becomes the item's reason."""
+    try:
+        if item.name in exclude:
+            raise NoMatch("excluded (rolled back)")
+        rewrite()
+        item.fused = True
+    except NoMatch as e:
+        item.reason = str(e)
 
 
 def is_op(node: Any, *targets) -> bool:
