@@ -152,6 +152,14 @@ def test_bad_arguments_are_user_errors(kwargs, message):
         attnfuse.optimize(torch.nn.Linear(3, 3), **kwargs)
 
 
+def test_an_example_of_one_row_still_gives_a_module_for_any_batch():
+    model = zoo.build_torch("gpt2", "eager")
+    optimized = attnfuse.optimize(model, example_kwargs=zoo.example_inputs("gpt2", batch=1, seqlen=8))
+    inputs = zoo.example_inputs("gpt2", batch=4, seqlen=6, seed=8)
+    with torch.no_grad():
+        assert relative_error(optimized(**inputs), model(**inputs), inputs) <= TOLERANCE
+
+
 def test_rows_with_no_real_token_give_zeros_and_no_error():
     model = zoo.build_torch("bert", "sdpa")
     optimized = attnfuse.optimize(model, example_kwargs=zoo.example_inputs("bert", batch=2, seqlen=8))

@@ -72,9 +72,15 @@ def optimize(
     with torch.no_grad():
         expected = [model(**run) for run in check_runs]
 
+    # Captured on a made-up batch of 2 rows like the example: torch.export fixes a dim of size 1.
+    capture_example = inputs.make(2, 1.0, "right", seed)
+
     def attempt(exclude: frozenset[str], packed: bool) -> tuple[torch.fx.GraphModule, PassResult, VerifyResult]:
-        graph_module = capture(model, example, inputs)
-        passes = run_passes(graph_module, probe_runs, packed, exclude)
+        graph_module = capture(model, capture_example, inputs)
+        try:
+            passes = run_passes(graph_module, probe_runs, packed, exclude)
+        except Exception as e:  # the capture does not run on other batch sizes or lengths
+            raise UserError(f"the captured model does not run on other batches: {first_line(e)}") from None
         return graph_module, passes, check(graph_module, check_runs, expected, inputs, tolerance)
 
     graph_module, passes, verdict = attempt(frozenset(), padding_free)
