@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-import attnfuse
 from attnfuse.models import minilm
-from attnfuse.tools.timing import interleaved_medians, table
+from attnfuse.tools.demo import torch_minilm
+from attnfuse.tools.timing import table, time_modules
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,21 +29,13 @@ def main() -> None:
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
 
-    model = minilm.load_torch("sdpa")
+    model, optimized = torch_minilm(minilm)
     batch = {name: torch.from_numpy(array) for name, array in minilm.padded_batch(32, 128).items()}
-    example = {name: torch.from_numpy(array) for name, array in minilm.padded_batch(2, 16, seed=1).items()}
-    optimized = attnfuse.optimize(model, example_kwargs=example)
     contenders = {"torch eager (sdpa)": model, "attnfuse.optimize": optimized}
     if not options.no_compile:
         contenders["torch.compile (inductor)"] = torch.compile(model, dynamic=True)
-
     real = batch["attention_mask"].bool()
-    with torch.no_grad():
-        expected = model(**batch)
-        errors = {name: float((m(**batch) - expected)[real].abs().max() / expected[real].abs().max())
-                  for name, m in contenders.items()}  # also the warm-up (and compile) run
-        times = interleaved_medians({name: (lambda m=m: m(**batch)) for name, m in contenders.items()},
-                                    options.repeats, warmup=1, desc="MiniLM")
+    times, errors = time_modules(contenders, batch, real, options.repeats, desc="MiniLM")
     eager = times["torch eager (sdpa)"]
     rows = [[name, f"{t * 1000:.1f}", f"{eager / t:.2f}x", f"{errors[name]:.1e}"] for name, t in times.items()]
     print(f"MiniLM-L6, batch 32, max length 128, {int(real.sum())} real tokens of {real.numel()}, "

@@ -152,6 +152,35 @@ def test_bad_arguments_are_user_errors(kwargs, message):
         attnfuse.optimize(torch.nn.Linear(3, 3), **kwargs)
 
 
+class BandedSDPA(torch.nn.Module):
+    """Embeddings as the input, and SDPA with a boolean band-and-padding mask: an additive site."""
+
+    def __init__(self, hidden: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.qkv(x).chunk(3, dim=-1))
+        positions = torch.arange(x.shape[1])
+        band = (positions[:, None] - positions[None, :]).abs() <= 2
+        seen = band[None, None] & attention_mask.bool()[:, None, None, :]
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=seen)
+        return out.transpose(1, 2).flatten(2)
+
+
+def test_boolean_sdpa_mask_on_a_packed_input():
+    torch.manual_seed(0)
+    model = BandedSDPA().eval()
+    mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    optimized = attnfuse.optimize(model, example_kwargs=dict(x=torch.randn(2, 7, 32), attention_mask=mask))
+    assert [(s.fused, s.mask) for s in optimized.report.sites] == [(True, "additive")]
+    assert optimized.report.fused_ops == {"packed_attention": 1}
+    inputs = dict(x=torch.randn(3, 9, 32), attention_mask=torch.tensor([[1] * 4 + [0] * 5, [1] * 9, [0] * 2 + [1] * 7]))
+    with torch.no_grad():
+        assert relative_error(optimized(**inputs), model(**inputs), inputs) <= TOLERANCE
+
+
 def test_an_example_of_one_row_still_gives_a_module_for_any_batch():
     model = zoo.build_torch("gpt2", "eager")
     optimized = attnfuse.optimize(model, example_kwargs=zoo.example_inputs("gpt2", batch=1, seqlen=8))

@@ -43,7 +43,8 @@ def additive_mask(
 ) -> Optional[torch.Tensor]:
     """One additive mask that broadcasts to [B, H, S, T]: 0 where a key is seen, the
     dtype's lowest value where it is hidden (never -inf: a row that sees nothing then
-    averages its keys, as the models' own masks make it do, instead of giving NaN)."""
+    averages its keys, as the models' own masks make it do, instead of giving NaN).
+    `bias` is additive, or boolean (True where a key is seen) as SDPA's attn_mask."""
     hidden = None
     if key_padding_mask is not None:
         hidden = (key_padding_mask == 0)[:, None, None, :]
@@ -55,7 +56,8 @@ def additive_mask(
     if hidden is not None:
         mask = torch.zeros((), dtype=dtype, device=device).masked_fill(hidden, lowest)
     if bias is not None:
-        bias = bias.to(dtype)
+        bias = torch.zeros((), dtype=dtype, device=device).masked_fill(~bias, lowest) \
+            if bias.dtype == torch.bool else bias.to(dtype)
         # Two lowest values add up to -inf; keep the sum finite.
         mask = bias if mask is None else (bias + mask).clamp_min(lowest)
     return mask
@@ -106,20 +108,25 @@ def _(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
 # ---------------------------------------------------------------------------
 
 
+def _through_padding(attend, q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
+    """Packed attention as `attend` on the padded layout: restore q, k, v, attend, take the real rows back.
+    Without `bias`, the mask hides the padded keys."""
+    padded = [_unpack(_rows(x), indices, mask) for x in (q, k, v)]
+    out = attend(*padded, None if bias is not None else mask, bias, num_heads, scale, causal)
+    return out.flatten(0, 1).index_select(0, indices).reshape(*q.shape[:-1], v.shape[-1])
+
+
 def _packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
-    rows = [_rows(x) for x in (q, k, v)]
     if bias is not None:
-        padded = [_unpack(x, indices, mask) for x in rows]
-        out = _padded_attention(*padded, None, bias, num_heads, scale, causal)
-        out = out.flatten(0, 1).index_select(0, indices)
-    else:
-        # Each sequence on its own: no padded keys, no mask, and no work on padding.
-        lengths = _sequence_lengths(mask).tolist()
-        pieces = [
-            _padded_attention(qs[None], ks[None], vs[None], None, None, num_heads, scale, causal)[0]
-            for qs, ks, vs in zip(*(x.split(lengths) for x in rows)) if qs.shape[0]
-        ]
-        out = torch.cat(pieces) if pieces else rows[2].new_empty(0, rows[2].shape[-1])
+        return _through_padding(_padded_attention, q, k, v, indices, mask, bias, num_heads, scale, causal)
+    # Each sequence on its own: no padded keys, no mask, and no work on padding.
+    rows = [_rows(x) for x in (q, k, v)]
+    lengths = _sequence_lengths(mask).tolist()
+    pieces = [
+        _padded_attention(qs[None], ks[None], vs[None], None, None, num_heads, scale, causal)[0]
+        for qs, ks, vs in zip(*(x.split(lengths) for x in rows)) if qs.shape[0]
+    ]
+    out = torch.cat(pieces) if pieces else rows[2].new_empty(0, rows[2].shape[-1])
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 
@@ -220,9 +227,7 @@ def attention(q, k, v, key_padding_mask, bias, num_heads: int, scale: float, cau
 def packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool):
     if _exporting():
         # ONNX Runtime's CPU provider has no packed attention: restore, attend, re-pack.
-        padded = [_unpack(_rows(x), indices, mask) for x in (q, k, v)]
-        out = _onnx_attention(*padded, None if bias is not None else mask, bias, num_heads, scale, causal)
-        return out.flatten(0, 1).index_select(0, indices).reshape(*q.shape[:-1], v.shape[-1])
+        return _through_padding(_onnx_attention, q, k, v, indices, mask, bias, num_heads, scale, causal)
     return packed_attention_op(q, k, v, indices, mask, bias, num_heads, scale, causal)
 
 

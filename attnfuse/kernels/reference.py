@@ -372,13 +372,18 @@ def pack(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if mask.dim() != 2 or tuple(x.shape[:2]) != tuple(mask.shape):
         raise ValueError(f"mask must be [B, S] matching x's first two dims, got {tuple(mask.shape)} for x {tuple(x.shape)}")
     real = mask.bool()
-    indices = real.flatten().nonzero().flatten()
+    indices = token_indices(real)
     tokens = x.flatten(0, 1).index_select(0, indices)
     seqlens = real.sum(dim=1, dtype=torch.int32)
     cu_seqlens = torch.zeros(real.shape[0] + 1, dtype=torch.int32, device=x.device)
     cu_seqlens[1:] = seqlens.cumsum(0)
     max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
     return tokens, indices, cu_seqlens, max_seqlen
+
+
+def token_indices(mask: torch.Tensor) -> torch.Tensor:
+    """int64 flat positions, into B*S, of the real tokens of a [B, S] mask, in row-major order."""
+    return (mask != 0).flatten().nonzero().flatten()
 
 
 def unpack(tokens: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import attnfuse
 from attnfuse.optimizer import io
 from attnfuse.optimizer.errors import UserError
-from attnfuse.tools.timing import interleaved_medians, table
+from attnfuse.tools.timing import interleaved_medians, table, time_modules
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,16 +72,11 @@ def torch_path(minilm, feeds: dict[str, np.ndarray], repeats: int) -> bool:
     import torch
 
     say("PyTorch: attnfuse.optimize(model), captured with torch.export, verified")
-    model = minilm.load_torch("sdpa")
-    example = {name: torch.from_numpy(a) for name, a in minilm.padded_batch(2, 16, seed=1).items()}
-    optimized = attnfuse.optimize(model, example_kwargs=example)
+    model, optimized = torch_minilm(minilm)
     batch = {name: torch.from_numpy(a) for name, a in feeds.items()}
     modules = {"torch eager (SDPA)": model, "attnfuse.optimize(model)": optimized}
-    with torch.no_grad():
-        times = interleaved_medians({name: lambda m=m: m(**batch) for name, m in modules.items()}, repeats)
-        want, got = model(**batch), optimized(**batch)
-    real = batch["attention_mask"].bool()
-    error = float((got - want)[real].abs().max() / want[real].abs().max())
+    times, errors = time_modules(modules, batch, batch["attention_mask"].bool(), repeats, desc="PyTorch")
+    error = errors["attnfuse.optimize(model)"]
     report = optimized.report
     print()
     print(f"PyTorch: attention fused {report.attention_fused}/{report.attention_total}; "
@@ -90,6 +85,15 @@ def torch_path(minilm, feeds: dict[str, np.ndarray], repeats: int) -> bool:
     first = times["torch eager (SDPA)"]
     print(table(["module", "median ms", "speedup"], [[name, f"{t * 1e3:.1f}", f"{first / t:.2f}x"] for name, t in times.items()]))
     return report.verify.ok and error <= report.verify.tolerance
+
+
+def torch_minilm(minilm):
+    """The real MiniLM in torch (SDPA attention) and attnfuse.optimize's module of it."""
+    import torch
+
+    model = minilm.load_torch("sdpa")
+    example = {name: torch.from_numpy(a) for name, a in minilm.padded_batch(2, 16, seed=1).items()}
+    return model, attnfuse.optimize(model, example_kwargs=example)
 
 
 def session(model: str | bytes) -> ort.InferenceSession:

@@ -37,7 +37,6 @@ SCORE_OPS = {
     aten.where.ScalarSelf, aten.masked_fill.Scalar, aten.masked_fill.Tensor, aten.view.default, aten.reshape.default,
     *PASS_THROUGH,
 }
-LOWEST = torch.finfo(torch.float32).min  # what a boolean mask becomes: finite, so a row that sees nothing is not NaN
 HIDDEN = -1e4  # a score at or below this hides its key (masks use -10000, finfo.min or -inf)
 TOLERANCE = 1e-4
 
@@ -104,13 +103,14 @@ def _match_sdpa(node: fx.Node, site: AttentionSite, probe: FxProbe, mask_input) 
     keys = [_canonical(probe.tensor(k_node, r), probe, r) for r in range(probe.runs)]
     site.num_heads, site.head_size = queries[0].shape[1], queries[0].shape[3]
     scale = node.kwargs.get("scale") or site.head_size ** -0.5
+    site.causal = causal
     bias = None
-    if attn_mask is not None:
-        bias = [_as_additive(probe.tensor(attn_mask, r)) for r in range(probe.runs)]
-    if causal:
-        site.causal = True
-        bias = [_with_causal(b, queries[r]) for r, b in enumerate(bias or [None] * probe.runs)]
-    match = Match(site, node, bias, lambda graph: _build_sdpa_bias(graph, attn_mask, probe))
+    if attn_mask is not None or causal:  # as additive tensors, the way the fused op reads them
+        masks = [probe.tensor(attn_mask, r) if attn_mask is not None else None for r in range(probe.runs)]
+        bias = [ops.additive_mask(None, m, causal, x.shape[2], x.shape[2], torch.float32, x.device)
+                for m, x in zip(masks, queries)]
+    # The fused op takes SDPA's own mask, boolean or additive.
+    match = Match(site, node, bias, lambda graph: attn_mask)
     return _finish(match, scale, (q_node, queries), (k_node, keys), v_node, probe, mask_input)
 
 
@@ -233,8 +233,7 @@ def _merged_output(output: fx.Node, probe: FxProbe) -> fx.Node:
         if user is None or not is_op(user, *LAYOUT, *PASS_THROUGH):
             break
         node = user
-        if all(close_enough(probe.tensor(node, r), merged[r], 1e-6) if probe.tensor(node, r) is not None
-               and probe.tensor(node, r).shape == merged[r].shape else False for r in range(probe.runs)):
+        if all(close_enough(probe.tensor(node, r), merged[r], 1e-6) for r in range(probe.runs)):
             return node
     raise NoMatch("the attention output is not merged back to [batch, seq, hidden]")
 
@@ -275,29 +274,16 @@ def _measured_scale(product: fx.Node, scores: fx.Node, bias: list[torch.Tensor],
         qk = qk.reshape(got.shape) if qk.numel() == got.numel() else qk
         if qk.shape != got.shape:
             raise NoMatch("the scores do not have the q @ k^T product's shape")
-        seen = (zero > HIDDEN).expand_as(got) & (qk.abs() > 1e-3 * qk.abs().max())
+        unmasked = (zero > HIDDEN).expand_as(got)
+        seen = unmasked & (qk.abs() > 1e-3 * qk.abs().max())
         if not seen.any():
             raise NoMatch("no unmasked score to measure the scale on")
-        ratio = ((got - zero) / qk)[seen]
-        scale = float(ratio.median()) if scale is None else scale
+        if scale is None:  # measured on the first run, checked on every run
+            scale = float(((got - zero) / qk)[seen].median())
         predicted = scale * qk + zero
-        unmasked = (zero > HIDDEN).expand_as(got)
         if not close_enough(predicted[unmasked], got[unmasked], TOLERANCE):
             raise NoMatch("the scores are not scale * q.k + bias")
     return scale
-
-
-def _as_additive(mask: torch.Tensor) -> torch.Tensor:
-    if mask.dtype == torch.bool:
-        return torch.zeros((), dtype=torch.float32).masked_fill(~mask, LOWEST)
-    return mask.float()
-
-
-def _with_causal(bias: torch.Tensor | None, queries: torch.Tensor) -> torch.Tensor:
-    length = queries.shape[2]
-    upper = torch.ones(length, length, dtype=torch.bool).triu(1)
-    causal = torch.zeros((), dtype=torch.float32).masked_fill(upper, LOWEST)
-    return causal if bias is None else (bias + causal).clamp_min(LOWEST)
 
 
 def _classify(match: Match, probe: FxProbe, mask_input: fx.Node | None) -> None:
@@ -409,14 +395,6 @@ def _build_scores_with_zero_q(
     for node in chain:
         env[node] = graph.node_copy(node, lambda n: env.get(n, n))
     return env[chain[-1]] if chain else zero
-
-
-def _build_sdpa_bias(graph: fx.Graph, attn_mask: fx.Node, probe: FxProbe) -> fx.Node:
-    if probe.tensor(attn_mask, 0).dtype != torch.bool:
-        return attn_mask
-    hidden = graph.call_function(aten.logical_not.default, (attn_mask,))
-    zeros = graph.call_function(aten.zeros_like.default, (attn_mask,), {"dtype": torch.float32})
-    return graph.call_function(aten.masked_fill.Scalar, (zeros, hidden, LOWEST))
 
 
 def _site_name(node: fx.Node, index: int) -> str:

@@ -124,9 +124,9 @@ def remove_dead(graph: fx.Graph) -> None:
     graph.eliminate_dead_code(is_impure_node=impure)
 
 
-def close_enough(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> bool:
-    """Equal within `tolerance` relative to `want`'s scale."""
-    if got.shape != want.shape:
+def close_enough(got: torch.Tensor | None, want: torch.Tensor, tolerance: float) -> bool:
+    """Equal within `tolerance` relative to `want`'s scale (a missing value is not equal)."""
+    if got is None or got.shape != want.shape:
         return False
     scale = max(float(want.abs().max()) if want.numel() else 0.0, 1e-6)
     return bool(((got.float() - want.float()).abs().max() / scale <= tolerance).item()) if want.numel() else True

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from attnfuse.kernels import ops
+from attnfuse.kernels import ops, reference
 from attnfuse.passes.fx.attention import HIDDEN
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, remove_dead
 
@@ -70,11 +70,9 @@ class Packer:
         self.packed: dict[fx.Node, Form] = {}
         self._packed_copy: dict[fx.Node, fx.Node] = {}
         self.added: set[fx.Node] = set()
-        # The flat positions of the real tokens, once, right after the mask input.
-        real = self._add_after(mask, aten.ne.Scalar, mask, 0)
-        flat = self._add_after(real, aten.view.default, real, [-1])
-        nonzero = self._add_after(flat, aten.nonzero.default, flat)
-        self.indices = self._add_after(nonzero, aten.select.int, nonzero, 1, 0)
+        # The flat positions of the real tokens, once, right after the inputs.
+        last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        self.indices = self._add_after(last_input, reference.token_indices, mask)
         self.batch = self._add_after(self.indices, aten.sym_size.int, mask, 0)
         self.length = self._add_after(self.batch, aten.sym_size.int, mask, 1)
 
@@ -86,6 +84,10 @@ class Packer:
     def _add_after(self, anchor: fx.Node, target, *args) -> fx.Node:
         with self.graph.inserting_after(anchor):
             return self._add(target, *args)
+
+    def _after(self, node: fx.Node) -> fx.Node:
+        """Where work on `node` goes: right after it, or after the indices for a graph input."""
+        return self.length if node.op == "placeholder" else node
 
     def form(self, node) -> Form | None:
         """The node's form in every probe run, or None."""
@@ -103,8 +105,8 @@ class Packer:
         if node in self.packed:
             return node
         if node not in self._packed_copy:
-            rows = self._add_after(node, aten.flatten.using_ints, node, 0, 1) if form.kind == TOKENS else node
-            picked = self._add_after(rows, aten.index_select.default, rows, 0, self.indices)
+            rows = self._add_after(self._after(node), aten.flatten.using_ints, node, 0, 1) if form.kind == TOKENS else node
+            picked = self._add_after(self._after(rows), aten.index_select.default, rows, 0, self.indices)
             packed = self._add_after(picked, aten.unsqueeze.default, picked, 0) if form.kind == TOKENS else picked
             self._packed_copy[node] = packed
             self.packed[packed] = form
@@ -113,7 +115,7 @@ class Packer:
     def expand_and_pack(self, node: fx.Node, form: Form) -> fx.Node:
         """An operand broadcast over batch or sequence ([1, S, ...], [B, 1, ...]), made per token."""
         trailing = [-1] * (self.value(node).dim() - 2)
-        full = self._add_after(node, aten.expand.default, node, [self.batch, self.length, *trailing])
+        full = self._add_after(self._after(node), aten.expand.default, node, [self.batch, self.length, *trailing])
         return self.pack(full, form)
 
     def restore(self, node: fx.Node, before: fx.Node) -> fx.Node:
@@ -121,25 +123,20 @@ class Packer:
         form = self.packed[node]
         with self.graph.inserting_before(before):
             rows = self._add(aten.squeeze.dim, node, 0) if form.kind == TOKENS else node
-            total = self._add(operator.mul, self.batch, self.length)
-            trailing = [self._add(aten.sym_size.int, rows, d) for d in range(1, self.value_rank(node) - form.lead + 1)]
-            zeros = self._add(aten.new_zeros.default, rows, [total, *trailing])
-            padded = self._add(aten.index_put.default, zeros, [self.indices], rows)
-            if form.kind == TOKENS:
-                padded = self._add(aten.view.default, padded, [self.batch, self.length, *trailing])
-        return padded
+            padded = self._add(reference.unpack, rows, self.indices, self.batch, self.length)
+            return padded if form.kind == TOKENS else self._add(aten.flatten.using_ints, padded, 0, 1)
 
-    def value_rank(self, node: fx.Node) -> int:
-        return node.meta["attnfuse_rank"]
+    def padded_size(self, form: Form, dim: int) -> fx.Node:
+        """A token dim's size in the padded layout, from the mask."""
+        if form.kind == TOKENS:
+            return self.batch if dim == 0 else self.length
+        with self.graph.inserting_after(self.length):
+            return self._add(operator.mul, self.batch, self.length)
 
 
 def apply(graph: fx.Graph, probe: FxProbe, mask: fx.Node) -> int:
     """Rewrite `graph` to run its token-wise ops on real tokens; returns how many. Raises NoMatch."""
     packer = Packer(graph, mask, probe)
-    for node in graph.nodes:
-        value = probe.get(node, 0)
-        if isinstance(value, torch.Tensor):
-            node.meta["attnfuse_rank"] = value.dim()
     count = 0
     for node in list(graph.nodes):
         if node in packer.added:
@@ -247,9 +244,7 @@ def _elementwise_operand(arg: fx.Node, out: Form, out_rank: int, packer: Packer)
 
 def _dims_clear(node: fx.Node, form: Form, packer: Packer) -> bool:
     """Whether a layout op's dim arguments all lie past the token dims."""
-    rank = packer.value_rank(node.args[0]) if "attnfuse_rank" in node.args[0].meta else None
-    if rank is None:
-        return False
+    rank = packer.value(node.args[0]).dim()
     if node.target == aten.permute.default:
         return list(node.args[1][: form.lead]) == list(range(form.lead))
     if node.target == aten.unsqueeze.default:
@@ -280,6 +275,7 @@ def _hides_padded_keys(bias: fx.Node, packer: Packer) -> bool:
         value, real = packer.probe.tensor(bias, run), packer.probe.tensor(packer.mask, run) != 0
         if value is None or value.dim() != 4 or value.shape[-1] != real.shape[1]:
             return False
+        value = ops.additive_mask(None, value, False, 0, 0, torch.float32, value.device)  # boolean masks too
         rows = real[:, None, :, None] if value.shape[-2] == real.shape[1] else torch.ones(1, 1, 1, 1, dtype=torch.bool)
         padded_keys = (~real)[:, None, None, :]
         value, padded_keys, rows = torch.broadcast_tensors(value, padded_keys, rows)
@@ -300,21 +296,10 @@ def _restore_outputs(output: fx.Node, packer: Packer) -> None:
 
 
 def _check_no_packed_reader(node: fx.Node, packer: Packer) -> None:
-    for i, a in _tensor_args(node):
+    for _, a in _tensor_args(node):
         if a not in packer.packed:
             continue
         if node.target == aten.sym_size.int and node.args[1] < packer.packed[a].lead:
-            _token_count(node, packer)
+            node.replace_all_uses_with(packer.padded_size(packer.packed[a], node.args[1]))
             continue
         raise NoMatch(f"{node.name} ({node.target}) would read padded positions")
-
-
-def _token_count(node: fx.Node, packer: Packer) -> None:
-    """sym_size of a token dim of a packed node: the padded size, from the mask."""
-    form, dim = packer.packed[node.args[0]], node.args[1]
-    if form.kind == TOKENS:
-        node.replace_all_uses_with(packer.batch if dim == 0 else packer.length)
-    else:
-        with packer.graph.inserting_before(node):
-            total = packer._add(operator.mul, packer.batch, packer.length)
-        node.replace_all_uses_with(total)

@@ -31,8 +31,6 @@ class Probe(Protocol):
     def inputs(self, run: int = 0) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
 
-
-
 @dataclass
 class PassResult:
     sites: list[AttentionSite]
