@@ -19,19 +19,12 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 import attnfuse
-from attnfuse.tools.timing import interleaved_medians, table
+from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 MODES = ("exact", "window=256", "performer=128")
 RESULTS = Path(__file__).parent / "results"
-
-
-def session(model: bytes | str, threads: int) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 def long_inputs(length: int, vocab: int = 256) -> dict[str, np.ndarray]:
@@ -72,7 +65,7 @@ def long_sequences(lengths: list[int], repeats: int, threads: int, workdir: Path
     rows = []
     for length in lengths:
         feeds = long_inputs(length)
-        sessions = {mode: session(blob, threads) for mode, blob in models.items()}
+        sessions = {mode: ort_session(blob, threads) for mode, blob in models.items()}
         times = interleaved_medians({m: (lambda s=s: s.run(None, feeds)) for m, s in sessions.items()},
                                     repeats, desc=f"{length} tokens")
         exact = sessions["exact"].run(None, feeds)[0]
@@ -98,12 +91,12 @@ def minilm_embeddings(windows=(16, 32, 64), features=(64, 128, 256)) -> list[dic
 
     path = str(minilm.exported())
     feeds = minilm.tokenize(minilm.SENTENCES)
-    exact = session(path, 2).run(None, feeds)[0]
+    exact = ort_session(path, 2).run(None, feeds)[0]
     reference = minilm.sentence_embeddings(exact, feeds["attention_mask"])
     rows = []
     for mode in [f"window={w}" for w in windows] + [f"performer={f}" for f in features]:
         model = attnfuse.optimize_onnx(path, attention=mode, padding_free=False).proto.SerializeToString()
-        got = minilm.sentence_embeddings(session(model, 2).run(None, feeds)[0], feeds["attention_mask"])
+        got = minilm.sentence_embeddings(ort_session(model, 2).run(None, feeds)[0], feeds["attention_mask"])
         cosine = (reference * got).sum(-1) / (np.linalg.norm(reference, axis=-1) * np.linalg.norm(got, axis=-1))
         rows.append({"mode": mode, "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min())})
     return rows

@@ -55,6 +55,30 @@ def test_zoo_attention_fused_and_equal(case):
     feeds, real = padded_feeds(case)
     error = relative_error(run(path, feeds), run(result.proto, feeds), real)
     assert error <= TOLERANCE
+    assert_nothing_left_unfused(result.model.graph)
+
+
+def assert_nothing_left_unfused(graph) -> None:
+    """No layernorm still reads a residual sum (each layer's second one reads the first's fused
+    output), no attention input is still a separate bias add, and no node computes for nothing."""
+    def is_residual_sum(value) -> bool:
+        node = value.producer()
+        return node is not None and node.op_type == "Add" and all(x.const_value is None and op_of(x) != "Constant"
+                                                                   for x in node.inputs)
+
+    def is_bias_add(value) -> bool:
+        node = value.producer()
+        return node is not None and node.op_type == "Add" and any(x.const_value is not None for x in node.inputs)
+
+    def op_of(value):
+        return value.producer().op_type if value.producer() is not None else None
+
+    for node in graph:
+        if node.op_type == "LayerNormalization":
+            assert not is_residual_sum(node.inputs[0]), node.name
+        if node.op_type == "MultiHeadAttention":
+            assert not any(is_bias_add(x) for x in node.inputs[:3] if x is not None), node.name
+        assert any(out.uses() or out.is_graph_output() for out in node.outputs), f"dead {node.op_type} {node.name}"
 
 
 @pytest.mark.parametrize("case", zoo.ZOO, ids=lambda case: case.id)
@@ -83,3 +107,5 @@ def test_minilm_fused_and_equal(minilm_path):
     assert not real.all()  # the batch is padded
     error = relative_error(run(minilm_path, feeds), run(result.proto, feeds), real)
     assert error <= TOLERANCE
+    assert_nothing_left_unfused(result.model.graph)
+    assert result.report.fused_ops.get("SkipLayerNormalization") == 12  # both layernorms of every layer

@@ -27,6 +27,7 @@ def masks(seqlen: int = 10) -> dict[str, np.ndarray]:
         "batch-1": np.array([[1] * 7 + [0] * 3]),
         "length-1": np.array([[1] + [0] * 9, [0] * 9 + [1]]),
         "empty-row": np.array([[1] * 10, [0] * 10, [1] * 4 + [0] * 6]),
+        "no-padding": np.ones((2, 10)),
     }
 
 

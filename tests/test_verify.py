@@ -14,7 +14,7 @@ from attnfuse.optimizer.errors import VerificationError
 from attnfuse.optimizer.inputs import make_inputs
 from attnfuse.optimizer.io import load_model
 from attnfuse.optimizer.probe import Probe
-from attnfuse.optimizer.verify import compare, verify
+from attnfuse.optimizer.verify import check_inputs, compare, verify
 from attnfuse.passes.onnx import Fusion, PassResult
 
 # --- compare -----------------------------------------------------------------
@@ -86,6 +86,14 @@ def test_make_inputs_left_padding_puts_real_tokens_last():
     inputs = make_inputs(load_model(toy_attention_model()), batch=3, seqlen=6, seed=0, padding="left")
     mask = inputs.feeds["attention_mask"]
     assert mask[1].tolist() == [0, 0, 0, 0, 0, 1] and mask[0].all()
+
+
+def test_make_inputs_without_padding_and_the_verifier_checks_such_a_batch():
+    model = load_model(toy_attention_model())
+    inputs = make_inputs(model, batch=3, seqlen=6, seed=0, padding="none")
+    assert inputs.feeds["attention_mask"].all() and inputs.real.all()
+    checks = check_inputs(model, Probe.capture(model), seed=0)
+    assert [bool(c.real.all()) for c in checks] == [False, False, False, True]
 
 
 def test_make_inputs_static_dims_win():

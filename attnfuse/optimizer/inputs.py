@@ -45,8 +45,8 @@ def graph_inputs(model: ir.Model) -> list[ir.Value]:
 
 
 def make_inputs(model: ir.Model, batch: int, seqlen: int, seed: int, padding: str = "right") -> CheckInputs:
-    if padding not in ("right", "left"):
-        raise ValueError(f"padding must be 'right' or 'left', not {padding!r}")
+    if padding not in ("right", "left", "none"):
+        raise ValueError(f"padding must be 'right', 'left' or 'none', not {padding!r}")
     maker = _InputMaker(batch, seqlen, np.random.default_rng(seed), padding)
     values = graph_inputs(model)
     # Token inputs first, so that the dims they share with others are bound to batch and seqlen.
@@ -117,7 +117,7 @@ class _InputMaker:
     def _mask(self, value: ir.Value, shape: tuple[int, ...]) -> np.ndarray:
         if len(shape) != 2:  # an already expanded mask: let everything through
             return np.ones(shape)
-        lengths = _row_lengths(*shape, self.rng)
+        lengths = [shape[1]] * shape[0] if self.padding == "none" else _row_lengths(*shape, self.rng)
         real = _real_positions(lengths, shape[1], self.padding)
         self.lengths[value.name] = lengths
         if self.real is None or value.name == "attention_mask":

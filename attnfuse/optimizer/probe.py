@@ -24,6 +24,7 @@ class Probe:
         self._runs = runs
         self._inputs = inputs
         self._weights = weights  # initializers: constant by definition, read only when asked
+        self._aliases: dict[str, str] = {}  # a proven replacement's name -> the original value's name
 
     @classmethod
     def capture(cls, model: ir.Model, seed: int = 0) -> Probe:
@@ -45,7 +46,13 @@ class Probe:
         weights = {v.name: v for g in model.graphs() for v in g.initializers.values()}
         return cls(runs, inputs, weights)
 
+    def same_as(self, new: str, original: str) -> None:
+        """A rewrite proved `new` equal to `original` on these runs: answer for it the same,
+        so that a later rewrite can read through an earlier one."""
+        self._aliases[new] = self._aliases.get(original, original)
+
     def get(self, name: str, run: int = 0) -> np.ndarray | None:
+        name = self._aliases.get(name, name)
         if name in self._runs[run]:
             return self._runs[run][name]
         weight = self._weights.get(name)
@@ -54,6 +61,7 @@ class Probe:
         return None
 
     def is_constant(self, name: str) -> bool:
+        name = self._aliases.get(name, name)
         if name in self._weights:
             return True
         first, second = (run.get(name) for run in self._runs)

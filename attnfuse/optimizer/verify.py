@@ -75,9 +75,12 @@ def _scale(ref: np.ndarray) -> float:
 
 
 def check_inputs(model: ir.Model, probe: Any, seed: int = 0) -> list[CheckInputs]:
-    """The probe's two input sets, and a third with left padding."""
+    """The probe's two input sets, a third with left padding, and a fourth with none (padding-free
+    takes another branch when no token is padded)."""
     batch, seqlen = RUN_SIZES[0]
-    return [probe.inputs(0), probe.inputs(1), make_inputs(model, batch, seqlen, seed + len(RUN_SIZES), padding="left")]
+    seed += len(RUN_SIZES)
+    return [probe.inputs(0), probe.inputs(1), make_inputs(model, batch, seqlen, seed, padding="left"),
+            make_inputs(model, *RUN_SIZES[1], seed + 1, padding="none")]
 
 
 def providers(target: str) -> list[str]:

@@ -24,7 +24,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
-from attnfuse.tools.timing import interleaved_medians, table
+from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 TOLERANCE = 1e-4  # max error on real positions, relative to the largest output magnitude, as the optimizer's check
 TORCH = "torch eager (sdpa)"
@@ -168,15 +168,7 @@ def peer_model(path: str, peer: str, **options) -> onnx.ModelProto:
 
 def ort_runner(model: onnx.ModelProto, threads: int) -> Runner:
     """The one way every ONNX contender runs: a CPU session with `threads` intra-op threads."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # peers' outputs make ORT warn about every shape it re-merges
-    # Idle ORT workers spin for a while after each run; interleaved with other contenders on a few
-    # cores, that spinning would be charged to whoever runs next (torch most of all).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(model, threads)
     names = [i.name for i in session.get_inputs()]
     return lambda feeds: session.run(None, {name: feeds[name] for name in names})[0]
 

@@ -7,12 +7,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 import attnfuse
 from attnfuse.optimizer import io
 from attnfuse.optimizer.errors import UserError
-from attnfuse.tools.timing import interleaved_medians, table, time_modules
+from attnfuse.tools.timing import interleaved_medians, ort_session, table, time_modules
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     feeds = minilm.padded_batch(args.batch, args.max_length)
     real_tokens = int(feeds["attention_mask"].sum())
     sessions = {
-        "original (ONNX Runtime)": session(original),
-        "attnfuse, fused ops only": session(fused_only.proto.SerializeToString()),
-        "attnfuse, fused + padding-free": session(str(optimized)),
+        "original (ONNX Runtime)": ort_session(original),
+        "attnfuse, fused ops only": ort_session(fused_only.proto.SerializeToString()),
+        "attnfuse, fused + padding-free": ort_session(str(optimized)),
     }
     say(f"timing on a padded batch: {args.batch} sentences, lengths 8..{args.max_length}, "
         f"{real_tokens / feeds['attention_mask'].size:.0%} real tokens, median of {args.repeats}")
@@ -94,10 +93,6 @@ def torch_minilm(minilm):
     model = minilm.load_torch("sdpa")
     example = {name: torch.from_numpy(a) for name, a in minilm.padded_batch(2, 16, seed=1).items()}
     return model, attnfuse.optimize(model, example_kwargs=example)
-
-
-def session(model: str | bytes) -> ort.InferenceSession:
-    return ort.InferenceSession(model, providers=["CPUExecutionProvider"])
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

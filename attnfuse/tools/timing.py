@@ -8,6 +8,24 @@ from typing import Callable
 from tqdm import tqdm
 
 
+def ort_session(model, threads: int | None = None):
+    """A CPU session for timing: `model` is a path, serialized bytes or a ModelProto.
+
+    ONNX Runtime's workers spin for a while after a run ends; interleaved with other contenders
+    on a few cores, that spinning is charged to whoever runs next. They still spin during a run,
+    as ONNX Runtime does by default, but stop when it returns."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # peers' outputs make ORT warn about every shape it re-merges
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if hasattr(model, "SerializeToString"):
+        model = model.SerializeToString()
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
                         desc: str = "timing") -> dict[str, float]:
     """Median seconds of each runner. Runs go round-robin so that the machine's drift

@@ -28,6 +28,7 @@ class Probe(Protocol):
 
     def get(self, name: str, run: int = 0) -> np.ndarray | None: ...
     def is_constant(self, name: str) -> bool: ...
+    def same_as(self, new: str, original: str) -> None: ...  # a proven replacement reads as the original
     def inputs(self, run: int = 0) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
 

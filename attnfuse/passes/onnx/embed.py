@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, consumers, opset, replace_uses
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, consumers, opset
 from attnfuse.passes.site import Fusion
-from attnfuse.passes.onnx.proof import prove
+from attnfuse.passes.onnx.proof import prove, substitute
 
 OP = "EmbedLayerNormalization"
 
@@ -81,8 +81,7 @@ def fuse_one(graph: ir.Graph, layernorm: ir.Node, probe) -> None:
         claims.append((total, outputs[2]))
     prove(builder.nodes, claims, probe, opset=opset(graph))
     builder.commit(graph, after=layernorm)
-    for old, new in claims:
-        replace_uses(old, new)
+    substitute(claims, probe)
 
 
 def _from_graph_input(value: ir.Value) -> bool:

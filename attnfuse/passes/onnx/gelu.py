@@ -13,9 +13,9 @@ from math import erf, sqrt, tanh, pi
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, opset, replace_uses
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, opset
 from attnfuse.passes.site import Fusion
-from attnfuse.passes.onnx.proof import evaluate, prove
+from attnfuse.passes.onnx.proof import evaluate, prove, substitute
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Cast"}
 _X = np.linspace(-6.0, 6.0, 97, dtype=np.float32)
@@ -44,7 +44,7 @@ def fuse(graph: ir.Graph, probe, exclude) -> list:
             fusions.append(Fusion(name, op, False, str(why)))
             continue
         builder.commit(graph, after=y.producer())
-        replace_uses(y, new)
+        substitute([(y, new)], probe)
         fusions.append(Fusion(name, op, True))
     return fusions
 

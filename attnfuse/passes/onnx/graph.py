@@ -143,7 +143,18 @@ def replace_uses(old: ir.Value, new: ir.Value) -> None:
 def remove_unused(model: ir.Model) -> None:
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    _forget_abandoned_readers(model.graph)
     RemoveUnusedNodesPass()(model)
+
+
+def _forget_abandoned_readers(graph: ir.Graph) -> None:
+    """Nodes a rewrite built and then dropped (its proof failed, or another lowering won) still
+    count as readers of the values they took in; detach them, so what only they read can go."""
+    values = [*graph.inputs, *graph.initializers.values(), *(out for node in graph for out in node.outputs)]
+    for value in values:
+        for node, index in value.uses():
+            if node.graph is None:
+                node.replace_input_with(index, None)
 
 
 def opset(graph: ir.Graph) -> int:

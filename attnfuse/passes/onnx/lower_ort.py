@@ -11,7 +11,8 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.attention import Candidate, ScoreStep
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, observed
+from attnfuse.passes.onnx.gelu import split_bias
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, constant, observed
 
 
 def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Value, ir.Value | None]:
@@ -28,10 +29,10 @@ def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Valu
 
 def multi_head_attention(site, probe, builder: Builder, *, attention_bias=None, key_padding_mask=None) -> ir.Value:
     """MultiHeadAttention on the site's q, k, v, shaped like the output it replaces."""
-    q, k, v = (_as_3d(x, probe, builder) for x in (site.q, site.k, site.v))
+    (q, k, v), bias = _projection_bias(site, probe, builder)
     output = builder.op(
         "MultiHeadAttention",
-        [q, k, v, None, key_padding_mask, attention_bias],
+        [q, k, v, bias, key_padding_mask, attention_bias],
         {"num_heads": site.num_heads, "scale": site.scale},
         domain=MS_DOMAIN,
         name=f"{site.name}/MultiHeadAttention",
@@ -40,6 +41,20 @@ def multi_head_attention(site, probe, builder: Builder, *, attention_bias=None, 
     if merged.ndim != 3:
         output = builder.op("Reshape", [output, builder.const([-1, *merged.shape[1:]], np.int64)])
     return output
+
+
+def _projection_bias(site, probe, builder: Builder) -> tuple[list[ir.Value], ir.Value | None]:
+    """q, k, v as [batch, seq, hidden]; when they are h + b with constant vectors b, the h's and
+    one [3 * hidden] bias, which MHA adds while it lays out the heads (three passes fewer)."""
+    qkv = [_as_3d(x, probe, builder) for x in (site.q, site.k, site.v)]
+    split = [split_bias(x, probe) for x in qkv]
+    widths = [int(np.prod(observed(x, probe).shape[2:])) for x in (site.q, site.k, site.v)]
+    vectors = [None if b is None else constant(b, probe) for _, b in split]
+    if all(b is None for b in vectors) or any(b is not None and b.shape != (w,) for b, w in zip(vectors, widths)):
+        return qkv, None
+    dtype = next(b.dtype for b in vectors if b is not None)
+    bias = np.concatenate([np.zeros(w, dtype) if b is None else b for b, w in zip(vectors, widths)])
+    return [h for h, _ in split], builder.const(bias)
 
 
 def additive_bias(steps: list[ScoreStep], heads: int, probe, builder: Builder, dtype) -> ir.Value | None:

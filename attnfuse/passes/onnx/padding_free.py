@@ -325,7 +325,8 @@ def _attend_packed(node: ir.Node, packer: Packer) -> None:
     token_dim = b.const([0], np.int64)
     q, k, v = (b.op("Squeeze", [packer.packed(x), token_dim]) for x in node.inputs[:3])
     offsets, cumulative = packer.sequence_layout()
-    out = b.op("PackedMultiHeadAttention", [q, k, v, None, offsets, cumulative],
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    out = b.op("PackedMultiHeadAttention", [q, k, v, bias, offsets, cumulative],
                {name: a for name, a in node.attributes.items() if name in ("num_heads", "scale")},
                domain=MS_DOMAIN, name=node.name.replace("MultiHeadAttention", "PackedMultiHeadAttention"))
     packed = b.op("Unsqueeze", [out, token_dim])

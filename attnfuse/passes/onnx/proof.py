@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, constant, observed
+from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, constant, observed, replace_uses
 
 TOLERANCE = 1e-4  # max abs error relative to the max abs of the original tensor
 
@@ -105,3 +105,13 @@ def prove(nodes: list[ir.Node], claims: list[tuple[ir.Value, ir.Value]], probe, 
         if run == 0:
             extras = news[len(claims):]
     return extras
+
+
+def substitute(claims: list[tuple[ir.Value, ir.Value]], probe) -> None:
+    """Point the readers of each original value at its proven replacement. The probe then
+    answers for the replacement as for the original, so that later rewrites can read through it
+    (the attention output's layernorm reads the previous layer's fused one)."""
+    for old, new in claims:
+        new_name, old_name = new.name, old.name
+        replace_uses(old, new)
+        probe.same_as(new_name, old_name)

@@ -14,10 +14,10 @@ import onnx_ir as ir
 from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import attention, lower_sparse, masks
-from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, replace_uses
+from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset
 from attnfuse.passes.onnx.lower_ort import lower_to_mha, multi_head_attention
 from attnfuse.passes.onnx.padding_free import find_mask
-from attnfuse.passes.onnx.proof import evaluate, prove, relative_error
+from attnfuse.passes.onnx.proof import evaluate, prove, relative_error, substitute
 from attnfuse.passes.site import AttentionSite
 
 def fuse_attention(graph: ir.Graph, probe, exclude, mode: modes.AttentionMode) -> list[AttentionSite]:
@@ -34,7 +34,7 @@ def fuse_attention(graph: ir.Graph, probe, exclude, mode: modes.AttentionMode) -
             sites.append(found.site)
             continue
         builder.commit(graph, after=found.output_node)
-        replace_uses(found.site.output, output)
+        substitute([(found.site.output, output)], probe)
         found.site.fused = True
         sites.append(found.site)
     return sites
