@@ -7,7 +7,7 @@ runs; peak memory is each model's own process's maximum resident set. Then the
 real MiniLM: how close windowed and Performer attention keep its sentence
 embeddings to exact ones.
 
-    python benchmarks/sparse_attention.py [--lengths 2048 4096 8192] [--repeats 5]
+    python benchmarks/sparse_attention.py [--lengths 2048 4096 8192] [--repeats 11]
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--skip-minilm", action="store_true")
