@@ -34,12 +34,16 @@ def left_padded(inputs: dict) -> dict:
     return flipped
 
 
+def optimized_zoo(family: str, attention: str, batch: int = 2, seqlen: int = 8):
+    """A zoo model and attnfuse.optimize's module of it, captured from a batch of the given size."""
+    model = zoo.build_torch(family, attention)
+    return model, attnfuse.optimize(model, example_kwargs=zoo.example_inputs(family, batch=batch, seqlen=seqlen))
+
+
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{a}" for f, a in CASES])
 def case(request):
     family, attention = request.param
-    model = zoo.build_torch(family, attention)
-    optimized = attnfuse.optimize(model, example_kwargs=zoo.example_inputs(family, batch=2, seqlen=8))
-    return family, model, optimized
+    return (family, *optimized_zoo(family, attention))
 
 
 def test_every_attention_site_is_fused(case):
@@ -182,16 +186,14 @@ def test_boolean_sdpa_mask_on_a_packed_input():
 
 
 def test_an_example_of_one_row_still_gives_a_module_for_any_batch():
-    model = zoo.build_torch("gpt2", "eager")
-    optimized = attnfuse.optimize(model, example_kwargs=zoo.example_inputs("gpt2", batch=1, seqlen=8))
+    model, optimized = optimized_zoo("gpt2", "eager", batch=1)
     inputs = zoo.example_inputs("gpt2", batch=4, seqlen=6, seed=8)
     with torch.no_grad():
         assert relative_error(optimized(**inputs), model(**inputs), inputs) <= TOLERANCE
 
 
 def test_rows_with_no_real_token_give_zeros_and_no_error():
-    model = zoo.build_torch("bert", "sdpa")
-    optimized = attnfuse.optimize(model, example_kwargs=zoo.example_inputs("bert", batch=2, seqlen=8))
+    model, optimized = optimized_zoo("bert", "sdpa")
     inputs = zoo.example_inputs("bert", batch=3, seqlen=6, seed=5)
     inputs["attention_mask"][1] = 0
     with torch.no_grad():

@@ -80,10 +80,6 @@ def _unpack(rows: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> to
     return reference.unpack(rows, indices, mask.shape[0], mask.shape[1])
 
 
-def _sequence_lengths(mask: torch.Tensor) -> torch.Tensor:
-    return (mask != 0).sum(dim=1, dtype=torch.int32)
-
-
 # ---------------------------------------------------------------------------
 # attnfuse::attention: softmax attention on padded [B, S, hidden] tensors
 # ---------------------------------------------------------------------------
@@ -121,10 +117,10 @@ def _packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float
         return _through_padding(_padded_attention, q, k, v, indices, mask, bias, num_heads, scale, causal)
     # Each sequence on its own: no padded keys, no mask, and no work on padding.
     rows = [_rows(x) for x in (q, k, v)]
-    lengths = _sequence_lengths(mask).tolist()
+    cu_seqlens, _ = reference.sequence_offsets(mask)
     pieces = [
-        _padded_attention(qs[None], ks[None], vs[None], None, None, num_heads, scale, causal)[0]
-        for qs, ks, vs in zip(*(x.split(lengths) for x in rows)) if qs.shape[0]
+        _padded_attention(*(x[None, start:end] for x in rows), None, None, num_heads, scale, causal)[0]
+        for start, end in reference.sequence_bounds(cu_seqlens) if end > start
     ]
     out = torch.cat(pieces) if pieces else rows[2].new_empty(0, rows[2].shape[-1])
     return out.reshape(*q.shape[:-1], v.shape[-1])
@@ -152,10 +148,9 @@ def _(q, k, v, indices, mask, bias, num_heads, scale, causal):
         return _packed_attention(q, k, v, indices, mask, bias, num_heads, scale, causal)
     from attnfuse.kernels.triton import varlen_attention
 
-    lengths = _sequence_lengths(mask)
-    cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    cu_seqlens, max_seqlen = reference.sequence_offsets(mask)
     rows = [_rows(x).unflatten(-1, (num_heads, -1)) for x in (q, k, v)]
-    out = varlen_attention(*rows, cu_seqlens, int(lengths.max()) if lengths.numel() else 0, scale=scale, causal=causal)
+    out = varlen_attention(*rows, cu_seqlens, max_seqlen, scale=scale, causal=causal)
     return out.reshape(*q.shape[:-1], v.shape[-1])
 
 

@@ -374,11 +374,15 @@ def pack(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     real = mask.bool()
     indices = token_indices(real)
     tokens = x.flatten(0, 1).index_select(0, indices)
-    seqlens = real.sum(dim=1, dtype=torch.int32)
-    cu_seqlens = torch.zeros(real.shape[0] + 1, dtype=torch.int32, device=x.device)
+    return tokens, indices, *sequence_offsets(real)
+
+
+def sequence_offsets(mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """int32 cu_seqlens [B+1] of the tokens `pack` keeps from a [B, S] mask, and max_seqlen."""
+    seqlens = (mask != 0).sum(dim=1, dtype=torch.int32)
+    cu_seqlens = torch.zeros(mask.shape[0] + 1, dtype=torch.int32, device=mask.device)
     cu_seqlens[1:] = seqlens.cumsum(0)
-    max_seqlen = int(seqlens.max()) if seqlens.numel() else 0
-    return tokens, indices, cu_seqlens, max_seqlen
+    return cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0
 
 
 def token_indices(mask: torch.Tensor) -> torch.Tensor:

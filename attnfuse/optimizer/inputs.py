@@ -117,8 +117,8 @@ class _InputMaker:
     def _mask(self, value: ir.Value, shape: tuple[int, ...]) -> np.ndarray:
         if len(shape) != 2:  # an already expanded mask: let everything through
             return np.ones(shape)
-        lengths = [shape[1]] * shape[0] if self.padding == "none" else _row_lengths(*shape, self.rng)
-        real = _real_positions(lengths, shape[1], self.padding)
+        lengths = [shape[1]] * shape[0] if self.padding == "none" else row_lengths(*shape, self.rng)
+        real = real_positions(lengths, shape[1], self.padding)
         self.lengths[value.name] = lengths
         if self.real is None or value.name == "attention_mask":
             self.real = real
@@ -153,14 +153,14 @@ class _InputMaker:
     }
 
 
-def _row_lengths(batch: int, seqlen: int, rng: np.random.Generator) -> list[int]:
+def row_lengths(batch: int, seqlen: int, rng: np.random.Generator) -> list[int]:
     """A full row, a row of one token, then random lengths strictly between when there is room."""
     low, high = (2, seqlen) if seqlen > 2 else (1, seqlen + 1)
     lengths = [seqlen, 1] + rng.integers(low, high, size=max(batch - 2, 0)).tolist()
     return lengths[:batch]
 
 
-def _real_positions(lengths: list[int], seqlen: int, padding: str) -> np.ndarray:
+def real_positions(lengths: list[int], seqlen: int, padding: str) -> np.ndarray:
     columns = np.arange(seqlen)[None, :]
     lengths_ = np.asarray(lengths)[:, None]
     if padding == "left":

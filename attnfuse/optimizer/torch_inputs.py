@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from attnfuse.optimizer.inputs import real_positions, row_lengths
 
 # (batch, sequence length as a fraction of the example's, padding side) of each check input.
 RUNS = ((3, 1.0, "right"), (2, 0.6, "left"), (4, 0.8, "right"))
@@ -46,8 +49,8 @@ class Signature:
         generator = torch.Generator().manual_seed(seed)
         width = self._width()
         length = max(2, round(width * fraction)) if width else None
-        lengths = _row_lengths(batch, length, generator) if length else None
-        real = _real_positions(lengths, length, side) if length else None
+        lengths = row_lengths(batch, length, np.random.default_rng(seed)) if length else None
+        real = torch.from_numpy(real_positions(lengths, length, side)) if length else None
         out = {}
         for name, value in self.example.items():
             if not isinstance(value, torch.Tensor) or value.dim() == 0:
@@ -95,15 +98,3 @@ def _is_sequence(value: torch.Tensor) -> bool:
 def _is_mask(name: str, value: object) -> bool:
     return isinstance(value, torch.Tensor) and "mask" in name.lower() and value.dim() == 2 \
         and not value.dtype.is_floating_point
-
-
-def _row_lengths(batch: int, length: int, generator) -> list[int]:
-    """The first row full, the last one token long, the others in between at random."""
-    lengths = [length] + [int(torch.randint(1, length + 1, (1,), generator=generator)) for _ in range(batch - 2)]
-    return (lengths + [1])[:batch] if batch > 1 else [length]
-
-
-def _real_positions(lengths: list[int], length: int, side: str) -> torch.Tensor:
-    positions = torch.arange(length)[None, :]
-    counts = torch.tensor(lengths)[:, None]
-    return (positions < counts) if side == "right" else (positions >= length - counts)

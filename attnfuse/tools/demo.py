@@ -54,13 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     report = result.report
     print()
-    print(f"all-MiniLM-L6-v2: attention fused {report.attention_fused}/{report.attention_total}; "
-          f"fused ops {', '.join(f'{op} x{n}' for op, n in sorted(report.fused_ops.items()))}")
+    print(f"all-MiniLM-L6-v2: {fused_summary(report)}")
     print(f"verified: {'ok' if report.verify.ok else 'FAILED'}, max relative error {report.verify.max_rel_error:.1e}; "
           f"sentence embeddings on the timed batch: min cosine {cosine.min():.7f}")
-    first = times["original (ONNX Runtime)"]
-    print(table(["model", "median ms", "speedup"],
-                [[name, f"{t * 1e3:.1f}", f"{first / t:.2f}x"] for name, t in times.items()]))
+    print(speedup_table("model", times))
     print(f"written: {optimized} and {args.out / 'report.json'}")
     torch_ok = torch_path(minilm, feeds, args.repeats)
     return 0 if report.verify.ok and torch_ok else 2
@@ -78,12 +75,20 @@ def torch_path(minilm, feeds: dict[str, np.ndarray], repeats: int) -> bool:
     error = errors["attnfuse.optimize(model)"]
     report = optimized.report
     print()
-    print(f"PyTorch: attention fused {report.attention_fused}/{report.attention_total}; "
-          f"ops {', '.join(f'{op} x{n}' for op, n in sorted(report.fused_ops.items()))}; "
-          f"max relative error on the timed batch {error:.1e}")
-    first = times["torch eager (SDPA)"]
-    print(table(["module", "median ms", "speedup"], [[name, f"{t * 1e3:.1f}", f"{first / t:.2f}x"] for name, t in times.items()]))
+    print(f"PyTorch: {fused_summary(report)}; max relative error on the timed batch {error:.1e}")
+    print(speedup_table("module", times))
     return report.verify.ok and error <= report.verify.tolerance
+
+
+def fused_summary(report) -> str:
+    ops = ", ".join(f"{op} x{n}" for op, n in sorted(report.fused_ops.items()))
+    return f"attention fused {report.attention_fused}/{report.attention_total}; fused ops {ops}"
+
+
+def speedup_table(kind: str, times: dict[str, float]) -> str:
+    """Median ms of each contender and its speedup over the first."""
+    first = next(iter(times.values()))
+    return table([kind, "median ms", "speedup"], [[name, f"{t * 1e3:.1f}", f"{first / t:.2f}x"] for name, t in times.items()])
 
 
 def torch_minilm(minilm):

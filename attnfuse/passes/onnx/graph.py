@@ -106,9 +106,6 @@ class Builder:
         """Insert the nodes after `after`, which follows every value they read."""
         graph.insert_after(after, self.nodes)
 
-    def discard(self) -> None:
-        self.nodes.clear()
-
 
 def _attributes(attributes: dict) -> list[ir.Attr]:
     out = []
