@@ -132,6 +132,7 @@ def test_optimize_writes_the_model_and_the_report(tmp_path, toy, capsys):
     assert main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "attention fused:" in out and "verify: ok" in out
+    assert "padding-free: yes; a batch without padding runs the fused graph" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert {"total", "fused", "sites"} <= set(report["attention"]) and report["attention"]["total"] >= 0
     assert isinstance(report["fused_ops"], dict)

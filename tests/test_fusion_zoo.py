@@ -49,7 +49,7 @@ def test_zoo_attention_fused_and_equal(case):
     assert report.attention_total == sites
     assert report.attention_fused == sites, [s.reason for s in report.sites if not s.fused]
     assert report.fused_ops.get("MultiHeadAttention") == sites
-    assert not any(node.op_type == "Softmax" for node in result.model.graph)
+    assert not any(node.op_type == "Softmax" for node in result.model.graph.all_nodes())
     assert report.verify.ok
 
     feeds, real = padded_feeds(case)
@@ -73,7 +73,7 @@ def assert_nothing_left_unfused(graph) -> None:
     def op_of(value):
         return value.producer().op_type if value.producer() is not None else None
 
-    for node in graph:
+    for node in graph.all_nodes():
         if node.op_type == "LayerNormalization":
             assert not is_residual_sum(node.inputs[0]), node.name
         if node.op_type == "MultiHeadAttention":

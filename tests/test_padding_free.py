@@ -2,10 +2,13 @@
 for every text family and every shape of mask, and padded positions come out zero."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import helper
 
 import attnfuse
 from attnfuse.models import zoo
@@ -61,6 +64,46 @@ def test_no_padding_free_flag_keeps_padded_layout():
     path = str(zoo.exported(zoo.ZooCase("bert", "dynamo", "sdpa")))
     on = attnfuse.optimize_onnx(path)
     off = attnfuse.optimize_onnx(path, padding_free=False)
-    gathers = lambda r: sum(n.op_type == "NonZero" for n in r.model.graph)  # noqa: E731
+    gathers = lambda r: sum(n.op_type == "NonZero" for n in r.model.graph.all_nodes())  # noqa: E731
     assert gathers(on) == 1 and gathers(off) == 0
     assert not any(f.op == "PaddingFree" for f in off.report.fusions)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    path = str(zoo.exported(zoo.ZooCase("bert", "dynamo", "sdpa")))
+    return path, attnfuse.optimize_onnx(path)
+
+
+def test_batches_without_padding_take_the_fused_graph(bert):
+    """If(no padding) the fused graph, its key-padding masks dropped, else the padding-free one;
+    both read the same weights."""
+    path, result = bert
+    (branch,) = [node for node in result.model.graph if node.op_type == "If"]
+    unpadded, packed = (branch.attributes[name].as_graph() for name in ("then_branch", "else_branch"))
+    ops = lambda graph: collections.Counter(node.op_type for node in graph)  # noqa: E731
+    assert ops(unpadded)["NonZero"] == 0 and ops(packed)["NonZero"] == 1
+    assert ops(unpadded)["MultiHeadAttention"] == ops(packed)["MultiHeadAttention"] == 2
+    key_padding = lambda graph: [len(n.inputs) > 4 and n.inputs[4] is not None  # noqa: E731
+                                 for n in graph if n.op_type == "MultiHeadAttention"]
+    assert key_padding(unpadded) == [False, False] and key_padding(packed) == [True, True]
+    weight_bytes = lambda r: sum(v.const_value.nbytes for v in r.model.graph.initializers.values())  # noqa: E731
+    assert weight_bytes(result) <= weight_bytes(attnfuse.optimize_onnx(path, padding_free=False))  # none copied
+    assert result.report.fused_ops["MultiHeadAttention"] == 2  # the ops a padded batch runs
+
+
+def test_the_branch_follows_the_padding(bert):
+    """With the unpadded branch's output zeroed, a full batch comes out zero and a padded one does not."""
+    path, result = bert
+    proto = result.proto
+    (branch,) = [node for node in proto.graph.node if node.op_type == "If"]
+    unpadded = next(a.g for a in branch.attribute if a.name == "then_branch")
+    out = unpadded.output[0].name
+    unpadded.node.extend([helper.make_node("Constant", [], ["zero"], value_float=0.0),
+                          helper.make_node("Mul", [out, "zero"], ["zeroed"])])
+    unpadded.output[0].name = "zeroed"
+    session = ort.InferenceSession(proto.SerializeToString())
+    for mask, zeroed in ((np.ones((2, 10)), True), (masks()["right"], False)):
+        feeds = {"input_ids": np.full(mask.shape, 5), "attention_mask": mask.astype(np.int64)}
+        got = session.run(None, feeds)[0][mask.astype(bool)]
+        assert (not got.any()) == zeroed

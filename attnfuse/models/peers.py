@@ -79,19 +79,23 @@ def peer_fuse(
         return None, describe_error(error)
 
 
-def _nodes(model: onnx.ModelProto):
-    yield from model.graph.node
-    for function in model.functions:
-        yield from function.node
-
-
 def count_attention(model: onnx.ModelProto) -> tuple[int, int]:
-    """(fused attention ops, attention sites): each fused op stands for one site, each Softmax left for one more."""
+    """(fused attention ops, attention sites): each fused op stands for one site, each Softmax left for one more.
+    A run takes one branch of an If: the branch with more sites counts."""
+    counts = [_count_attention(model.graph.node)] + [_count_attention(f.node) for f in model.functions]
+    return sum(fused for fused, _ in counts), sum(total for _, total in counts)
+
+
+def _count_attention(nodes) -> tuple[int, int]:
     fused = softmax = 0
-    for node in _nodes(model):
+    for node in nodes:
         domain = "" if node.domain == "ai.onnx" else node.domain
         fused += node.op_type in FUSED_ATTENTION_OPS.get(domain, ())
         softmax += domain == "" and node.op_type == "Softmax"
+        if node.op_type == "If":
+            branch_fused, branch_total = max((_count_attention(a.g.node) for a in node.attribute if a.g.node),
+                                               key=lambda counts: counts[::-1])
+            fused, softmax = fused + branch_fused, softmax + branch_total - branch_fused
     return fused, fused + softmax
 
 

@@ -22,6 +22,7 @@ from attnfuse.optimizer.probe import Probe
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
 from attnfuse.passes.onnx import PassResult, run_passes
+from attnfuse.passes.onnx.unpadded_branch import in_unpadded_branch
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 Progress = Callable[[str], None]
@@ -179,7 +180,8 @@ def _report(
         attention_mode=config.attention,
         sites=attempt.passes.sites,
         fusions=attempt.passes.fusions,
-        fused_ops=count_fused_ops([(node.domain, node.op_type) for node in attempt.model.graph.all_nodes()]),
+        fused_ops=count_fused_ops([(node.domain, node.op_type) for node in attempt.model.graph.all_nodes()
+                                   if not in_unpadded_branch(node)]),  # the ops a padded batch runs
         verify=attempt.verify,
         rolled_back=list(rolled_back),
         seconds=seconds,

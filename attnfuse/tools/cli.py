@@ -160,10 +160,21 @@ def _summary(report: Report, output: str) -> str:
         [
             f"attention fused: {report.attention_fused}/{report.attention_total}",
             f"fused ops: {ops}",
+            f"padding-free: {_padding_free(report)}",
             f"verify: {checked}",
             f"wrote {output} in {report.seconds:.2f} s",
         ]
     )
+
+
+def _padding_free(report: Report) -> str:
+    fusions = {f.op: f for f in report.fusions}
+    packed, branch = fusions.get("PaddingFree"), fusions.get("If")
+    if packed is None:
+        return "off"
+    if not packed.fused:
+        return _fused(False, packed.reason)
+    return "yes; a batch without padding runs the fused graph" if branch and branch.fused else "yes"
 
 
 # --- inspect ---------------------------------------------------------------

@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
-from attnfuse.passes.onnx import embed, gelu, layernorm, padding_free
+from attnfuse.passes.onnx import embed, gelu, layernorm, padding_free, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, remove_unused
 from attnfuse.passes.onnx.sites import fuse_attention
@@ -47,18 +47,23 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
+        graph.sort()
+        fused = graph.clone()  # for batches without padding (unpadded_branch)
         fusions.append(_padding_free(graph, probe, config, exclude, sites))
         remove_unused(model)
+        if fusions[-1].fused:
+            fusions.append(_unpadded_branch(graph, fused, config, exclude))
+            remove_unused(model)
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
-    if any(node.domain == MS_DOMAIN for node in graph):
+    if any(node.domain == MS_DOMAIN for node in graph.all_nodes()):
         model.opset_imports[MS_DOMAIN] = 1
     return PassResult(sites=sites, fusions=fusions)
 
 
 def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
     """A fused site whose softmax is still computed was not really replaced: say so."""
-    alive = {node.name for node in graph if node.op_type == "Softmax"}
+    alive = {node.name for node in graph.all_nodes() if node.op_type == "Softmax"}
     for site in sites:
         if site.fused and site.name in alive:
             site.fused = False
@@ -79,3 +84,13 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why))
     return Fusion(name, "PaddingFree", True)
+
+
+def _unpadded_branch(graph: ir.Graph, fused: ir.Graph, config, exclude) -> Fusion:
+    name = unpadded_branch.NAME
+    if name in exclude:
+        return Fusion(name, "If", False, "excluded (rolled back)")
+    if getattr(config, "target", "") != "ort-cpu":
+        return Fusion(name, "If", False, "only for ort-cpu: packed attention has no copies to skip on CUDA")
+    unpadded_branch.add(graph, fused, padding_free.find_mask(graph))
+    return Fusion(name, "If", True)

@@ -16,7 +16,7 @@ from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import attention, lower_sparse, masks
 from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset
 from attnfuse.passes.onnx.lower_ort import lower_to_mha, multi_head_attention
-from attnfuse.passes.onnx.padding_free import find_mask
+from attnfuse.passes.onnx.padding_free import find_mask, real_tokens
 from attnfuse.passes.onnx.proof import evaluate, prove, relative_error, substitute
 from attnfuse.passes.site import AttentionSite
 
@@ -145,11 +145,7 @@ def _key_real(site, mask_input):
     if mask_input is None or not site.extras.get("masks_padded_keys"):
         return None
 
-    def build(b: Builder) -> ir.Value:
-        zero = b.op("CastLike", [b.const(0, np.int64), mask_input])
-        return b.op("Not", [b.op("Equal", [mask_input, zero])])
-
-    return build
+    return lambda b: real_tokens(b, mask_input)
 
 
 def _like_output(b: Builder, out: ir.Value, site, probe) -> ir.Value:

@@ -1,0 +1,89 @@
+"""A batch with no padding skips packing: If(every token is real) the fused graph, else the padding-free one.
+
+When nothing is padded, packing saves nothing and still costs its copies (q, k and v
+restored and the output re-packed at every attention), and ONNX Runtime's CPU
+MultiHeadAttention takes a slower path whenever it is given a key_padding_mask,
+even one of all ones. So the model carries both graphs and picks one per run:
+
+    full = ReduceMin(mask != 0)
+    If(full) then: the fused graph, its key-padding masks dropped (all ones here)
+             else: the padding-free graph
+
+Both branches share every weight (outer-scope initializers). Both are verified: the
+verifier's check sets include batches with padding and a batch without.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder
+from attnfuse.passes.onnx.padding_free import is_real_tokens, real_tokens
+
+NAME = "unpadded-branch"
+UNPADDED, PADDED = "unpadded", "padding_free"  # the branches' graph names
+
+
+def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value) -> None:
+    """Turn `graph` (padding-free by now) into If(no padding) `fused` else `graph`.
+
+    `fused` is a clone of `graph` taken before padding-free; its nodes are moved, not copied."""
+    _share_outer_values(graph, fused)
+    for node in fused.all_nodes():
+        key_padding = node.inputs[4] if node.op_type == "MultiHeadAttention" and len(node.inputs) > 4 else None
+        if node.domain == MS_DOMAIN and key_padding is not None and is_real_tokens(key_padding, mask):
+            node.replace_input_with(4, None)
+    names = [(out.name, out.type, out.shape) for out in graph.outputs]
+    then_branch = _branch(fused, UNPADDED)
+    else_branch = _branch(graph, PADDED)
+    graph.outputs.clear()
+
+    b = Builder(NAME)
+    every_real = b.op("ReduceMin", [b.op("Cast", [real_tokens(b, mask)], {"to": ir.DataType.INT32})], {"keepdims": 0})
+    full = b.op("Cast", [every_real], {"to": ir.DataType.BOOL})
+    outputs = b.op("If", [full], {"then_branch": ir.AttrGraph("then_branch", then_branch),
+                                  "else_branch": ir.AttrGraph("else_branch", else_branch)},
+                   num_outputs=len(names), name=f"{NAME}/If")
+    outputs = outputs if isinstance(outputs, list) else [outputs]
+    for out, (name, dtype, shape) in zip(outputs, names):
+        out.name, out.type, out.shape = name, dtype, shape
+        graph.outputs.append(out)
+    graph.extend(b.nodes)
+
+
+def in_unpadded_branch(node: ir.Node) -> bool:
+    """Whether `node` runs only on batches without padding (the report counts the other path)."""
+    graph = node.graph
+    return graph is not None and graph.name == UNPADDED
+
+
+def _share_outer_values(graph: ir.Graph, fused: ir.Graph) -> None:
+    """Point `fused`'s readers of inputs and weights at `graph`'s own, so that both branches
+    read the same ones; a weight that padding-free left unused in `graph` moves there."""
+    outer = {value.name: value for value in [*graph.inputs, *graph.initializers.values()]}
+    own = {id(value) for value in [*fused.inputs, *fused.initializers.values()]}
+    for node in fused.all_nodes():
+        for i, x in enumerate(node.inputs):
+            if x is None or id(x) not in own:
+                continue
+            if x.name not in outer:
+                fused.initializers.pop(x.name)
+                graph.register_initializer(x)
+                outer[x.name] = x
+            node.replace_input_with(i, outer[x.name])
+
+
+def _branch(graph: ir.Graph, name: str) -> ir.Graph:
+    """`graph`'s nodes as a subgraph without inputs: it reads the outer graph's values."""
+    nodes = list(graph)
+    graph.remove(nodes)
+    outputs = []
+    for out in graph.outputs:
+        if out.producer() not in nodes:  # a graph input or weight passed through: a subgraph must make its outputs
+            b = Builder(f"{NAME}/{name}")
+            out = b.op("Identity", [out])
+            nodes.extend(b.nodes)
+        out.name = f"{out.name}/{name}"
+        outputs.append(out)
+    graph.outputs.clear()
+    return ir.Graph([], outputs, nodes=nodes, name=name)
+
