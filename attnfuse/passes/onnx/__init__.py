@@ -47,8 +47,8 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
-        graph.sort()
-        fused = graph.clone()  # for batches without padding (unpadded_branch)
+        graph.sort()  # cloning follows the nodes in order
+        fused = graph.clone()  # what a batch without padding will run (unpadded_branch)
         fusions.append(_padding_free(graph, probe, config, exclude, sites))
         remove_unused(model)
         if fusions[-1].fused:
