@@ -219,8 +219,9 @@ def measure(spec: ModelSpec, geometry: Geometry, workload: Workload, contenders:
     runnable = [c for c in contenders if c.run is not None]
     outputs = {c.name: c.run(feeds) for c in runnable}
     errors = {name: relative_error(output, outputs[TORCH], mask) for name, output in outputs.items()}
-    # The checking runs above are a first warm-up; torch needs a second before it settles.
-    times = interleaved_medians({c.name: (lambda c=c: c.run(feeds)) for c in runnable}, repeats, warmup=1,
+    # The checking runs above are a first warm-up, and three more follow: torch needs a second before it
+    # settles, and a fresh session's first runs were slow enough to skew the first workload measured.
+    times = interleaved_medians({c.name: (lambda c=c: c.run(feeds)) for c in runnable}, repeats, warmup=3,
                                 desc=f"{spec.name} {workload.name}")
     flops = real_token_flops(workload.lengths, geometry)
     records = []
