@@ -19,6 +19,7 @@ from attnfuse.optimizer.config import TARGETS
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report
 from attnfuse.passes.modes import USAGE
+from attnfuse.passes.onnx import padding_free, unpadded_branch
 
 FORCE_HELP = (
     "write the output even when verification fails; the run then exits 0 "
@@ -168,8 +169,8 @@ def _summary(report: Report, output: str) -> str:
 
 
 def _padding_free(report: Report) -> str:
-    fusions = {f.op: f for f in report.fusions}
-    packed, branch = fusions.get("PaddingFree"), fusions.get("If")
+    fusions = {f.name: f for f in report.fusions}
+    packed, branch = fusions.get(padding_free.NAME), fusions.get(unpadded_branch.NAME)
     if packed is None:
         return "off"
     if not packed.fused:

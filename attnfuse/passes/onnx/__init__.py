@@ -47,13 +47,17 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
-        graph.sort()  # cloning follows the nodes in order
-        fused = graph.clone()  # what a batch without padding will run (unpadded_branch)
+        why_not_branch = _why_no_unpadded_branch(config, exclude)
+        if why_not_branch is None:
+            graph.sort()  # cloning follows the nodes in order
+            fused = graph.clone()  # what a batch without padding will run
         fusions.append(_padding_free(graph, probe, config, exclude, sites))
         remove_unused(model)
         if fusions[-1].fused:
-            fusions.append(_unpadded_branch(graph, fused, config, exclude))
-            remove_unused(model)
+            if why_not_branch is None:
+                unpadded_branch.add(graph, fused, padding_free.find_mask(graph), _key_padding_only(sites))
+                remove_unused(model)
+            fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
     if any(node.domain == MS_DOMAIN for node in graph.all_nodes()):
@@ -75,10 +79,7 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
     if name in exclude:
         return Fusion(name, "PaddingFree", False, "excluded (rolled back)")
     masked = {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")}
-    packed = set()
-    if getattr(config, "target", "") == "ort-cuda":  # PackedMultiHeadAttention: plain key padding only
-        packed = {site.extras["node"] for site in sites if site.extras.get("node") in masked
-                  and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
+    packed = _key_padding_only(sites) if getattr(config, "target", "") == "ort-cuda" else set()
     try:
         padding_free.apply(graph, probe, masked, packed)
     except NoMatch as why:
@@ -86,11 +87,16 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
     return Fusion(name, "PaddingFree", True)
 
 
-def _unpadded_branch(graph: ir.Graph, fused: ir.Graph, config, exclude) -> Fusion:
-    name = unpadded_branch.NAME
-    if name in exclude:
-        return Fusion(name, "If", False, "excluded (rolled back)")
+def _key_padding_only(sites: list[AttentionSite]) -> set[str]:
+    """The MultiHeadAttention nodes whose only mask is the mask input as key_padding_mask
+    (PackedMultiHeadAttention's case, and the masks an unpadded batch can drop)."""
+    return {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")
+            and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
+
+
+def _why_no_unpadded_branch(config, exclude) -> str | None:
+    if unpadded_branch.NAME in exclude:
+        return "excluded (rolled back)"
     if getattr(config, "target", "") != "ort-cpu":
-        return Fusion(name, "If", False, "only for ort-cpu: packed attention has no copies to skip on CUDA")
-    unpadded_branch.add(graph, fused, padding_free.find_mask(graph))
-    return Fusion(name, "If", True)
+        return "only for ort-cpu: packed attention has no copies to skip on CUDA"
+    return None

@@ -54,22 +54,6 @@ def real_tokens(b: Builder, mask: ir.Value) -> ir.Value:
     return b.op("Not", [b.op("Equal", [mask, b.op("CastLike", [b.const(0, np.int64), mask])])])
 
 
-def is_real_tokens(value: ir.Value, mask: ir.Value) -> bool:
-    """Whether `value` is real_tokens(mask), cast or not."""
-    node = value.producer()
-    while node is not None and node.op_type == "Cast":
-        node = node.inputs[0].producer()
-    equal = node.inputs[0].producer() if node is not None and node.op_type == "Not" else None
-    if equal is None or equal.op_type != "Equal" or equal.inputs[0] is not mask:
-        return False
-    zero = equal.inputs[1].producer()
-    if zero is None or zero.op_type != "CastLike":
-        return False
-    constant_node = zero.inputs[0].producer()
-    return constant_node is not None and constant_node.op_type == "Constant" \
-        and not constant_node.attributes["value"].as_tensor().numpy().any()
-
-
 class Layout:
     """Which values are token-major activations, and in which form."""
 

@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder
-from attnfuse.passes.onnx.padding_free import is_real_tokens, real_tokens
+from attnfuse.passes.onnx.graph import Builder
+from attnfuse.passes.onnx.padding_free import real_tokens
 
 NAME = "unpadded-branch"
 UNPADDED, PADDED = "unpadded", "padding_free"  # the branches' graph names
 
 
-def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value) -> None:
+def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[str]) -> None:
     """Turn `graph` (padding-free by now) into If(no padding) `fused` else `graph`.
 
-    `fused` is a clone of `graph` taken before padding-free; its nodes are moved, not copied."""
+    `fused` is a clone of `graph` taken before padding-free; its nodes are moved, not copied.
+    `key_padding_only` names the MultiHeadAttention nodes whose only mask is `mask` as key_padding_mask."""
     _share_outer_values(graph, fused)
     for node in fused.all_nodes():
-        key_padding = node.inputs[4] if node.op_type == "MultiHeadAttention" and len(node.inputs) > 4 else None
-        if node.domain == MS_DOMAIN and key_padding is not None and is_real_tokens(key_padding, mask):
+        if node.name in key_padding_only:
             node.replace_input_with(4, None)
     names = [(out.name, out.type, out.shape) for out in graph.outputs]
     then_branch = _branch(fused, UNPADDED)
