@@ -81,7 +81,7 @@ def peer_fuse(
 
 def count_attention(model: onnx.ModelProto) -> tuple[int, int]:
     """(fused attention ops, attention sites): each fused op stands for one site, each Softmax left for one more.
-    A run takes one branch of an If: the branch with more sites counts."""
+    A run takes one branch of an If: the branch with more sites counts. A Loop counts its body once."""
     counts = [_count_attention(model.graph.node)] + [_count_attention(f.node) for f in model.functions]
     return sum(fused for fused, _ in counts), sum(total for _, total in counts)
 
@@ -92,10 +92,11 @@ def _count_attention(nodes) -> tuple[int, int]:
         domain = "" if node.domain == "ai.onnx" else node.domain
         fused += node.op_type in FUSED_ATTENTION_OPS.get(domain, ())
         softmax += domain == "" and node.op_type == "Softmax"
-        if node.op_type == "If":
-            branch_fused, branch_total = max((_count_attention(a.g.node) for a in node.attribute if a.g.node),
-                                               key=lambda counts: counts[::-1])
-            fused, softmax = fused + branch_fused, softmax + branch_total - branch_fused
+        bodies = [_count_attention(a.g.node) for a in node.attribute if a.g.node]
+        if bodies:  # an If runs one branch; a Loop's body is counted once, as the op it loops
+            inner_fused, inner_total = max(bodies, key=lambda counts: counts[::-1]) if node.op_type == "If" else \
+                [sum(counts) for counts in zip(*bodies)]
+            fused, softmax = fused + inner_fused, softmax + inner_total - inner_fused
     return fused, fused + softmax
 
 

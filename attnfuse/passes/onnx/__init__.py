@@ -79,17 +79,17 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
     if name in exclude:
         return Fusion(name, "PaddingFree", False, "excluded (rolled back)")
     masked = {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")}
-    packed = _key_padding_only(sites) if getattr(config, "target", "") == "ort-cuda" else set()
+    target = getattr(config, "target", "ort-cpu")
     try:
-        padding_free.apply(graph, probe, masked, packed)
+        padding_free.apply(graph, probe, masked, _key_padding_only(sites), target)
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why))
     return Fusion(name, "PaddingFree", True)
 
 
 def _key_padding_only(sites: list[AttentionSite]) -> set[str]:
-    """The MultiHeadAttention nodes whose only mask is the mask input as key_padding_mask
-    (PackedMultiHeadAttention's case, and the masks an unpadded batch can drop)."""
+    """The MultiHeadAttention nodes whose only mask is the mask input as key_padding_mask: those
+    that can run on the packed tokens, and whose masks an unpadded batch can drop."""
     return {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")
             and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
 

@@ -4,13 +4,15 @@ A token-major activation is [batch, seq, ...] ("tokens") or [batch*seq, ...]
 ("rows"). Its real tokens are gathered once, where the first token-wise op reads
 it, into [1, n, ...] or [n, ...]: every op keeps the rank it had. Token-wise ops
 (projections, bias adds, residual adds, layernorms, gelus, their fused forms, and
-layout ops that leave the token dims alone) then run on those rows. An op that
-needs the padded layout (attention, a graph output, a Shape reader) gets it back
-by one Gather from the packed rows plus a zero row: padded positions of a
-restored tensor are zero.
+layout ops that leave the token dims alone) then run on those rows, and so does
+attention whose only mask is key padding (one sequence at a time, or packed
+attention on CUDA). An op that needs the padded layout (other attention, a graph
+output, a Shape reader) gets it back by one Gather from the packed rows plus a
+zero row: padded positions of a restored tensor are zero.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -190,21 +192,43 @@ class Packer:
         self.batch_times_seq = b.op("ReduceProd", [self.batch_seq], {"keepdims": 1})
         graph.insert_before(next(iter(graph)), b.nodes)
 
-    def sequence_layout(self) -> tuple[ir.Value, ir.Value]:
-        """PackedMultiHeadAttention's token_offset [B, S] (real positions first, then
-        padded ones) and cumulative_sequence_length [B + 1], both int32."""
-        if not hasattr(self, "_sequence_layout"):
-            b = Builder(f"{NAME}/sequences")
-            padded = b.op("Reshape", [b.op("NonZero", [b.op("Not", [self.real])]), b.const([-1], np.int64)])
-            order = b.op("Concat", [self.index, padded], {"axis": 0})
-            offsets = b.op("Cast", [b.op("Reshape", [order, self.batch_seq])], {"to": ir.DataType.INT32})
-            rows = b.op("Reshape", [b.op("Cast", [self.real], {"to": ir.DataType.INT32}), self.batch_seq])
-            lengths = b.op("CumSum", [b.op("ReduceSum", [rows, b.const([1], np.int64)], {"keepdims": 0}),
-                                      b.const(0, np.int64)])
-            cumulative = b.op("Concat", [b.const([0], np.int32), lengths], {"axis": 0})
-            self.graph.insert_after(self.batch_times_seq.producer(), b.nodes)
-            self._sequence_layout = (offsets, cumulative)
-        return self._sequence_layout
+    @functools.cached_property
+    def sequence_lengths(self) -> ir.Value:
+        """Real tokens per row [B], int32."""
+        b = Builder(f"{NAME}/sequences")
+        rows = b.op("Reshape", [b.op("Cast", [self.real], {"to": ir.DataType.INT32}), self.batch_seq])
+        lengths = b.op("ReduceSum", [rows, b.const([1], np.int64)], {"keepdims": 0})
+        self._insert_after(self.batch_times_seq, b)
+        return lengths
+
+    @functools.cached_property
+    def cumulative_lengths(self) -> ir.Value:
+        """cumulative_sequence_length [B + 1], int32: row r's packed tokens are [c[r], c[r + 1])."""
+        b = Builder(f"{NAME}/sequences")
+        cumulative = b.op("Concat", [b.const([0], np.int32), b.op("CumSum", [self.sequence_lengths, b.const(0, np.int64)])],
+                          {"axis": 0})
+        self._insert_after(self.sequence_lengths, b)
+        return cumulative
+
+    @functools.cached_property
+    def nonempty_rows(self) -> tuple[ir.Value, ir.Value]:
+        """The rows with at least one real token (int64 [R], in batch order), and R (a scalar)."""
+        b = Builder(f"{NAME}/sequences")
+        nonempty = b.op("Greater", [self.sequence_lengths, b.const(0, np.int32)])
+        rows = b.op("Reshape", [b.op("NonZero", [nonempty]), b.const([-1], np.int64)])
+        count = b.op("Squeeze", [b.op("Shape", [rows]), b.const([0], np.int64)])
+        self._insert_after(self.sequence_lengths, b)
+        return rows, count
+
+    @functools.cached_property
+    def token_offsets(self) -> ir.Value:
+        """PackedMultiHeadAttention's token_offset [B, S], int32: real positions first, then padded ones."""
+        b = Builder(f"{NAME}/sequences")
+        padded = b.op("Reshape", [b.op("NonZero", [b.op("Not", [self.real])]), b.const([-1], np.int64)])
+        order = b.op("Concat", [self.index, padded], {"axis": 0})
+        offsets = b.op("Cast", [b.op("Reshape", [order, self.batch_seq])], {"to": ir.DataType.INT32})
+        self._insert_after(self.batch_times_seq, b)
+        return offsets
 
     def is_packed(self, value: ir.Value) -> bool:
         return self._packed.get(id(value)) is value
@@ -212,6 +236,12 @@ class Packer:
     def mark_packed(self, value: ir.Value, form: Form) -> None:
         self._packed[id(value)] = value
         self.layout.set_form(value, form)
+
+    def forget_padded_shapes(self) -> None:
+        """Packed values still carry the [batch, seq, ...] shapes the exporter annotated; ONNX Runtime
+        plans buffer reuse by them and then warns at every run that they do not fit."""
+        for value in self._packed.values():
+            value.shape = None
 
     def packed(self, value: ir.Value) -> ir.Value:
         if id(value) not in self._packed:
@@ -264,7 +294,8 @@ class Packer:
             self.graph.insert_after(producer, builder.nodes)
 
 
-def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: set[str] = frozenset()) -> None:
+def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: set[str] = frozenset(),
+          target: str = "ort-cpu") -> None:
     """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch.
 
     Exact only if nothing but token-wise ops, Shape readers, graph outputs (compared
@@ -272,7 +303,8 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
     by node name) reads an activation: padded positions of a restored tensor are
     zeros, not what the original computed there. Checked before anything changes.
     Attention named in `packed_attention` (plain key padding, no other bias) runs on
-    the packed tokens as PackedMultiHeadAttention, for ONNX Runtime's CUDA provider.
+    the packed tokens: as PackedMultiHeadAttention for ONNX Runtime's CUDA provider,
+    as MultiHeadAttention on one sequence at a time for its CPU provider.
     """
     mask = find_mask(graph)
     if mask is None:
@@ -290,7 +322,7 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
             packed_ops += 1
             continue
         if node.name in packed_attention and all(layout.form(x) == Form(TOKENS, 3) for x in node.inputs[:3]):
-            _attend_packed(node, packer)
+            ATTEND_PACKED[target](node, packer)
             continue
         for i, x in enumerate(node.inputs):
             if x is not None and packer.is_packed(x):
@@ -306,6 +338,7 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
             restored.name, output.name = output.name, f"{output.name}__packed"
             restored.type, restored.shape = output.type, output.shape
             graph.outputs[i] = restored
+    packer.forget_padded_shapes()
 
 
 def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer) -> None:
@@ -325,16 +358,58 @@ def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer
 
 
 def _attend_packed(node: ir.Node, packer: Packer) -> None:
-    """MultiHeadAttention on padded q, k, v -> PackedMultiHeadAttention on the packed tokens."""
+    """MultiHeadAttention on padded q, k, v -> PackedMultiHeadAttention on the packed tokens (ORT CUDA)."""
     b = Builder(f"{NAME}/attention")
     token_dim = b.const([0], np.int64)
     q, k, v = (b.op("Squeeze", [packer.packed(x), token_dim]) for x in node.inputs[:3])
-    offsets, cumulative = packer.sequence_layout()
     bias = node.inputs[3] if len(node.inputs) > 3 else None
-    out = b.op("PackedMultiHeadAttention", [q, k, v, bias, offsets, cumulative],
-               {name: a for name, a in node.attributes.items() if name in ("num_heads", "scale")},
-               domain=MS_DOMAIN, name=node.name.replace("MultiHeadAttention", "PackedMultiHeadAttention"))
-    packed = b.op("Unsqueeze", [out, token_dim])
+    out = b.op("PackedMultiHeadAttention", [q, k, v, bias, packer.token_offsets, packer.cumulative_lengths],
+               _heads_and_scale(node), domain=MS_DOMAIN,
+               name=node.name.replace("MultiHeadAttention", "PackedMultiHeadAttention"))
+    _replace_attention(node, b, b.op("Unsqueeze", [out, token_dim]), packer)
+
+
+def _attend_per_sequence(node: ir.Node, packer: Packer) -> None:
+    """MultiHeadAttention on padded q, k, v -> a Loop over the sequences, MultiHeadAttention on
+    each one's packed rows (ORT CPU). No padded copies of q, k, v, no scores for padded keys,
+    and no mask: ONNX Runtime's CPU MultiHeadAttention takes a slower path whenever it has one."""
+    q, k, v = (packer.packed(x) for x in node.inputs[:3])  # [1, n, hidden]
+    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    rows, count = packer.nonempty_rows
+    cumulative = packer.cumulative_lengths
+
+    step = ir.Value(name=f"{node.name}/step", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
+    going = ir.Value(name=f"{node.name}/going", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
+    outputs = ir.Value(name=f"{node.name}/outputs")  # a sequence of [1, length, hidden]; ORT types it from the Loop
+    body = Builder(f"{node.name}/sequence")
+    row = body.op("Unsqueeze", [body.op("Gather", [rows, step]), body.const([0], np.int64)])
+    start = body.op("Gather", [cumulative, row])
+    end = body.op("Gather", [cumulative, body.op("Add", [row, body.const([1], np.int64)])])
+    token_axis = body.const([1], np.int32)
+    q_row, k_row, v_row = (body.op("Slice", [x, start, end, token_axis]) for x in (q, k, v))
+    attended = body.op("MultiHeadAttention", [q_row, k_row, v_row, bias], _heads_and_scale(node), domain=MS_DOMAIN,
+                       name=node.name)
+    appended = body.op("SequenceInsert", [outputs, attended])
+    body_graph = ir.Graph([step, going, outputs], [body.op("Identity", [going]), appended], nodes=body.nodes,
+                          name=f"{node.name}/sequence")
+
+    b = Builder(f"{NAME}/attention")
+    nothing = b.const([0], np.int32)
+    start_with = b.op("SequenceConstruct", [b.op("Slice", [q, nothing, nothing, b.const([1], np.int32)])])  # [1, 0, hidden]
+    every = b.op("Loop", [count, None, start_with], {"body": ir.AttrGraph("body", body_graph)},
+                 name=node.name.replace("MultiHeadAttention", "PerSequenceAttention"))
+    _replace_attention(node, b, b.op("ConcatFromSequence", [every], {"axis": 1}), packer)
+
+
+ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_per_sequence}
+
+
+def _heads_and_scale(node: ir.Node) -> dict:
+    return {name: a for name, a in node.attributes.items() if name in ("num_heads", "scale")}
+
+
+def _replace_attention(node: ir.Node, b: Builder, packed: ir.Value, packer: Packer) -> None:
+    """`packed` (made by `b`'s nodes) computes `node`'s output on the packed tokens."""
     packer.graph.insert_before(node, b.nodes)
     packer.mark_packed(packed, Form(TOKENS, 3))
     replace_uses(node.outputs[0], packed)
