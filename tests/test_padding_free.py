@@ -108,3 +108,21 @@ def test_the_branch_follows_the_padding(bert):
         feeds = {"input_ids": np.full(mask.shape, 5), "attention_mask": mask.astype(np.int64)}
         got = session.run(None, feeds)[0][mask.astype(bool)]
         assert (not got.any()) == zeroed
+
+
+def test_a_batch_with_no_real_token_comes_out_zero(optimized):
+    """No sequence to attend to: the per-sequence attention runs zero times, and nothing fails."""
+    case, _, packed = optimized
+    mask = np.zeros((2, 6), np.int64)
+    got = packed.run(None, {"input_ids": np.full(mask.shape, 5), "attention_mask": mask})[0]
+    assert got.shape[:2] == mask.shape and not got.any()
+
+
+def test_runs_without_warnings(bert, capfd):
+    """Packed values must not keep the padded shapes the exporter annotated: ONNX Runtime plans
+    buffer reuse by them and warns at every run when they do not fit."""
+    _, result = bert
+    session = ort.InferenceSession(result.proto.SerializeToString())  # default logging: warnings shown
+    for mask in (masks()["right"], masks()["holes"]):
+        session.run(None, {"input_ids": np.full(mask.shape, 5), "attention_mask": mask.astype(np.int64)})
+    assert "W:onnxruntime" not in capfd.readouterr().err

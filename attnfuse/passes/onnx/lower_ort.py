@@ -89,10 +89,12 @@ def _as_4d(value: ir.Value, rank: int, heads: int, probe, builder: Builder) -> i
 
 
 def _as_3d(value: ir.Value, probe, builder: Builder) -> ir.Value:
-    """[batch, seq, heads, head_size] -> [batch, seq, hidden]; rank 3 stays."""
-    if observed(value, probe).ndim == 3:
+    """[batch, seq, heads, head_size] -> [batch, seq, hidden]; rank 3 stays. The hidden size is
+    spelled out: a -1 cannot be inferred when there is no token (a packed batch with none real)."""
+    shape = observed(value, probe).shape
+    if len(shape) == 3:
         return value
-    return builder.op("Reshape", [value, builder.const([0, 0, -1], np.int64)])
+    return builder.op("Reshape", [value, builder.const([0, 0, int(np.prod(shape[2:]))], np.int64)])
 
 
 def _query_key_shape(site, builder: Builder) -> ir.Value:
