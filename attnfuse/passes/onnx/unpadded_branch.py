@@ -1,9 +1,10 @@
 """A batch with no padding skips packing: If(every token is real) the fused graph, else the padding-free one.
 
-When nothing is padded, packing saves nothing and still costs its copies (q, k and v
-restored and the output re-packed at every attention), and ONNX Runtime's CPU
-MultiHeadAttention takes a slower path whenever it is given a key_padding_mask,
-even one of all ones. So the model carries both graphs and picks one per run:
+When nothing is padded, packing saves nothing and still costs its gathers, the
+per-sequence attention loops, and the copies around attention that stays on the
+padded layout; and ONNX Runtime's CPU MultiHeadAttention takes a slower path
+whenever it is given a key_padding_mask, even one of all ones. So the model
+carries both graphs and picks one per run:
 
     full = ReduceMin(mask != 0)
     If(full) then: the fused graph, its key-padding masks dropped (all ones here)
