@@ -12,6 +12,7 @@ from onnx import helper
 
 import attnfuse
 from attnfuse.models import zoo
+from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 
 TOLERANCE = 1e-4
 TEXT_CASES = [c for c in zoo.ZOO if c.kind != "vision" and not (c.family == "bloom" and c.attention == "sdpa")]
@@ -31,6 +32,9 @@ def masks(seqlen: int = 10) -> dict[str, np.ndarray]:
         "length-1": np.array([[1] + [0] * 9, [0] * 9 + [1]]),
         "empty-row": np.array([[1] * 10, [0] * 10, [1] * 4 + [0] * 6]),
         "no-padding": np.ones((2, 10)),
+        # PER_SEQUENCE_WIDTH tokens and more: attention runs one sequence at a time
+        "wide": np.array([[1] * n + [0] * (40 - n) for n in (40, 17, 1, 0)]),
+        "wide-left-holes": np.array([[0] * 5 + [1, 0] * 16 + [1] * 3, [0] * 38 + [1] * 2]),
     }
 
 
@@ -83,11 +87,15 @@ def test_batches_without_padding_take_the_fused_graph(bert):
     unpadded, packed = (branch.attributes[name].as_graph() for name in ("then_branch", "else_branch"))
     ops = lambda graph: collections.Counter(node.op_type for node in graph)  # noqa: E731
     assert ops(unpadded)["NonZero"] == 0 and ops(packed)["NonZero"] == 2
-    assert ops(unpadded)["MultiHeadAttention"] == ops(packed)["Loop"] == 2  # packed: one sequence at a time
+    # packed: each attention one sequence at a time (a Loop), or on the padded layout when rows are short
+    assert ops(unpadded)["MultiHeadAttention"] == ops(packed)["If"] == 2
+    assert collections.Counter(node.op_type for node in packed.all_nodes())["Loop"] == 2
     attention = lambda nodes: [n for n in nodes if n.op_type == "MultiHeadAttention"]  # noqa: E731
-    key_padding = lambda nodes: [len(n.inputs) > 4 and n.inputs[4] is not None for n in attention(nodes)]  # noqa: E731
-    assert key_padding(unpadded) == [False, False] and key_padding(packed.all_nodes()) == [False, False]
-    assert key_padding(attnfuse.optimize_onnx(path, padding_free=False).model.graph) == [True, True]
+    has_mask = lambda node: len(node.inputs) > 4 and node.inputs[4] is not None  # noqa: E731
+    assert not any(has_mask(node) for node in attention(unpadded))
+    assert [has_mask(node) for node in attention(packed.all_nodes())] == \
+        [node.graph.name.endswith("padded_layout") for node in attention(packed.all_nodes())] == [False, True] * 2
+    assert all(has_mask(node) for node in attention(attnfuse.optimize_onnx(path, padding_free=False).model.graph))
     weight_bytes = lambda r: sum(v.const_value.nbytes for v in r.model.graph.initializers.values())  # noqa: E731
     assert weight_bytes(result) <= weight_bytes(attnfuse.optimize_onnx(path, padding_free=False))  # none copied
     assert result.report.fused_ops["MultiHeadAttention"] == 2  # the ops a padded batch runs
@@ -126,3 +134,25 @@ def test_runs_without_warnings(bert, capfd):
     for mask in (masks()["right"], masks()["holes"]):
         session.run(None, {"input_ids": np.full(mask.shape, 5), "attention_mask": mask.astype(np.int64)})
     assert "W:onnxruntime" not in capfd.readouterr().err
+
+
+def test_wide_batches_attend_one_sequence_at_a_time(bert):
+    """With the per-sequence alternative's output zeroed, a batch PER_SEQUENCE_WIDTH tokens wide
+    changes and a narrower one does not."""
+    path, result = bert
+    proto = result.proto
+    (branch,) = [node for node in proto.graph.node if node.op_type == "If"]
+    packed = next(a.g for a in branch.attribute if a.name == "else_branch")
+    for node in (n for n in packed.node if n.op_type == "If"):
+        per_sequence = next(a.g for a in node.attribute if a.name == "then_branch")
+        out = per_sequence.output[0].name
+        per_sequence.node.extend([helper.make_node("Constant", [], [f"{out}/zero"], value_float=0.0),
+                                  helper.make_node("Mul", [out, f"{out}/zero"], [f"{out}/zeroed"])])
+        per_sequence.output[0].name = f"{out}/zeroed"
+    original, zeroed = ort.InferenceSession(path), ort.InferenceSession(proto.SerializeToString())
+    for width, changed in ((PER_SEQUENCE_WIDTH, True), (PER_SEQUENCE_WIDTH - 1, False)):
+        mask = np.array([[1] * width, [1] * (width // 2) + [0] * (width - width // 2)])
+        feeds = {"input_ids": np.full(mask.shape, 5), "attention_mask": mask}
+        real = mask.astype(bool)
+        error = np.abs(original.run(None, feeds)[0][real] - zeroed.run(None, feeds)[0][real]).max()
+        assert (error > 1e-3) == changed

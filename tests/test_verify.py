@@ -14,7 +14,8 @@ from attnfuse.optimizer.errors import VerificationError
 from attnfuse.optimizer.inputs import make_inputs
 from attnfuse.optimizer.io import load_model
 from attnfuse.optimizer.probe import Probe
-from attnfuse.optimizer.verify import check_inputs, compare, verify
+from attnfuse.optimizer.verify import Verifier, check_inputs, compare, verify
+from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 from attnfuse.passes.onnx import Fusion, PassResult
 
 # --- compare -----------------------------------------------------------------
@@ -93,7 +94,17 @@ def test_make_inputs_without_padding_and_the_verifier_checks_such_a_batch():
     inputs = make_inputs(model, batch=3, seqlen=6, seed=0, padding="none")
     assert inputs.feeds["attention_mask"].all() and inputs.real.all()
     checks = check_inputs(model, Probe.capture(model), seed=0)
-    assert [bool(c.real.all()) for c in checks] == [False, False, False, True]
+    assert [bool(c.real.all()) for c in checks] == [False, False, False, True, False]
+    assert checks[-1].feeds["attention_mask"].shape[1] == PER_SEQUENCE_WIDTH  # padding-free's wide branch
+
+
+def test_the_verifier_leaves_out_a_set_the_original_cannot_take():
+    """A wide set the original model fails on (as one with fewer positions would) is left out."""
+    model = load_model(toy_attention_model())
+    checks = check_inputs(model, Probe.capture(model), seed=0)
+    checks[-1].feeds["input_ids"][:] = VOCAB + 100  # past the embedding table: the original fails
+    verifier = Verifier(model, OptimizeConfig(), checks)
+    assert verifier.inputs_list == checks[:-1] and len(verifier.references) == len(checks) - 1
 
 
 def test_make_inputs_static_dims_win():

@@ -19,10 +19,9 @@ from attnfuse.optimizer import io
 from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
 from attnfuse.optimizer.probe import Probe
-from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops
+from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
 from attnfuse.passes.onnx import PassResult, run_passes
-from attnfuse.passes.onnx.unpadded_branch import in_unpadded_branch
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 Progress = Callable[[str], None]
@@ -180,8 +179,7 @@ def _report(
         attention_mode=config.attention,
         sites=attempt.passes.sites,
         fusions=attempt.passes.fusions,
-        fused_ops=count_fused_ops([(node.domain, node.op_type) for node in attempt.model.graph.all_nodes()
-                                   if not in_unpadded_branch(node)]),  # the ops a padded batch runs
+        fused_ops=count_fused_ops(ops_on_one_path(attempt.model.graph)),
         verify=attempt.verify,
         rolled_back=list(rolled_back),
         seconds=seconds,

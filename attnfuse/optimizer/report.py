@@ -7,6 +7,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import onnx_ir as ir
+
 from attnfuse.passes.site import AttentionSite
 
 
@@ -71,6 +73,18 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def ops_on_one_path(graph) -> list[tuple[str, str]]:
+    """(domain, op_type) of the nodes one run takes: an If's else branch only (padding-free's
+    packed graph, the ops a padded batch runs), a Loop's body once."""
+    ops = []
+    for node in graph:
+        ops.append((node.domain, node.op_type))
+        for name, attribute in node.attributes.items():
+            if attribute.type == ir.AttributeType.GRAPH and (node.op_type != "If" or name == "else_branch"):
+                ops.extend(ops_on_one_path(attribute.value))
+    return ops
 
 
 def count_fused_ops(op_types: list[tuple[str, str]]) -> dict[str, int]:

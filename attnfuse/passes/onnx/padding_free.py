@@ -25,6 +25,7 @@ TOKENS, ROWS = "tokens", "rows"
 
 _UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity"}
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
+PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 _FUSED_TOKEN_WISE = {"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
 
 
@@ -221,6 +222,16 @@ class Packer:
         return rows, count
 
     @functools.cached_property
+    def wide_rows(self) -> ir.Value:
+        """bool scalar: the batch is padded to at least PER_SEQUENCE_WIDTH tokens."""
+        b = Builder(f"{NAME}/sequences")
+        width = b.op("Squeeze", [b.op("Slice", [self.batch_seq, b.const([1], np.int64), b.const([2], np.int64)]),
+                                 b.const([0], np.int64)])
+        wide = b.op("GreaterOrEqual", [width, b.const(PER_SEQUENCE_WIDTH, np.int64)])
+        self._insert_after(self.batch_seq, b)
+        return wide
+
+    @functools.cached_property
     def token_offsets(self) -> ir.Value:
         """PackedMultiHeadAttention's token_offset [B, S], int32: real positions first, then padded ones."""
         b = Builder(f"{NAME}/sequences")
@@ -247,31 +258,37 @@ class Packer:
         if id(value) not in self._packed:
             form = self.layout.form(value)
             b = Builder(f"{NAME}/pack")
-            if form.kind == TOKENS:
-                rows = b.op("Reshape", [value, self._shape(b, [b.const([-1], np.int64)], value, start=2)])
-                packed = b.op("Unsqueeze", [b.op("Gather", [rows, self.index], {"axis": 0}), b.const([0], np.int64)])
-            else:
-                packed = b.op("Gather", [value, self.index], {"axis": 0})
+            packed = self.pack(b, value, form)
             self._insert_after(value, b)
             self.mark_packed(packed, form)
             self._packed[id(value)] = packed
         return self._packed[id(value)]
 
+    def pack(self, b: Builder, value: ir.Value, form: Form) -> ir.Value:
+        """`value`'s real tokens, built with `b`."""
+        if form.kind == ROWS:
+            return b.op("Gather", [value, self.index], {"axis": 0})
+        rows = b.op("Reshape", [value, self._shape(b, [b.const([-1], np.int64)], value, start=2)])
+        return b.op("Unsqueeze", [b.op("Gather", [rows, self.index], {"axis": 0}), b.const([0], np.int64)])
+
     def padded(self, value: ir.Value) -> ir.Value:
         """The padded layout back, zeros at padded positions."""
         if id(value) not in self._padded:
-            form = self.layout.form(value)
             b = Builder(f"{NAME}/restore")
-            rows = b.op("Squeeze", [value, b.const([0], np.int64)]) if form.kind == TOKENS else value
-            rows_rank = form.rank - form.lead + 1
-            pads = np.zeros(2 * rows_rank, np.int64)
-            pads[rows_rank] = 1  # one zero row after the last token
-            gathered = b.op("Gather", [b.op("Pad", [rows, b.const(pads)]), self.source], {"axis": 0})
-            if form.kind == TOKENS:
-                gathered = b.op("Reshape", [gathered, self._shape(b, [self.batch_seq], value, start=2)])
-            self._padded[id(value)] = gathered
+            self._padded[id(value)] = self.restore(b, value, self.layout.form(value))
             self._insert_after(value, b)
         return self._padded[id(value)]
+
+    def restore(self, b: Builder, value: ir.Value, form: Form) -> ir.Value:
+        """Packed `value` in the padded layout, zeros at padded positions, built with `b`."""
+        rows = b.op("Squeeze", [value, b.const([0], np.int64)]) if form.kind == TOKENS else value
+        rows_rank = form.rank - form.lead + 1
+        pads = np.zeros(2 * rows_rank, np.int64)
+        pads[rows_rank] = 1  # one zero row after the last token
+        gathered = b.op("Gather", [b.op("Pad", [rows, b.const(pads)]), self.source], {"axis": 0})
+        if form.kind == TOKENS:
+            gathered = b.op("Reshape", [gathered, self._shape(b, [self.batch_seq], value, start=2)])
+        return gathered
 
     def padded_shape(self, value: ir.Value) -> ir.Value:
         """Shape(padded value), without restoring it."""
@@ -369,11 +386,24 @@ def _attend_packed(node: ir.Node, packer: Packer) -> None:
     _replace_attention(node, b, b.op("Unsqueeze", [out, token_dim]), packer)
 
 
-def _attend_per_sequence(node: ir.Node, packer: Packer) -> None:
-    """MultiHeadAttention on padded q, k, v -> a Loop over the sequences, MultiHeadAttention on
-    each one's packed rows (ORT CPU). No padded copies of q, k, v, no scores for padded keys,
-    and no mask: ONNX Runtime's CPU MultiHeadAttention takes a slower path whenever it has one."""
+def _attend_cpu(node: ir.Node, packer: Packer) -> None:
+    """MultiHeadAttention on padded q, k, v, for ONNX Runtime's CPU provider, which has no packed
+    attention: If(the batch is padded to PER_SEQUENCE_WIDTH tokens or more) one sequence at a time,
+    else on the padded layout. Either way its output comes back packed."""
     q, k, v = (packer.packed(x) for x in node.inputs[:3])  # [1, n, hidden]
+    alternatives = {"then_branch": _per_sequence(node, packer, q, k, v),
+                    "else_branch": _on_padded_layout(node, packer, q, k, v)}
+    b = Builder(f"{NAME}/attention")
+    out = b.op("If", [packer.wide_rows], {name: ir.AttrGraph(name, graph) for name, graph in alternatives.items()},
+               name=f"{node.name}/If")
+    _replace_attention(node, b, out, packer)
+
+
+def _per_sequence(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
+    """A Loop over the sequences with any real token, MultiHeadAttention on each one's packed rows:
+    no padded copies of q, k, v, no scores for padded keys, and no mask (ONNX Runtime's CPU
+    MultiHeadAttention takes a slower path whenever it has one). Each step costs some 50 us, so
+    short rows do better on the padded layout."""
     bias = node.inputs[3] if len(node.inputs) > 3 else None
     rows, count = packer.nonempty_rows
     cumulative = packer.cumulative_lengths
@@ -388,7 +418,7 @@ def _attend_per_sequence(node: ir.Node, packer: Packer) -> None:
     token_axis = body.const([1], np.int32)
     q_row, k_row, v_row = (body.op("Slice", [x, start, end, token_axis]) for x in (q, k, v))
     attended = body.op("MultiHeadAttention", [q_row, k_row, v_row, bias], _heads_and_scale(node), domain=MS_DOMAIN,
-                       name=node.name)
+                       name=f"{node.name}/one_sequence")
     appended = body.op("SequenceInsert", [outputs, attended])
     body_graph = ir.Graph([step, going, outputs], [body.op("Identity", [going]), appended], nodes=body.nodes,
                           name=f"{node.name}/sequence")
@@ -397,11 +427,22 @@ def _attend_per_sequence(node: ir.Node, packer: Packer) -> None:
     nothing = b.const([0], np.int32)
     start_with = b.op("SequenceConstruct", [b.op("Slice", [q, nothing, nothing, b.const([1], np.int32)])])  # [1, 0, hidden]
     every = b.op("Loop", [count, None, start_with], {"body": ir.AttrGraph("body", body_graph)},
-                 name=node.name.replace("MultiHeadAttention", "PerSequenceAttention"))
-    _replace_attention(node, b, b.op("ConcatFromSequence", [every], {"axis": 1}), packer)
+                 name=f"{node.name}/Loop")
+    packed = b.op("ConcatFromSequence", [every], {"axis": 1})
+    return ir.Graph([], [packed], nodes=b.nodes, name=f"{node.name}/per_sequence")
 
 
-ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_per_sequence}
+def _on_padded_layout(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
+    """q, k, v restored to the padded layout, MultiHeadAttention with its mask, the result packed."""
+    b = Builder(f"{NAME}/attention")
+    padded = [packer.restore(b, x, Form(TOKENS, 3)) for x in (q, k, v)]
+    attended = b.op("MultiHeadAttention", [*padded, *node.inputs[3:]], _heads_and_scale(node), domain=MS_DOMAIN,
+                    name=node.name)
+    packed = packer.pack(b, attended, Form(TOKENS, 3))
+    return ir.Graph([], [packed], nodes=b.nodes, name=f"{node.name}/padded_layout")
+
+
+ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_cpu}
 
 
 def _heads_and_scale(node: ir.Node) -> dict:

@@ -51,12 +51,6 @@ def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[
     graph.extend(b.nodes)
 
 
-def in_unpadded_branch(node: ir.Node) -> bool:
-    """Whether `node` runs only on batches without padding (the report counts the other path)."""
-    graph = node.graph
-    return graph is not None and graph.name == UNPADDED
-
-
 def _share_outer_values(graph: ir.Graph, fused: ir.Graph) -> None:
     """Point `fused`'s readers of inputs and weights at `graph`'s own, so that both branches
     read the same ones; a weight that padding-free left unused in `graph` moves there."""
