@@ -57,3 +57,13 @@ def test_quick_run_checks_every_contender_against_torch(tmp_path):
     assert fused["ORT"] == "0/6" and all(fused[name] == "6/6" for name in bench.ONNX_CONTENDERS[1:])
     bench.plot(results, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def test_each_round_starts_one_contender_later():
+    """Every contender runs at every place of a round: what ran before it moves its time."""
+    from attnfuse.tools.timing import interleaved_medians
+
+    order: list[str] = []
+    runners = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    interleaved_medians(runners, repeats=3, warmup=0)
+    assert order == list("abc" "bca" "cab")

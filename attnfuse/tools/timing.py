@@ -29,16 +29,20 @@ def ort_session(model, threads: int | None = None):
 def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 1,
                         desc: str = "timing") -> dict[str, float]:
     """Median seconds of each runner. Runs go round-robin so that the machine's drift
-    (other load, clocks) falls on every contender alike."""
+    (other load, clocks) falls on every contender alike, and each round starts one contender
+    later: a contender's place in the round (what ran just before it) moved its time by a few
+    percent here."""
     for run in runners.values():
         for _ in range(warmup):
             run()
-    samples: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    samples: dict[str, list[float]] = {name: [] for name in names}
     with tqdm(total=repeats * len(runners), desc=desc, leave=False, disable=None) as bar:
-        for _ in range(repeats):
-            for name, run in runners.items():
+        for round_ in range(repeats):
+            shift = round_ % len(names)
+            for name in names[shift:] + names[:shift]:
                 start = time.perf_counter()
-                run()
+                runners[name]()
                 samples[name].append(time.perf_counter() - start)
                 bar.update()
     return {name: statistics.median(times) for name, times in samples.items()}
