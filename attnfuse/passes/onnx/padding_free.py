@@ -225,8 +225,7 @@ class Packer:
     def wide_rows(self) -> ir.Value:
         """bool scalar: the batch is padded to at least PER_SEQUENCE_WIDTH tokens."""
         b = Builder(f"{NAME}/sequences")
-        width = b.op("Squeeze", [b.op("Slice", [self.batch_seq, b.const([1], np.int64), b.const([2], np.int64)]),
-                                 b.const([0], np.int64)])
+        width = b.op("Gather", [self.batch_seq, b.const(1, np.int64)])  # a scalar
         wide = b.op("GreaterOrEqual", [width, b.const(PER_SEQUENCE_WIDTH, np.int64)])
         self._insert_after(self.batch_seq, b)
         return wide
