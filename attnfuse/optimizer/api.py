@@ -18,6 +18,7 @@ import onnx_ir as ir
 from attnfuse.optimizer import io
 from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
+from attnfuse.optimizer.inputs import InputPlan
 from attnfuse.optimizer.probe import Probe
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
@@ -72,14 +73,14 @@ def optimize_onnx(
     stage("load")
     original = io.load_model(model)
     stage("probe")
-    probe = Probe.capture(original, seed=config.seed)
+    probe = capture(original, config)
     stage("rewrite")
     checked = checkable(config)
     attempt = _rewrite(original, probe, checked)
     rolled_back: dict[str, str] = {}
     if config.verify:
         stage("verify")
-        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed))
+        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed), probe.run_count)
         attempt, rolled_back = _verified(attempt, original, probe, checked, verifier, stage)
     if checked is not config:
         # The verified rewrites again, with the target's own ops (CUDA-only ones that this
@@ -98,8 +99,13 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     config = make_config(config, overrides)
     start = time.perf_counter()
     original = io.load_model(model)
-    attempt = _rewrite(original, Probe.capture(original, seed=config.seed), config)
+    attempt = _rewrite(original, capture(original, config), config)
     return _report(model, config, attempt, {}, time.perf_counter() - start)
+
+
+def capture(original: ir.Model, config: OptimizeConfig) -> Probe:
+    """The probe of the original, on inputs made for it (with the user's input shapes)."""
+    return Probe.capture(original, seed=config.seed, plan=InputPlan(original, config.input_shapes))
 
 
 def checkable(config: OptimizeConfig) -> OptimizeConfig:
