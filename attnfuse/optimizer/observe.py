@@ -9,9 +9,10 @@ different values and stay unobserved.
 """
 from __future__ import annotations
 
-import onnx_ir as ir
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from attnfuse.optimizer.errors import first_line
 from attnfuse.optimizer.io import session
@@ -67,6 +68,8 @@ def inline_branches(model: ir.Model, choices: Choices) -> ir.Model:
             break
         for node in chosen:
             _inline(copy.graph, node, choices[node.name])
+    if choices:  # weights only the branches not taken read (ONNX Runtime warns of them at load)
+        RemoveUnusedNodesPass()(copy)
     return copy
 
 

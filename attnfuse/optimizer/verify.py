@@ -15,6 +15,7 @@ from attnfuse.optimizer.errors import first_line
 from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.report import VerifyResult
+from attnfuse.passes import precision
 from attnfuse.passes.modes import parse_attention
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 
@@ -85,11 +86,6 @@ def _scale(ref: np.ndarray) -> float:
 # a decode step over a longer cache and a continued prompt without padding.
 CHECK_CASES = (Case(3, 12, "left"), Case(2, 9, "none"), Case(2, PER_SEQUENCE_WIDTH))
 CACHE_CHECK_CASES = (Case(3, 1, "left", past=9), Case(2, 3, "none", past=4))
-# The default tolerance, relative to each output's scale, by the model's float type: a fused op
-# sums in another order, which moves a result by a few units in the last place of the dtype,
-# and a few layers add them up (see README, "Verification").
-TOLERANCES = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 1e-2, np.dtype(np.float64): 1e-4}
-BFLOAT16_TOLERANCE = 5e-2
 
 
 def check_inputs(model: ir.Model, probe: Any, seed: int = 0) -> list[CheckInputs]:
@@ -102,11 +98,9 @@ def check_inputs(model: ir.Model, probe: Any, seed: int = 0) -> list[CheckInputs
 
 
 def model_tolerance(model: ir.Model) -> float:
-    """The default tolerance for the model's lowest-precision float output."""
-    dtypes = [out.dtype for out in model.graph.outputs if out.dtype is not None and out.dtype.is_floating_point()]
-    if any(dtype == ir.DataType.BFLOAT16 for dtype in dtypes):
-        return BFLOAT16_TOLERANCE
-    return max((TOLERANCES.get(dtype.numpy(), 1e-4) for dtype in dtypes), default=1e-4)
+    """The default tolerance (passes/precision.py) of the model's least precise float output."""
+    dtypes = [out.dtype.numpy() for out in model.graph.outputs if out.dtype is not None and out.dtype.is_floating_point()]
+    return max((precision.tolerance(dtype) for dtype in dtypes), default=precision.FLOAT32)
 
 
 def providers(target: str) -> list[str]:

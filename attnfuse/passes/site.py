@@ -42,6 +42,7 @@ class AttentionSite:
     alibi_slopes: list[float] | None = None
     fused: bool = False
     reason: str | None = None
+    already_fused: bool = False  # a fused op the input model came with (kept as it is)
     # Graph references, filled by the matcher of each side.
     q: Any = None
     k: Any = None
@@ -55,6 +56,7 @@ class AttentionSite:
             "name": self.name,
             "fused": self.fused,
             "reason": self.reason,
+            "already_fused": self.already_fused,
             "num_heads": self.num_heads,
             "head_size": self.head_size,
             "scale": self.scale,
