@@ -19,8 +19,9 @@ The classes, as those producers write them (read from them, no code copied):
   `past_key_values.N.key/value` in, `logits`, `present.N.key/value` out, dims
   `batch_size`, `sequence_length`, `past_sequence_length`,
   `past_sequence_length + sequence_length`; merged decoders (an If on the bool input
-  `use_cache_branch`, each branch the whole decoder); seq2seq decoders with self and
-  encoder caches and BART's 3-D [B*H, S, D] attention.
+  `use_cache_branch`, each branch the whole decoder); BLOOM's caches with heads merged
+  into the batch (`batch_size x num_heads`); seq2seq decoders with self and encoder
+  caches and BART's 3-D [B*H, S, D] attention.
 - A ViT whose position embeddings fix the image size at 224.
 - com.microsoft ops (EmbedLayerNormalization, SkipLayerNormalization, FastGelu) upstream
   of unfused attention: a file another optimizer already went over.
@@ -29,13 +30,13 @@ The classes, as those producers write them (read from them, no code copied):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 from scipy.special import erf
-from spellings import FLOAT32_MIN, GraphBuilder, make_model
+from spellings import FLOAT32_MIN, GraphBuilder, alibi_slopes, make_model
 
 EPS = 1e-5
 MASK_FILL = -10000.0  # the additive mask of BERT-era graphs: (1 - m) * -10000
@@ -50,7 +51,12 @@ class Batch:
     feeds: Feeds
     # bool [B, S]: the positions whose outputs count (None: all); padded ones are zero after padding-free
     real: np.ndarray | None
-    real_keys: np.ndarray | None = None  # bool [B, past + S]: the positions of `present*` caches that count
+    real_keys: np.ndarray | None = None  # bool [B, past + S]: the positions of caches that count
+
+
+# A cache's axes: b batch, h heads, t past + new positions, d head size, "2" key and value
+# stacked, "bh" batch and heads merged into one axis.
+BHTD = ("b", "h", "t", "d")
 
 
 @dataclass
@@ -61,6 +67,23 @@ class ForeignGraph:
     reference: Callable[[Feeds], Feeds]  # numpy, from the maths: output name -> value
     batches: list[Batch]
     onnx_valid: bool = True  # False where ONNX's checker rejects what ONNX Runtime runs
+    caches: dict[str, tuple[str, ...]] = field(default_factory=dict)  # cache output -> its axes
+
+
+def real_part(array, batch: Batch, cache_axes: tuple[str, ...] | None = None) -> np.ndarray:
+    """The positions of an output that count: a cache (laid out as `cache_axes`) at the
+    real keys, a token output ([B, S, ...]) at the real tokens, anything else whole."""
+    array = np.asarray(array, np.float64)
+    if cache_axes is not None and batch.real_keys is not None:
+        b, shape, axes = batch.real_keys.shape[0], [], []
+        for axis, size in zip(cache_axes, array.shape):  # a merged "bh" axis as two
+            shape += [b, size // b] if axis == "bh" else [size]
+            axes += ["b", "h"] if axis == "bh" else [axis]
+        array = np.moveaxis(array.reshape(shape), (axes.index("b"), axes.index("t")), (0, 1))
+        return array[batch.real_keys]
+    if batch.real is not None and array.shape[:2] == batch.real.shape:
+        return array[batch.real]
+    return array
 
 
 # ------------------------------------------------------------------------- numpy
@@ -102,9 +125,12 @@ def np_attention(q, k, v, scale, bias=0.0, allowed=None):
     scores = q @ np.swapaxes(k, -1, -2) * scale
     if allowed is not None:
         scores = np.where(allowed, scores, MASK_FILL)
-    scores = scores + bias
+    return np_softmax(scores + bias) @ v
+
+
+def np_softmax(scores):
     probs = np.exp(scores - scores.max(-1, keepdims=True))
-    return (probs / probs.sum(-1, keepdims=True)) @ v
+    return probs / probs.sum(-1, keepdims=True)
 
 
 def np_self_attention(x, w, heads, bias=0.0):
@@ -497,7 +523,7 @@ def gpt2_with_past(hidden=16, heads=4, max_seq=32, opset=17) -> ForeignGraph:
                 "past": rng.normal(size=(2, b, heads, past, d)).astype(np.float32)}
 
     batches = [Batch(case, feeds(real, past, new), real[:, past:], real) for case, real, past, new in cache_cases(3)]
-    return ForeignGraph("gpt2_past", model, 1, reference, batches)
+    return ForeignGraph("gpt2_past", model, 1, reference, batches, caches={"present": ("2", *BHTD)})
 
 
 # ----------------------------------------------------------- Optimum's decoders
@@ -617,7 +643,8 @@ def optimum_decoder_with_past(spec: Decoder = Decoder()) -> ForeignGraph:
 
     batches = [Batch(case, spec.feeds(rng, real, past, new), real[:, past:], real)
                for case, real, past, new in cache_cases(3)]
-    return ForeignGraph("optimum_decoder_with_past", model, spec.layers, reference, batches)
+    caches = dict.fromkeys(spec.cache_names("present"), BHTD)
+    return ForeignGraph("optimum_decoder_with_past", model, spec.layers, reference, batches, caches=caches)
 
 
 def optimum_merged_decoder(spec: Decoder = Decoder(layers=1)) -> ForeignGraph:
@@ -646,7 +673,102 @@ def optimum_merged_decoder(spec: Decoder = Decoder(layers=1)) -> ForeignGraph:
     for case, real in padding_cases(3, 6):  # the first step: no cache yet, its inputs empty
         feeds = {**spec.feeds(rng, real, 0, 6), "use_cache_branch": np.array([False])}
         batches.append(Batch(f"branch else, {case}", feeds, real, real))
-    return ForeignGraph("optimum_merged_decoder", model, 2 * spec.layers, reference, batches)
+    caches = dict.fromkeys(spec.cache_names("present"), BHTD)
+    return ForeignGraph("optimum_merged_decoder", model, 2 * spec.layers, reference, batches, caches=caches)
+
+
+def optimum_bloom_with_past(spec: Decoder = Decoder(layers=1)) -> ForeignGraph:
+    """Optimum's BLOOM decoder with past: caches laid out [B*H, D, P] (key) and [B*H, P, D]
+    (value), their first dim named `batch_size x num_heads` (a product of dims); q, k, v
+    packed per head ([B, S, H, 3, D]); ALiBi from the mask's running count; 3-D attention
+    as baddbmm exports it; finfo.min where masked."""
+    rng = np.random.default_rng(20)
+    H, D, hidden = spec.heads, spec.head_size, spec.hidden
+    g = GraphBuilder(constants_as_nodes=True, opset=spec.opset)
+    w = {"wte": dense(rng, spec.vocab, hidden), "mlp": mlp_weights(rng, hidden, 4 * hidden),
+         **{n: norm_weights(rng, hidden) for n in ("ln_emb", "ln_1", "ln_2", "ln_f")},
+         "wqkv": dense(rng, hidden, 3 * hidden), "bqkv": vector(rng, 3 * hidden),
+         "wo": dense(rng, hidden, hidden), "bo": vector(rng, hidden)}
+    slopes = alibi_slopes(H)
+    past_k, past_v = spec.cache_names("past_key_values")
+    present_k, present_v = spec.cache_names("present")
+
+    def concat(*parts):  # a shape from dims (1-element tensors) and numbers
+        return g.op("Concat", *(g.i64([p]) if isinstance(p, int) else p for p in parts), axis=0)
+
+    def norm(x, params):  # opset 14: decomposed
+        return layer_norm(g, x, *params, style="decomposed")
+
+    h = norm(g.op("Gather", g.weight(w["wte"], "word_embeddings"), "input_ids", axis=0), w["ln_emb"])
+    batch, new = g.dim("input_ids", 0), g.size("input_ids", 1)
+    mask = g.op("Cast", "attention_mask", to=TensorProto.FLOAT)
+    # ALiBi: slope[h] * ((cumsum(m) - 1) * m), as [B*H, 1, T]
+    counts = g.op("Mul", g.op("Sub", g.op("CumSum", mask, g.i64(1)), g.f32(1.0)), mask)
+    alibi = g.op("Mul", g.f32(slopes.reshape(1, H, 1)), g.unsqueeze(counts, [1]))
+    alibi = g.op("Reshape", alibi, concat(-1, 1, g.dim("attention_mask", 1)))
+    total = g.size("attention_mask", 1)
+    queries = g.op("Add", g.op("Range", g.i64(0), new, g.i64(1)), g.op("Sub", total, new))
+    future = g.op("Greater", g.unsqueeze(g.op("Range", g.i64(0), total, g.i64(1)), [0]), g.unsqueeze(queries, [1]))
+    padded = g.op("Not", g.op("Cast", g.unsqueeze("attention_mask", [1, 2]), to=TensorProto.BOOL))
+    masked = g.op("Or", future, padded)  # [B, 1, S, T]
+
+    a = norm(h, w["ln_1"])
+    fused = g.op("Reshape", linear(g, a, w["wqkv"], w["bqkv"], name="query_key_value"), concat(batch, -1, H, 3, D))
+    q, k, v = (g.squeeze(t, [3]) for t in g.split(fused, [1, 1, 1], axis=3))  # each [B, S, H, D]
+    q = g.op("Reshape", g.op("Transpose", q, perm=[0, 2, 1, 3]), concat(-1, g.dim(q, 1), D))  # [B*H, S, D]
+    k = g.op("Reshape", g.op("Transpose", k, perm=[0, 2, 3, 1]), concat(-1, D, g.dim(k, 1)))  # [B*H, D, S]
+    v = g.op("Reshape", g.op("Transpose", v, perm=[0, 2, 1, 3]), concat(-1, g.dim(v, 1), D))  # [B*H, S, D]
+    k = g.rename(g.op("Concat", past_k, k, axis=2), present_k)
+    v = g.rename(g.op("Concat", past_v, v, axis=1), present_v)
+    scores = g.op("Add", alibi, g.op("Mul", g.op("MatMul", q, k), g.f32(D**-0.5)))  # baddbmm(alibi, q, k)
+    scores = g.op("Reshape", scores, concat(batch, H, g.dim(scores, 1), g.dim(scores, 2)))
+    probs = g.op("Softmax", g.op("Where", masked, g.f32(FLOAT32_MIN), scores), axis=-1)
+    probs = g.op("Reshape", probs, concat(-1, g.dim(probs, 2), g.dim(probs, 3)))
+    ctx = g.op("MatMul", probs, v)  # [B*H, S, D]
+    ctx = g.op("Transpose", g.op("Reshape", ctx, concat(batch, H, g.dim(ctx, 1), D)), perm=[0, 2, 1, 3])
+    ctx = g.op("Reshape", ctx, concat(batch, g.dim(ctx, 1), hidden))
+    h = g.op("Add", h, linear(g, ctx, w["wo"], w["bo"], name="dense"))
+    h = g.op("Add", h, mlp(g, norm(h, w["ln_2"]), w["mlp"], gelu_tanh))
+    logits = g.op("MatMul", norm(h, w["ln_f"]), g.weight(w["wte"].T.copy(), "lm_head"))
+    g.rename(logits, "logits")
+
+    heads_dim, total_dim = "batch_size x num_heads", "past_sequence_length + sequence_length"
+    tokens = token_dims()
+    inputs = [value("input_ids", TensorProto.INT64, tokens),
+              value("attention_mask", TensorProto.INT64, ["batch_size", total_dim]),
+              value(past_k, TensorProto.FLOAT, [heads_dim, D, "past_sequence_length"]),
+              value(past_v, TensorProto.FLOAT, [heads_dim, "past_sequence_length", D])]
+    outputs = [value("logits", TensorProto.FLOAT, [*tokens, spec.vocab]),
+               value(present_k, TensorProto.FLOAT, [heads_dim, D, total_dim]),
+               value(present_v, TensorProto.FLOAT, [heads_dim, total_dim, D])]
+    model = make_model(g, "bloom_with_past", inputs, outputs)
+
+    def reference(feeds):
+        f = in64(feeds)
+        ids, m = f["input_ids"], f["attention_mask"].astype(np.float64)
+        b, s = ids.shape
+        h = np_layer_norm(w["wte"][ids].astype(np.float64), *w["ln_emb"])
+        qkv = (np_layer_norm(h, *w["ln_1"]) @ w["wqkv"] + w["bqkv"]).reshape(b, s, H, 3, D)
+        q, k, v = (qkv[:, :, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B, H, S, D]
+        k = np.concatenate([f[past_k].reshape(b, H, D, -1).transpose(0, 1, 3, 2), k], 2)
+        v = np.concatenate([f[past_v].reshape(b, H, -1, D), v], 2)
+        alibi = slopes[None, :, None, None] * ((np.cumsum(m, 1) - 1) * m)[:, None, None, :]
+        allowed = causal(s, m.shape[1]) & m.astype(bool)[:, None, None, :]
+        scores = np.where(allowed, alibi + q @ np.swapaxes(k, -1, -2) * D**-0.5, FLOAT32_MIN)
+        h = h + np_merge(np_softmax(scores) @ v) @ w["wo"] + w["bo"]
+        h = h + np_mlp(np_layer_norm(h, *w["ln_2"]), w["mlp"], np_gelu_tanh)
+        present = {present_k: k.transpose(0, 1, 3, 2).reshape(b * H, D, -1), present_v: v.reshape(b * H, -1, D)}
+        return {"logits": np_layer_norm(h, *w["ln_f"]) @ w["wte"].T, **present}
+
+    def feeds(real, past, new):
+        b = real.shape[0]
+        return {"input_ids": rng.integers(0, spec.vocab, (b, new)), "attention_mask": real.astype(np.int64),
+                past_k: rng.normal(size=(b * H, D, past)).astype(np.float32),
+                past_v: rng.normal(size=(b * H, past, D)).astype(np.float32)}
+
+    batches = [Batch(case, feeds(real, past, new), real[:, past:], real) for case, real, past, new in cache_cases(3)]
+    caches = {present_k: ("bh", "d", "t"), present_v: ("bh", "t", "d")}
+    return ForeignGraph("optimum_bloom_with_past", model, spec.layers, reference, batches, caches=caches)
 
 
 # ------------------------------------------------------ Optimum's seq2seq decoder
@@ -757,7 +879,8 @@ def seq2seq_decoder_with_past(hidden=16, heads=2, vocab=40, opset=14) -> Foreign
     for past, new in ((0, 3), (4, 1), (4, 2)):
         for case, real in padding_cases(3, 5):  # the encoder's padding; every decoder token is real
             batches.append(Batch(f"encoder {case}, past {past}, {new} new", feeds(real, past, new), None))
-    return ForeignGraph("seq2seq_decoder_with_past", model, 2, reference, batches)
+    caches = {f"present.0.decoder.{kv}": BHTD for kv in ("key", "value")}
+    return ForeignGraph("seq2seq_decoder_with_past", model, 2, reference, batches, caches=caches)
 
 
 # ------------------------------------------------------------------------- ViT
@@ -959,6 +1082,7 @@ FOREIGN_GRAPHS: dict[str, Callable[[], ForeignGraph]] = {
     "gpt2_past": gpt2_with_past,
     "optimum_decoder_with_past": optimum_decoder_with_past,
     "optimum_merged_decoder": optimum_merged_decoder,
+    "optimum_bloom_with_past": optimum_bloom_with_past,
     "seq2seq_decoder_with_past": seq2seq_decoder_with_past,
     "vit_224": vit_224,
     **{f"{op}_upstream": (lambda op=op: microsoft_op_upstream(op)) for op in UPSTREAM_OPS},

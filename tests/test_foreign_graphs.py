@@ -13,7 +13,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from foreign_graphs import FOREIGN_GRAPHS, UNDEFINED_TENSOR, Batch, ForeignGraph, reads_undefined_tensor, real_tokens
+from foreign_graphs import (
+    FOREIGN_GRAPHS,
+    UNDEFINED_TENSOR,
+    Batch,
+    ForeignGraph,
+    reads_undefined_tensor,
+    real_part,
+    real_tokens,
+)
 from spellings import TOLERANCE, to_float16
 from test_cli import one_error_line
 from test_io import toy_attention_model
@@ -47,23 +55,14 @@ def run(model: onnx.ModelProto | str, feeds: dict[str, np.ndarray]) -> dict[str,
     return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
 
 
-def real_part(name: str, array: np.ndarray, batch: Batch) -> np.ndarray:
-    """The positions that count: caches (`present*`, [..., B, H, T, D]) at the real keys,
-    token outputs ([B, S, ...]) at the real tokens, anything else whole."""
-    array = np.asarray(array, np.float64)
-    if name.startswith("present") and batch.real_keys is not None:
-        return np.moveaxis(array, (-4, -2), (0, 1))[batch.real_keys]
-    if batch.real is not None and array.shape[:2] == batch.real.shape:
-        return array[batch.real]
-    return array
-
-
-def assert_same_outputs(expected: dict, got: dict, batch: Batch, tolerance: float) -> None:
-    """Every output within `tolerance` of its largest magnitude, at the positions that count."""
+def assert_same_outputs(expected: dict, got: dict, batch: Batch, tolerance: float, caches: dict | None = None):
+    """Every output within `tolerance` of its largest magnitude, at the positions that count
+    (`caches`: the axes of the cache outputs)."""
     assert set(got) == set(expected), f"{batch.case}: outputs {sorted(got)} instead of {sorted(expected)}"
     for name, reference in expected.items():
         assert np.shape(got[name]) == np.shape(reference), f"{batch.case}: {name} {np.shape(got[name])}"
-        ref, out = real_part(name, reference, batch), real_part(name, got[name], batch)
+        axes = (caches or {}).get(name)
+        ref, out = real_part(reference, batch, axes), real_part(got[name], batch, axes)
         error = float(np.abs(ref - out).max()) / max(float(np.abs(ref).max()), 1e-30)
         assert error <= tolerance, f"{batch.case}: {name} off by {error:.3g} (relative), allowed {tolerance:g}"
 
@@ -115,7 +114,7 @@ def test_builder_runs_in_onnxruntime_and_matches_numpy(name):
     if graph.onnx_valid:
         onnx.checker.check_model(graph.model, full_check=True)
     for batch in graph.batches:
-        assert_same_outputs(graph.reference(batch.feeds), run(graph.model, batch.feeds), batch, 1e-5)
+        assert_same_outputs(graph.reference(batch.feeds), run(graph.model, batch.feeds), batch, 1e-5, graph.caches)
     # The batches really have padding wherever the graph takes a mask.
     masks = [i.name for i in graph.model.graph.input if "mask" in i.name]
     assert all(any((batch.feeds[m] == 0).any() for batch in graph.batches) for m in masks)
@@ -145,7 +144,7 @@ def test_output_equals_the_original_on_padded_batches(name):
     graph, result = foreign(name), optimized(name)
     for batch in graph.batches:
         expected = run(graph.model, batch.feeds)
-        assert_same_outputs(expected, run(result.proto, batch.feeds), batch, TOLERANCE["float32"])
+        assert_same_outputs(expected, run(result.proto, batch.feeds), batch, TOLERANCE["float32"], graph.caches)
 
 
 def has_input(graph: ForeignGraph, word: str) -> bool:
@@ -177,7 +176,7 @@ def test_command_line_exits_0_and_reports(name, tmp_path, capsys):
     assert report["attention"]["fused"] == report["attention"]["total"] == graph.sites
     batch = graph.batches[-1]
     written = run(str(tmp_path / "out.onnx"), batch.feeds)
-    assert_same_outputs(run(graph.model, batch.feeds), written, batch, TOLERANCE["float32"])
+    assert_same_outputs(run(graph.model, batch.feeds), written, batch, TOLERANCE["float32"], graph.caches)
     assert (report["status"], report["error"]) == ("ok", None)
 
 
@@ -283,12 +282,14 @@ def zoo_batch(case: zoo.ZooCase, side: str = "right", dtype=np.float32) -> Batch
     return Batch(f"{side} padding", feeds, real_tokens([11, 6, 1, 9], 11, side))
 
 
-def zoo_source(case: zoo.ZooCase) -> tuple[onnx.ModelProto, list[Batch]]:
-    return onnx.load(zoo.exported(case)), [zoo_batch(case, side) for side in ("right", "left")]
+def zoo_source(case: zoo.ZooCase) -> tuple[onnx.ModelProto, list[Batch], dict]:
+    """The model, batches to compare on, and its caches' axes (none)."""
+    return onnx.load(zoo.exported(case)), [zoo_batch(case, side) for side in ("right", "left")], {}
 
 
-def foreign_source(name: str) -> tuple[onnx.ModelProto, list[Batch]]:
-    return foreign(name).model, foreign(name).batches
+def foreign_source(name: str) -> tuple[onnx.ModelProto, list[Batch], dict]:
+    graph = foreign(name)
+    return graph.model, graph.batches, graph.caches
 
 
 REOPTIMIZED = {
@@ -300,13 +301,14 @@ REOPTIMIZED = {
 
 @pytest.mark.parametrize("source", list(REOPTIMIZED))
 def test_optimizing_attnfuse_output_changes_nothing(source, tmp_path, capsys):
-    original, batches = REOPTIMIZED[source]()
+    original, batches, caches = REOPTIMIZED[source]()
     first = attnfuse.optimize_onnx(original)
     second = attnfuse.optimize_onnx(first.proto)
     assert ops(second.proto) == ops(first.proto)
     assert second.report.fused_ops == first.report.fused_ops
     for batch in batches:
-        assert_same_outputs(run(original, batch.feeds), run(second.proto, batch.feeds), batch, TOLERANCE["float32"])
+        expected = run(original, batch.feeds)
+        assert_same_outputs(expected, run(second.proto, batch.feeds), batch, TOLERANCE["float32"], caches)
     assert second.report.to_dict()["status"] == "ok"
     # and through the command line, which had failed to load attnfuse's own output
     first.save(tmp_path / "once.onnx")
@@ -338,7 +340,7 @@ ORT_OUTPUTS = {
 @pytest.mark.parametrize("source", list(ORT_OUTPUTS))
 def test_optimizing_onnxruntime_optimizer_output_keeps_its_ops_and_fuses_the_rest(source, tmp_path):
     make, heads, hidden, left = ORT_OUTPUTS[source]
-    model, batches = make()
+    model, batches, caches = make()
     by_ort = ort_optimized(model, tmp_path, heads, hidden)
     kept = microsoft_ops(by_ort)
     assert kept  # ORT fused something, or this test proves nothing
@@ -351,7 +353,8 @@ def test_optimizing_onnxruntime_optimizer_output_keeps_its_ops_and_fuses_the_res
     assert all(report.fused_ops.get(op, 0) >= n for op, n in kept.items()), (kept, report.fused_ops)
     assert not ops(result.proto)[("", "Softmax")]
     for batch in batches:
-        assert_same_outputs(run(by_ort, batch.feeds), run(result.proto, batch.feeds), batch, TOLERANCE["float32"])
+        expected = run(by_ort, batch.feeds)
+        assert_same_outputs(expected, run(result.proto, batch.feeds), batch, TOLERANCE["float32"], caches)
     assert report.to_dict()["status"] == "ok"
 
 
