@@ -193,7 +193,8 @@ def test_input_shape_given_in_python():
 
 def test_input_shape_given_on_the_command_line(tmp_path, capsys):
     onnx.save(foreign("vit_224").model, tmp_path / "vit.onnx")
-    assert optimize_command(tmp_path, "vit.onnx", "--input-shape", "pixel_values=2,3,224,224") == 0
+    code = optimize_command(tmp_path, "vit.onnx", "--input-shape", "pixel_values=2,3,224,224")
+    assert code == 0, capsys.readouterr().err
     assert "attention fused: 1/1" in capsys.readouterr().out
 
 
