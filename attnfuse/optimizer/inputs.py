@@ -54,6 +54,7 @@ class CheckInputs:
     padding: str = "right"
     case: str = ""
     real_total: np.ndarray | None = None  # bool [B, past + S]: the mask over cached and new tokens
+    batch: int = 0  # the batch size fed (the case's, or the one the graph fixes)
 
     def describe(self) -> list[dict[str, Any]]:
         """Name, shape and dtype of every feed, and the row lengths of the masks."""
@@ -98,7 +99,7 @@ class InputPlan:
         return CheckInputs(
             feeds={role.name: feeds[role.name] for role in self.roles},
             real=maker.real, lengths=maker.lengths, padding=case.padding, case=self.describe(case),
-            real_total=maker.real_total,
+            real_total=maker.real_total, batch=maker.batch(feeds),
         )
 
 
@@ -157,6 +158,13 @@ class _Maker:
         if dim.quantity is not None:
             return self.quantities[dim.quantity]
         return self.case.seqlen  # a size only the model knows: the error will say what was tried
+
+    def batch(self, feeds: dict[str, np.ndarray]) -> int:
+        """The batch fed: the first dim of the first input whose first dim is the batch."""
+        for role in self.plan.roles:
+            if role.dims and (role.dims[0].quantity == BATCH or role.role in (IDS, MASK)) and feeds[role.name].ndim:
+                return int(feeds[role.name].shape[0])
+        return self.case.batch
 
     def feed(self, role: InputRole) -> np.ndarray:
         shape = self.shape(role)

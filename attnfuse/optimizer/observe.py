@@ -36,13 +36,14 @@ class Observer:
         choices: Choices = {}
         for _ in range(MAX_NESTING):
             runner, names, conditions = self._session(choices)
-            values = {name: value for name, value in zip(names, runner.run(names, feeds)) if isinstance(value, np.ndarray)}
+            values = {**feeds, **{name: value for name, value in zip(names, runner.run(names, feeds))
+                                  if isinstance(value, np.ndarray)}}
             taken = {node: bool(values[cond].reshape(-1)[0]) for node, cond in conditions.items()
                      if node not in choices and cond in values and values[cond].size == 1}
             if not taken:
-                return {**feeds, **values}
+                break
             choices.update(taken)
-        return {**feeds, **values}
+        return values
 
     def _session(self, choices: Choices):
         key = frozenset(choices.items())
