@@ -24,7 +24,7 @@ IDS, MASK, TOKEN_TYPES, POSITIONS = "ids", "mask", "token_types", "positions"
 CACHE, ENCODER_CACHE, CACHE_FLAG, ENCODER_STATES = "cache", "encoder_cache", "cache_flag", "encoder_states"
 PIXELS, FLOAT, OTHER = "pixels", "float", "other"
 # Quantities a dim can measure.
-BATCH, NEW, PAST, TOTAL, ENCODER, IMAGE = "batch", "new", "past", "total", "encoder", "image"
+BATCH, NEW, PAST, TOTAL, ENCODER, IMAGE, HEADS = "batch", "new", "past", "total", "encoder", "image", "heads"
 
 # Ops that carry a value unchanged in meaning (ids to their Gather, a flag to its If).
 _CARRIERS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"})
@@ -52,6 +52,7 @@ class InputRole:
     dtype: np.dtype
     dims: tuple[Dim, ...] | None  # None: the graph gives no shape
     table_rows: int | None = None  # ids and token types: rows of the table they index
+    table_width: int | None = None  # ids: the width of the embeddings they look up (the hidden size)
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,19 @@ class Expression:
 
     def evaluate(self, sizes: dict[str, int]) -> int | None:
         try:
-            return int(_evaluate(ast.parse(self.text, mode="eval").body, sizes))
+            return int(_evaluate(self._tree(), sizes))
         except (KeyError, SyntaxError, TypeError, ValueError, ZeroDivisionError):
             return None
+
+    def names(self) -> set[str]:
+        try:
+            return {node.id for node in ast.walk(self._tree()) if isinstance(node, ast.Name)}
+        except SyntaxError:
+            return set()
+
+    def _tree(self) -> ast.AST:
+        # Exporters write products as "a * b" or "a x b" (Optimum's BLOOM caches).
+        return ast.parse(self.text.replace(" x ", " * "), mode="eval").body
 
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
@@ -99,7 +110,7 @@ def _role(model: ir.Model, value: ir.Value, has_cache: bool) -> InputRole:
         else np.dtype(np.float32)
     shape = list(value.shape.dims) if value.shape is not None else None
     is_float = dtype.kind == "f"
-    rows = table_rows(value)
+    rows, width = _table(value) or (None, None)
     role = OTHER
     if _cache_kind(value):
         role = _cache_kind(value)
@@ -119,37 +130,39 @@ def _role(model: ir.Model, value: ir.Value, has_cache: bool) -> InputRole:
         role = IDS
     elif is_float:
         role = FLOAT
-    dims = None if shape is None else tuple(_dim(d, axis, len(shape), role, name, has_cache) for axis, d in enumerate(shape))
+    dims = None if shape is None else tuple(_dim(d, axis, shape, role, name, has_cache) for axis, d in enumerate(shape))
     if role == PIXELS and dims is not None:
-        side = image_side(value)
-        dims = tuple(Dim(size=side) if d.quantity == IMAGE and side else d for d in dims)
-    return InputRole(value.name, role, dtype, dims, rows)
+        dims = _image_dims(value, dims)
+    return InputRole(value.name, role, dtype, dims, rows, width)
 
 
 def _cache_kind(value: ir.Value) -> str | None:
     """CACHE for past keys/values of self-attention, ENCODER_CACHE for cross-attention's."""
     name = (value.name or "").lower()
     dtype = value.dtype
-    if dtype is None or not dtype.is_floating_point() or value.shape is None or len(value.shape) not in (4, 5):
+    if dtype is None or not dtype.is_floating_point() or value.shape is None or len(value.shape) not in (3, 4, 5):
         return None
     if not any(word in name for word in ("past", "cache", "layer_past")):
         return None
     return ENCODER_CACHE if any(word in name for word in ("encoder", "cross")) else CACHE
 
 
-def _dim(dim, axis: int, rank: int, role: str, name: str, has_cache: bool) -> Dim:
+def _dim(dim, axis: int, shape: list, role: str, name: str, has_cache: bool) -> Dim:
     """What one dim of an input measures."""
     if isinstance(dim, int):
         return Dim(size=dim)
     symbol = dim.value if dim is not None else None
-    if symbol and any(op in symbol for op in "+-*/"):
+    if symbol and (any(op in symbol for op in "+-*/") or " x " in symbol):
         return Dim(expression=Expression(symbol), symbol=symbol)
-    return Dim(quantity=_quantity(axis, rank, role, name, has_cache), symbol=symbol)
+    return Dim(quantity=_quantity(axis, shape, role, name, has_cache), symbol=symbol)
 
 
-def _quantity(axis: int, rank: int, role: str, name: str, has_cache: bool) -> str | None:
-    """The quantity a symbolic dim measures; None for a size only the graph knows (heads)."""
-    if axis == 0 and role != CACHE_FLAG and not (role in (CACHE, ENCODER_CACHE) and rank == 5):
+def _quantity(axis: int, shape: list, role: str, name: str, has_cache: bool) -> str | None:
+    """The quantity a symbolic dim measures; None for a size only the graph knows."""
+    rank = len(shape)
+    if role in (CACHE, ENCODER_CACHE):
+        return _cache_quantity(axis, shape, role)
+    if axis == 0 and role != CACHE_FLAG:
         return BATCH
     if role in (IDS, TOKEN_TYPES, POSITIONS):
         return NEW
@@ -159,18 +172,30 @@ def _quantity(axis: int, rank: int, role: str, name: str, has_cache: bool) -> st
         if rank == 2:
             return TOTAL if has_cache else NEW
         return TOTAL if axis == rank - 1 and has_cache else NEW
-    if role in (CACHE, ENCODER_CACHE):
-        if rank == 5 and axis == 1:
-            return BATCH
-        length_axis = rank - 2
-        if axis == length_axis:
-            return PAST if role == CACHE else ENCODER
-        return None
     if role == ENCODER_STATES:
         return ENCODER if axis == 1 else None
     if role == PIXELS:
         return IMAGE if axis >= 2 else None
     return NEW
+
+
+def _cache_quantity(axis: int, shape: list, role: str) -> str | None:
+    """[B, H, P, D]; [2, B, H, P, D] (k and v stacked); [B*H, D, P] or [B*H, P, D] (BLOOM)."""
+    length = PAST if role == CACHE else ENCODER
+    if axis == cache_length_axis(shape):
+        return length
+    rank = len(shape)
+    leading = {4: (BATCH, HEADS), 5: (None, BATCH, HEADS), 3: ()}[rank]
+    return leading[axis] if axis < len(leading) else None
+
+
+def cache_length_axis(shape: list) -> int:
+    """The axis of a cache that grows with the tokens: the one named so, else the one before the last."""
+    for axis, dim in enumerate(shape):
+        text = getattr(dim, "value", None) or ""
+        if axis and any(word in text for word in ("past", "sequence", "length")) and not any(op in text for op in "+*"):
+            return axis
+    return len(shape) - 2
 
 
 def _decides_an_if(value: ir.Value, depth: int = 4) -> bool:
@@ -200,22 +225,54 @@ def _uses_through(value: ir.Value, carriers: frozenset[str], depth: int) -> Iter
         frontier = following
 
 
+# Fused embedding ops: which input indexes which table (com.microsoft EmbedLayerNormalization).
+_FUSED_LOOKUPS = {"EmbedLayerNormalization": {0: 2, 1: 4, 8: 3}}
+
+
 def table_rows(value: ir.Value) -> int | None:
-    """Rows of the embedding table that `value` indexes (the first dim of a Gather's data),
-    looking through casts and reshapes; None when no Gather with a static table is found."""
+    """Rows of the embedding table that `value` indexes; None when none is found."""
+    found = _table(value)
+    return found[0] if found else None
+
+
+def _table(value: ir.Value) -> tuple[int, int | None] | None:
+    """(rows, width) of the embedding table `value` indexes (the data of a Gather, or a fused
+    embedding op's table), looking through casts and reshapes; None when no static table is found."""
     for node, index in _uses_through(value, _CARRIERS, len(_CARRIERS) + 1):
+        table = None
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
-            rows = _static_dims(node.inputs[0])
-            if rows:
-                return rows[0]
+            table = node.inputs[0]
+        elif index in _FUSED_LOOKUPS.get(node.op_type, {}):
+            table = node.inputs[_FUSED_LOOKUPS[node.op_type][index]]
+        dims = _static_dims(table)
+        if dims:
+            return dims[0], dims[-1] if len(dims) == 2 else None
     return None
+
+
+def _image_dims(pixels: ir.Value, dims: tuple[Dim, ...]) -> tuple[Dim, ...]:
+    """An image's channels and side, read from the patch Conv and the position table when open."""
+    conv = _patch_conv(pixels)
+    if conv is None or len(dims) != 4:
+        return dims
+    side = image_side(pixels)
+    weight = _static_dims(conv.inputs[1])
+    group = conv.attributes.get("group")
+    channels = weight[1] * (group.value if group is not None else 1) if weight else None
+    return (dims[0],
+            Dim(size=channels) if channels and dims[1].size is None else dims[1],
+            *(Dim(size=side) if d.quantity == IMAGE and side else d for d in dims[2:]))
+
+
+def _patch_conv(pixels: ir.Value) -> ir.Node | None:
+    return next((node for node, index in _uses_through(pixels, _CARRIERS, 4) if node.op_type == "Conv" and index == 0),
+                None)
 
 
 def image_side(pixels: ir.Value) -> int | None:
     """The image side a vision model's position table fits: the patch Conv's stride times the
     side of the square patch grid whose count (plus 0-2 special tokens) is a table's length."""
-    conv = next((node for node, index in _uses_through(pixels, _CARRIERS, 4) if node.op_type == "Conv" and index == 0),
-                None)
+    conv = _patch_conv(pixels)
     if conv is None:
         return None
     strides = conv.attributes.get("strides")

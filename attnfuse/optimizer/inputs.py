@@ -18,8 +18,8 @@ import onnx_ir as ir
 
 from attnfuse.optimizer.errors import UserError
 from attnfuse.optimizer.input_roles import (
-    BATCH, CACHE, CACHE_FLAG, DEFAULT_IMAGE, ENCODER, ENCODER_CACHE, ENCODER_STATES, FLOAT, IDS, IMAGE, MASK, NEW,
-    OTHER, PAST, PIXELS, POSITIONS, TOKEN_TYPES, TOTAL, Dim, InputRole, read_roles,
+    BATCH, CACHE, CACHE_FLAG, DEFAULT_IMAGE, ENCODER, ENCODER_CACHE, ENCODER_STATES, FLOAT, HEADS, IDS, IMAGE, MASK,
+    NEW, OTHER, PAST, PIXELS, POSITIONS, TOKEN_TYPES, TOTAL, Dim, InputRole, read_roles,
 )
 
 DEFAULT_VOCAB = 100
@@ -89,6 +89,7 @@ class InputPlan:
         self.open_image = any(dim.quantity == IMAGE for role in self.roles if role.name not in self.shapes
                               for dim in role.dims or ())
         self.image_side = DEFAULT_IMAGE
+        self.cache_heads = _cache_heads(self.roles)
 
     def describe(self, case: Case) -> str:
         return case.describe(self.has_cache)
@@ -101,6 +102,18 @@ class InputPlan:
             real=maker.real, lengths=maker.lengths, padding=case.padding, case=self.describe(case),
             real_total=maker.real_total, batch=maker.batch(feeds),
         )
+
+
+def _cache_heads(roles: list[InputRole]) -> int:
+    """Heads in a KV cache whose heads dim the graph leaves open: the hidden size (the width of
+    the token embeddings) over the head size (the cache's fixed last dim)."""
+    width = next((role.table_width for role in roles if role.role == IDS and role.table_width), None)
+    for role in roles:
+        if role.role == CACHE and role.dims:
+            sizes = [dim.size for axis, dim in enumerate(role.dims) if axis and dim.size]
+            if width and sizes and width % sizes[-1] == 0:
+                return width // sizes[-1]
+    return 1
 
 
 def make_inputs(model: ir.Model, batch: int, seqlen: int, seed: int, padding: str = "right", past: int = 0,
@@ -120,7 +133,7 @@ class _Maker:
     def __init__(self, plan: InputPlan, case: Case, rng: np.random.Generator):
         self.plan, self.case, self.rng = plan, case, rng
         self.quantities = {BATCH: case.batch, NEW: case.seqlen, PAST: case.past, TOTAL: case.past + case.seqlen,
-                           ENCODER: ENCODER_TOKENS, IMAGE: plan.image_side}
+                           ENCODER: ENCODER_TOKENS, IMAGE: plan.image_side, HEADS: plan.cache_heads}
         self.symbols: dict[str, int] = {}
         self.lengths: dict[str, list[int]] = {}
         self.real: np.ndarray | None = None
@@ -138,6 +151,12 @@ class _Maker:
                     self.symbols[dim.symbol] = given[axis]
                 elif dim.quantity is not None:
                     self.symbols[dim.symbol] = self.quantities[dim.quantity]
+        # A cache dim written "batch_size x num_heads": a name nothing else binds counts heads.
+        for role in self.plan.roles:
+            if role.role in (CACHE, ENCODER_CACHE):
+                for dim in role.dims or ():
+                    for name in dim.expression.names() if dim.expression else ():
+                        self.symbols.setdefault(name, self.quantities[HEADS])
 
     def shape(self, role: InputRole) -> tuple[int, ...]:
         if role.name in self.plan.shapes:

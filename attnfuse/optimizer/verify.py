@@ -118,17 +118,29 @@ class Verifier:
         self.tolerance = config.tolerance if config.tolerance is not None else model_tolerance(original)
         mode = parse_attention(config.attention)
         self.approximation = str(mode) if mode.approximate else None
-        runner = session(original, providers(config.target), optimize=False)
-        self.output_names = [o.name for o in runner.get_outputs()]
+        self.output_names = [o.name for o in original.graph.outputs]
+        # The conditions of the original's Ifs come out too, to say which branches each set checks.
+        self.branches = {node.name: node.inputs[0].name for node in original.graph if node.op_type == "If"}
+        fed = {value.name for value in original.graph.inputs}
+        conditions = [cond for cond in self.branches.values() if cond not in fed]
+        runner = session(original, providers(config.target), extra_outputs=conditions, optimize=False)
         self.inputs_list, self.references = [], []
         for i, inputs in enumerate(inputs_list):
             try:
-                self.references.append(self._run(runner, inputs))
+                values = dict(zip([o.name for o in runner.get_outputs()], runner.run(None, inputs.feeds)))
             except Exception:
                 if i < probe_runs:
                     raise  # the probe ran these: something else is wrong
                 continue  # a set the original itself cannot take (longer than its positions): no run will
+            self.references.append({name: values[name] for name in self.output_names})
+            self._name_branches(inputs, {**inputs.feeds, **values})
             self.inputs_list.append(inputs)
+
+    def _name_branches(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> None:
+        taken = [f"{node} takes branch {'then' if bool(np.asarray(values[cond]).reshape(-1)[0]) else 'else'}"
+                 for node, cond in self.branches.items() if cond in values]
+        if taken and "takes branch" not in inputs.case:
+            inputs.case = f"{inputs.case}; {'; '.join(taken)}"
 
     def _run(self, runner: ort.InferenceSession, inputs: CheckInputs) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))

@@ -63,8 +63,8 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
     mask = padding_free.find_mask(graph)
     mode = modes.parse_attention(getattr(config, "attention", "exact"))
     sites, fusions = already_fused(graph), []
-    for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, ...
-        if in_loop:
+    for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
+        if in_loop and not _observed(subgraph, probe):
             sites += _in_loop_body(subgraph)
             continue
         canonicalize(subgraph, probe)
@@ -103,10 +103,16 @@ def already_fused(graph: ir.Graph) -> list[AttentionSite]:
             for node in nodes_on_one_path(graph) if node.domain == MS_DOMAIN and node.op_type in FUSED_ATTENTION]
 
 
+def _observed(graph: ir.Graph, probe: Probe) -> bool:
+    """Whether the probe saw the graph's values (a Loop body's, in its first iteration)."""
+    return any(probe.runs_seeing(out.name) for node in graph for out in node.outputs if out.name)
+
+
 def _in_loop_body(graph: ir.Graph) -> list[AttentionSite]:
-    """A loop body runs once per iteration, each time on other values, none of which the probe sees."""
-    return [AttentionSite(name=node.name, reason="inside a Loop or Scan body, whose values are not observed")
-            for node in graph if node.op_type == "Softmax"]
+    """A loop body whose values the probe could not see (they change shape between iterations,
+    or it is a Scan's): its attention is reported, not fused."""
+    return [AttentionSite(name=node.name, reason="inside a Loop or Scan body whose values were not observed "
+                          "(they change shape between iterations)") for node in graph if node.op_type == "Softmax"]
 
 
 def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
