@@ -271,19 +271,17 @@ def _patch_conv(pixels: ir.Value) -> ir.Node | None:
 
 def image_side(pixels: ir.Value) -> int | None:
     """The image side a vision model's position table fits: the patch Conv's stride times the
-    side of the square patch grid whose count (plus 0-2 special tokens) is a table's length."""
+    side of the square patch grid whose count (plus 0-2 special tokens) is the length of a
+    table added to the patches (near the Conv, downstream of it)."""
     conv = _patch_conv(pixels)
-    if conv is None:
+    if conv is None or conv.graph is None:
         return None
     strides = conv.attributes.get("strides")
     stride = strides.value[0] if strides is not None else 1
     channels = (_static_dims(conv.inputs[1]) or [None])[0]
-    graph = conv.graph
-    if channels is None or graph is None:
-        return None
-    for weight in _constants(graph):
-        dims = _static_dims(weight)
-        if not dims or len(dims) not in (2, 3) or dims[-1] != channels:
+    for table in _tables_near(conv):
+        dims = _static_dims(table)
+        if channels is None or not dims or len(dims) not in (2, 3) or dims[-1] != channels:
             continue
         for special in (1, 0, 2):
             grid = math.isqrt(max(dims[-2] - special, 0))
@@ -292,11 +290,29 @@ def image_side(pixels: ir.Value) -> int | None:
     return None
 
 
-def _constants(graph: ir.Graph) -> Iterator[ir.Value]:
-    yield from graph.initializers.values()
-    for node in graph:
-        if node.op_type == "Constant" and "value" in node.attributes:
-            yield node.outputs[0]
+def _tables_near(conv: ir.Node, depth: int = 12) -> Iterator[ir.Value]:
+    """Constants read by the ops downstream of `conv`, directly or through a lookup (Gather, Unsqueeze)."""
+    frontier, seen = list(conv.outputs), set()
+    for _ in range(depth):
+        following = []
+        for value in frontier:
+            for node, _ in value.uses():
+                if id(node) in seen:
+                    continue
+                seen.add(id(node))
+                for x in node.inputs:
+                    source = x.producer() if x is not None else None
+                    if source is not None and source.op_type in ("Gather", "Unsqueeze", "Slice"):
+                        x = source.inputs[0]
+                    if x is not None and _static_dims(x) and (x.const_value is not None or _is_constant_node(x)):
+                        yield x
+                following.extend(node.outputs)
+        frontier = following
+
+
+def _is_constant_node(value: ir.Value) -> bool:
+    node = value.producer()
+    return node is not None and node.op_type == "Constant"
 
 
 def _static_dims(value: ir.Value | None) -> list[int] | None:

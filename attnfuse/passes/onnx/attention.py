@@ -47,6 +47,7 @@ class Candidate:
     steps: list[ScoreStep] = field(default_factory=list)
     output_node: ir.Node | None = None  # produces site.output
     operands: tuple[Heads, Heads, Heads] | None = None  # q, k, v as the graph holds them
+    nan_guard: bool = False  # rows whose keys are all masked come out zero (SDPA), not NaN
 
 
 def find_sites(graph: ir.Graph, probe, exclude=frozenset()) -> list[Candidate | AttentionSite]:
@@ -76,7 +77,7 @@ def match(softmax: ir.Node, site: AttentionSite, probe) -> Candidate:
         raise NoMatch(f"softmax over axis {axis} of a rank-{rank} tensor is not over the keys")
 
     qk, steps = walk_scores(logits, probe)
-    pv = probabilities_consumer(softmax.outputs[0])
+    pv, guarded = probabilities_consumer(softmax.outputs[0])
     runs = runs_seeing([logits], probe)
     # What attention reads, per run, as [B, H, L, D]: q, k (from k^T) and v.
     wanted = [[_heads_first(observed(x, probe, run), observed(logits, probe, run), probe, run, transposed)
@@ -93,7 +94,8 @@ def match(softmax: ir.Node, site: AttentionSite, probe) -> Candidate:
     site.q, site.k, site.v, site.output = q.value, k.value, v.value, output
     site.num_heads, site.head_size = int(heads), int(head_size)
     site.scale = float(q.factor * k.factor * np.prod([s.factor for s in steps if s.kind == "scale"]))
-    return Candidate(site=site, softmax=softmax, steps=steps, output_node=output.producer(), operands=(q, k, v))
+    return Candidate(site=site, softmax=softmax, steps=steps, output_node=output.producer(), operands=(q, k, v),
+                     nan_guard=guarded)
 
 
 def _heads_first(x: np.ndarray, scores: np.ndarray, probe, run: int, transposed: bool) -> np.ndarray:
@@ -219,8 +221,10 @@ def _reaches_scores(value: ir.Value, probe, depth: int = 0) -> bool:
     return False
 
 
-def probabilities_consumer(probs: ir.Value) -> ir.Node:
-    """The MatMul that weights v by the probabilities, past casts and NaN guards."""
+def probabilities_consumer(probs: ir.Value) -> tuple[ir.Node, bool]:
+    """The MatMul that weights v by the probabilities, past casts and NaN guards; and whether a
+    guard zeroes the rows that mask every key (which softmax leaves NaN)."""
+    guarded = False
     while True:
         users = [node for node in consumers(probs) if node.op_type != "Shape"]
         if probs.is_graph_output():
@@ -228,9 +232,10 @@ def probabilities_consumer(probs: ir.Value) -> ir.Node:
         ops = sorted(u.op_type for u in users)
         if ops == ["IsNaN", "Where"]:  # SDPA's guard: Where(IsNaN(p), 0, p)
             where = next(u for u in users if u.op_type == "Where")
-            if where.inputs[2] is not probs:
+            fill = constant(where.inputs[1])
+            if where.inputs[2] is not probs or fill is None or np.any(fill != 0):
                 raise NoMatch("unexpected Where on the probabilities")
-            probs = where.outputs[0]
+            probs, guarded = where.outputs[0], True
             continue
         if len(users) != 1:
             raise NoMatch("the attention probabilities are used elsewhere")
@@ -238,7 +243,7 @@ def probabilities_consumer(probs: ir.Value) -> ir.Node:
         if node.op_type in ("Cast", "Identity", "Dropout", "Reshape", "Unsqueeze", "Squeeze"):
             probs = node.outputs[0]
         elif node.op_type == "MatMul" and node.inputs[0] is probs:
-            return node
+            return node, guarded
         else:
             raise NoMatch(f"the probabilities go into {node.op_type}, not a MatMul with v")
 

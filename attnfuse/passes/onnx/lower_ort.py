@@ -25,11 +25,14 @@ def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Valu
     inputs = attention_inputs(candidate, probe, builder)
     bias = additive_bias(candidate.steps, site.num_heads, probe, builder, dtype)
     if bias is not None:
-        # Two masks of finfo.min add up to -inf, and a row of -inf makes NaN.
-        bias = builder.op("Max", [bias, builder.const(np.finfo(dtype).min, dtype)])
+        # The very numbers the graph adds: two masks of finfo.min add up to -inf, which weighs a
+        # key less than one of finfo.min in a row that masks every key, as in the original.
         shape = builder.op("Concat", [builder.const([1, 1], np.int64), inputs.lengths], {"axis": 0})
         bias = builder.op("Expand", [bias, shape])
-    return multi_head_attention(candidate, probe, builder, inputs, attention_bias=bias), bias
+    output = multi_head_attention(candidate, probe, builder, inputs, attention_bias=bias)
+    if bias is not None and candidate.nan_guard:  # a row of -inf gives NaN; the original's guard gives 0
+        output = builder.op("Where", [builder.op("IsNaN", [output]), builder.const(np.zeros((), dtype)), output])
+    return output, bias
 
 
 @dataclass

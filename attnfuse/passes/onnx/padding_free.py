@@ -23,8 +23,8 @@ from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, consta
 NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
 
-_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity"}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
+_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "IsNaN"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 _FUSED_TOKEN_WISE = {"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
 
