@@ -39,7 +39,7 @@ def measure(case: decoders.DecoderCase) -> dict:
     try:
         report = attnfuse.inspect_onnx(str(path))
     except Exception as failure:  # a baseline: record what stopped inspect, go on with the next case
-        record["error"] = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"[:160]
+        record["error"] = f"{type(failure).__name__}: {str(failure).strip()}"[:600]
     else:
         record.update(fused=report.attention_fused, total=report.attention_total, fused_ops=dict(report.fused_ops),
                       reason=first_reason(report))
@@ -47,14 +47,20 @@ def measure(case: decoders.DecoderCase) -> dict:
     return record
 
 
+def shorten(text: str, head: int = 40, tail: int = 90) -> str:
+    """The start and the end of a long message: which stage failed, and the detail."""
+    text = " ".join(text.split())
+    return text if len(text) <= head + tail + 5 else f"{text[:head]} ... {text[-tail:]}"
+
+
 def row(record: dict) -> list[str]:
     if record["unavailable"]:
         return [record["case"], "-", "-", "-", f"unavailable: {record['unavailable']}"]
     if record["error"]:
-        return [record["case"], "error", str(record["softmax"]), "", record["error"]]
+        return [record["case"], "error", str(record["softmax"]), "", shorten(record["error"])]
     ops = ",".join(f"{op}:{n}" for op, n in sorted(record["fused_ops"].items()))
     return [record["case"], f"{record['fused']}/{record['total']}", str(record["softmax"]), ops,
-            record["reason"][:120]]
+            shorten(record["reason"])]
 
 
 def summary(records: list[dict]) -> str:
