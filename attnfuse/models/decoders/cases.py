@@ -16,7 +16,7 @@ from attnfuse.models.decoders import families, inputs, wrappers
 from attnfuse.models.decoders.families import CAUSAL, ENCODER, FAMILIES, SEQ2SEQ
 
 ATTENTIONS = ("eager", "sdpa")
-WEIGHTS_VERSION = "d1"  # part of the cache key with the config's fingerprint: bump it when the weights or a wrapper change
+WEIGHTS_VERSION = "d2"  # part of the cache key with the config's fingerprint: bump it when the weights or a wrapper change
 CACHE_MODES = {
     CAUSAL: (wrappers.NO_CACHE, wrappers.PAST_MODE),
     SEQ2SEQ: (wrappers.NO_CACHE, wrappers.FIRST, wrappers.PAST_MODE),

@@ -63,9 +63,9 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def token_ids(mask: torch.Tensor, generator: torch.Generator, pad: int = 0) -> torch.Tensor:
+def token_ids(mask: torch.Tensor, generator: torch.Generator, pad: int = 0, vocab: int = VOCAB) -> torch.Tensor:
     """Random ids clear of the special ids (0-2); padded positions hold the pad id."""
-    ids = torch.randint(3, VOCAB, mask.shape, generator=generator)
+    ids = torch.randint(3, vocab, mask.shape, generator=generator)
     return torch.where(mask.bool(), ids, torch.full_like(ids, pad))
 
 
@@ -91,7 +91,7 @@ def make(signature: Signature, config, step: Step, seed: int = 0) -> dict[str, t
     made = {}
     for name in signature.input_names:
         if name == "input_ids":
-            made[name] = token_ids(mask, generator, config.pad_token_id or 0)[:, step.past:]
+            made[name] = token_ids(mask, generator, config.pad_token_id or 0, config.vocab_size)[:, step.past:]
         elif name == "attention_mask":
             made[name] = mask
         elif name == "position_ids":

@@ -15,10 +15,30 @@ import torch
 from attnfuse.models.decoders.families import CAUSAL, SEQ2SEQ
 from attnfuse.models.wrappers import TextModel
 
-# Dimension names, shared by the exports (TorchScript writes them; dynamo names the inputs'
-# and derives the outputs', e.g. `sequence + past_sequence`) and by the input builders.
-BATCH, SEQUENCE, PAST, ENCODER_SEQUENCE = "batch", "sequence", "past_sequence", "encoder_sequence"
-TOTAL = "past_sequence + sequence"
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Dimension names, as Optimum's exporter writes them: TorchScript exports carry them all;
+    dynamo names the inputs' and derives the outputs' (`sequence_length + past_sequence_length`)."""
+
+    batch: str = "batch_size"
+    sequence: str = "sequence_length"
+    past: str = "past_sequence_length"
+    encoder: str = "encoder_sequence_length"
+
+    @property
+    def total(self) -> str:  # the attention mask and the present k/v cover the past and the new tokens
+        return f"{self.past} + {self.sequence}"
+
+
+CAUSAL_DIMS = Dims()
+SEQ2SEQ_DIMS = Dims(sequence="decoder_sequence_length", past="past_decoder_sequence_length")
+
+
+def dims_of(kind: str) -> Dims:
+    return SEQ2SEQ_DIMS if kind == SEQ2SEQ else CAUSAL_DIMS
+
 
 # What a file takes and returns about the cache. A seq2seq decoder has three files, as
 # Optimum writes them: decoder_model without and with presents, and decoder_with_past_model.
@@ -42,18 +62,19 @@ def decoder_layers(config) -> int:
 
 def signature(kind: str, config, cache: str) -> Signature:
     """The names and dynamic dims of a file of this kind and cache mode."""
-    text, encoder = {0: BATCH, 1: SEQUENCE}, {0: BATCH, 1: ENCODER_SEQUENCE}
+    d = dims_of(kind)
+    text, encoder = {0: d.batch, 1: d.sequence}, {0: d.batch, 1: d.encoder}
     dims = {"input_ids": text, "logits": text}
     layers = decoder_layers(config)
     if kind == CAUSAL:
         inputs, outputs = ["input_ids", "attention_mask", "position_ids"], ["logits"]
-        dims.update(attention_mask={0: BATCH, 1: TOTAL if cache == PAST_MODE else SEQUENCE}, position_ids=text)
+        dims.update(attention_mask={0: d.batch, 1: d.total if cache == PAST_MODE else d.sequence}, position_ids=text)
         if cache == PAST_MODE:
             past = _per_layer(layers, "past_key_values.{i}.{part}", ("key", "value"))
             present = _per_layer(layers, "present.{i}.{part}", ("key", "value"))
             inputs, outputs = inputs + past, outputs + present
-            dims.update({name: {0: BATCH, 2: PAST} for name in past})
-            dims.update({name: {0: BATCH, 2: TOTAL} for name in present})
+            dims.update({name: {0: d.batch, 2: d.past} for name in past})
+            dims.update({name: {0: d.batch, 2: d.total} for name in present})
         return Signature(inputs, outputs, dims)
     if kind == SEQ2SEQ:
         encoder_mask = ["encoder_attention_mask"] if config.model_type == "t5" else []  # Whisper's decoder takes none
@@ -64,14 +85,14 @@ def signature(kind: str, config, cache: str) -> Signature:
         cross_present = _per_layer(layers, "present.{i}.encoder.{part}", ("key", "value"))
         if cache == FIRST:
             outputs += self_present + cross_present
-            dims.update({name: {0: BATCH, 2: SEQUENCE} for name in self_present})
-            dims.update({name: {0: BATCH, 2: ENCODER_SEQUENCE} for name in cross_present})
+            dims.update({name: {0: d.batch, 2: d.sequence} for name in self_present})
+            dims.update({name: {0: d.batch, 2: d.encoder} for name in cross_present})
         elif cache == PAST_MODE:
             past = _per_layer(layers, "past_key_values.{i}.{part}",
                               ("decoder.key", "decoder.value", "encoder.key", "encoder.value"))
             inputs, outputs = inputs + past, outputs + self_present
-            dims.update({name: {0: BATCH, 2: ENCODER_SEQUENCE if ".encoder." in name else PAST} for name in past})
-            dims.update({name: {0: BATCH, 2: TOTAL} for name in self_present})
+            dims.update({name: {0: d.batch, 2: d.encoder if ".encoder." in name else d.past} for name in past})
+            dims.update({name: {0: d.batch, 2: d.total} for name in self_present})
         return Signature(inputs, outputs, dims)
     return Signature(["input_ids", "attention_mask"], ["last_hidden_state"],
                      {"input_ids": text, "attention_mask": text, "last_hidden_state": text})
