@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 import time
 
@@ -87,8 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["case", "fused/found", "softmax", "fused ops", "first reason"], [row(r) for r in records]))
     print(summary(records))
     if args.out:
-        with open(args.out, "w") as file:
-            json.dump(records, file, indent=1)
+        pathlib.Path(args.out).write_text(json.dumps(records, indent=1) + "\n")
     return 0
 
 
