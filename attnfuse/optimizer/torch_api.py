@@ -24,7 +24,8 @@ from attnfuse.passes.fx import PassResult, run_passes
 
 TARGETS = ("cpu", "cuda")
 FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
-             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu"}
+             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu",
+             ops.rms_norm: "rms_norm", ops.skip_rms_norm: "skip_rms_norm", ops.rotary: "rotary"}
 
 
 class OptimizedModule(torch.nn.Module):

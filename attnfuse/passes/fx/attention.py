@@ -185,14 +185,15 @@ def _last_dim(softmax: fx.Node, probe: FxProbe) -> bool:
 
 
 def _score_chain(scores: fx.Node, site: AttentionSite | None = None, probe: FxProbe | None = None) -> tuple[list[fx.Node], fx.Node]:
-    """The ops between the q @ k^T product and the softmax, product first."""
+    """The ops between the q @ k^T product and the softmax, product first. A soft-cap (tanh) on
+    the way is refused for `site`; without a site the product is still found."""
     chain, node = [], scores
     for _ in range(16):
         if is_op(node, *PRODUCTS):
             return chain[::-1], node
         if is_op(node, aten.tanh.default) and site is not None:
             _refuse_softcap(node, site, probe)
-        if not is_op(node, *SCORE_OPS):
+        if not is_op(node, *SCORE_OPS, aten.tanh.default):
             break
         chain.append(node)
         path = [a for a in node.args if isinstance(a, fx.Node) and _reaches_product(a)]
@@ -218,7 +219,7 @@ def _refuse_softcap(tanh: fx.Node, site: AttentionSite, probe: FxProbe) -> None:
 def _reaches_product(node: fx.Node, depth: int = 16) -> bool:
     if is_op(node, *PRODUCTS):
         return True
-    if depth == 0 or not is_op(node, *SCORE_OPS):
+    if depth == 0 or not is_op(node, *SCORE_OPS, aten.tanh.default):
         return False
     return any(isinstance(a, fx.Node) and _reaches_product(a, depth - 1) for a in node.args)
 

@@ -6,6 +6,7 @@ values its nodes take on real inputs, not by which aten ops spell it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +18,17 @@ aten = torch.ops.aten
 
 class NoMatch(Exception):
     """A rewrite does not apply; the message says what did not fit."""
+
+
+@dataclass
+class Rewrite:
+    """What a fusion rule found: function(*args) replaces `replaces` (its outputs, in order;
+    by default the node the rule looked at). `name` overrides the rule's op name."""
+
+    function: Callable
+    args: tuple
+    replaces: list[fx.Node] = field(default_factory=list)
+    name: str = ""
 
 
 # Ops that only move or view data: walking through them keeps "the same tensor".
