@@ -103,6 +103,7 @@ def _weight(region: list[fx.Node], x: fx.Node, width: int, probe: FxProbe):
     return tensors[0] if tensors else None
 
 
+@torch.no_grad()
 def _epsilon(region: list[fx.Node], x: fx.Node, weight: fx.Node | None, probe: FxProbe) -> float | None:
     """eps from the region on x scaled to a mean square of SMALL: 1 / rsqrt(SMALL + eps)^2 - SMALL."""
     small = _scaled_down(probe.tensor(x, 0))
@@ -123,6 +124,7 @@ def _scaled_down(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * factor).to(x.dtype)
 
 
+@torch.no_grad()
 def _is_norm(region: list[fx.Node], x: fx.Node, weight: fx.Node | None, eps: float, probe: FxProbe) -> bool:
     for run in range(probe.runs):
         w = probe.tensor(weight, run) if weight is not None else None

@@ -1,0 +1,72 @@
+"""KV caches in attnfuse.optimize: capturing decoders that take or return one.
+
+A transformers decoder called with use_cache=True returns a `DynamicCache`, and a
+decode step takes one (past_key_values): objects, not tensors. torch.export handles
+them once they are pytree nodes, which transformers' own exporter registers. A cache
+is then a tree of [batch, kv_heads, past, head_size] tensors; check inputs get caches
+of the same tree with other batch sizes and past lengths, and compare the present
+k/v a model returns at the real (unpadded) positions of the mask only.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+
+def register_caches(model: torch.nn.Module) -> None:
+    """Make transformers' cache classes pytree nodes (as its exporter does), when transformers is in use."""
+    if "transformers" not in sys.modules:
+        return
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:  # an older transformers: capture then says what it cannot flatten
+        return
+    register_cache_pytrees_for_model(model)
+
+
+def is_cache(value: Any) -> bool:
+    """A container (not a tensor) of [batch, heads, length, head_size] tensors: a KV cache."""
+    if isinstance(value, torch.Tensor) or value is None:
+        return False
+    leaves = [x for x in pytree.tree_leaves(value) if isinstance(x, torch.Tensor)]
+    return bool(leaves) and all(x.dim() == 4 for x in leaves)
+
+
+def past_length(cache: Any) -> int:
+    return _tensors(cache)[0].shape[2]
+
+
+def cache_like(cache: Any, batch: int, past: int, generator: torch.Generator) -> Any:
+    """A cache of the same tree as `cache`, `batch` rows of `past` positions of random values."""
+    leaves, spec = pytree.tree_flatten(cache)
+    made = [
+        torch.randn(batch, x.shape[1], past, x.shape[3], generator=generator, dtype=x.dtype).to(x.device)
+        if isinstance(x, torch.Tensor) else x for x in leaves
+    ]
+    return pytree.tree_unflatten(made, spec)
+
+
+def dynamic_shapes(cache: Any) -> list[dict[int, Any]]:
+    """Batch and past length dynamic, for every tensor of the cache (torch.export's form for a pytree node)."""
+    auto = torch.export.Dim.AUTO
+    return [{0: auto, 2: auto} if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(cache)]
+
+
+def real_values(leaf: torch.Tensor, real: torch.Tensor | None, new_tokens: int | None) -> torch.Tensor:
+    """The entries of an output at real positions: [B, S, ...] outputs at the new tokens' real
+    positions (the mask's last S with a cache), [B, heads, T, D] present k/v at the mask's."""
+    if real is None or leaf.dim() < 2 or leaf.shape[0] != real.shape[0]:
+        return leaf
+    tokens = real[:, -new_tokens:] if new_tokens else real
+    if leaf.shape[1] == tokens.shape[1]:
+        return leaf[tokens]
+    if leaf.dim() == 4 and leaf.shape[2] == real.shape[1]:
+        return leaf.transpose(1, 2)[real]
+    return leaf
+
+
+def _tensors(cache: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(cache) if isinstance(x, torch.Tensor)]
