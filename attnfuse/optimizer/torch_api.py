@@ -70,6 +70,9 @@ def optimize(
     signature = inspect.signature(model.forward)
     example = by_name(signature, tuple(example_inputs or ()), dict(example_kwargs or {}))
     torch_cache.register_caches(model)
+    for name, value in example.items():
+        if (reason := torch_cache.unsupported(name, value)) is not None:
+            raise UserError(reason)
     inputs = Signature.of(example)
     model = model.eval()
     probe_runs = [((), run) for run in inputs.runs(seed)]

@@ -55,16 +55,28 @@ def dynamic_shapes(cache: Any) -> list[dict[int, Any]]:
     return [{0: auto, 2: auto} if isinstance(x, torch.Tensor) else None for x in pytree.tree_leaves(cache)]
 
 
+def unsupported(name: str, value: Any) -> str | None:
+    """Why a cache input cannot be captured, or None. A cache whose layers keep state besides their
+    k/v tensors (a sliding-window layer counts the tokens it has seen) would be captured for that
+    state only."""
+    if not type(value).__name__.endswith("Cache") or is_cache(value):
+        return None
+    return (f"{name}: {type(value).__name__} keeps state besides its [batch, heads, length, head_size] tensors "
+            "(sliding-window layers, as transformers makes for models with a sliding window); "
+            "pass a DynamicCache() made without the model's config")
+
+
 def real_values(leaf: torch.Tensor, real: torch.Tensor | None, new_tokens: int | None) -> torch.Tensor:
     """The entries of an output at real positions: [B, S, ...] outputs at the new tokens' real
-    positions (the mask's last S with a cache), [B, heads, T, D] present k/v at the mask's."""
+    positions (the mask's last S with a cache), [B, heads, L, D] present k/v at the mask's last L
+    (all of them, or those a sliding window keeps)."""
     if real is None or leaf.dim() < 2 or leaf.shape[0] != real.shape[0]:
         return leaf
     tokens = real[:, -new_tokens:] if new_tokens else real
     if leaf.shape[1] == tokens.shape[1]:
         return leaf[tokens]
-    if leaf.dim() == 4 and leaf.shape[2] == real.shape[1]:
-        return leaf.transpose(1, 2)[real]
+    if leaf.dim() == 4 and leaf.shape[2] <= real.shape[1]:
+        return leaf.transpose(1, 2)[real[:, real.shape[1] - leaf.shape[2]:]]
     return leaf
 
 

@@ -48,14 +48,14 @@ class Rotation:
 def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusion]:
     fusions, seen = [], set()
     for operand in attention_operands(graph, probe):
-        # The first end that reads like a rotary: a partial rotary's concat before its parts.
-        found = next(((end, c) for end in _ends(operand, probe) if (c := _candidate(end, probe))), None)
-        if found is None or found[0] in seen:
+        candidates = [(end, *c) for end in _ends(operand, probe) if end not in seen for c in _candidates(end, probe)]
+        if not candidates:
             continue
-        end, candidate = found
+        # The first that proves: a partial rotary's concat before its parts, a cache's concat after.
+        end, rotation = next(((c[0], r) for c in candidates if (r := _proven(*c, probe))), (candidates[0][0], None))
         seen.add(end)
         fusion = Fusion(f"rotary:{end.name}", "rotary", fused=False)
-        rewrite_unless_excluded(fusion, exclude, lambda: _replace(graph, _prove(end, *candidate, probe), probe))
+        rewrite_unless_excluded(fusion, exclude, lambda: _replace(graph, rotation, probe))
         fusions.append(fusion)
     remove_dead(graph)
     return fusions
@@ -76,10 +76,11 @@ def _heads_like(node: fx.Node, probe: FxProbe) -> bool:
     return value is not None and value.dim() == 4 and value.dtype.is_floating_point and value.numel() > 0
 
 
-def _candidate(end: fx.Node, probe: FxProbe) -> tuple[fx.Node, list[fx.Node]] | None:
-    """(x, [two tensors]) when `end` is the output of a region that reads a same-shaped x and
-    exactly two other tensors that broadcast over heads like cos and sin; else None."""
+def _candidates(end: fx.Node, probe: FxProbe) -> list[tuple[fx.Node, list[fx.Node]]]:
+    """Each (x, [two tensors]) such that `end` is the output of a region that reads a same-shaped
+    x and exactly two other tensors that hold a row per token, the same for every head."""
     shape = probe.tensor(end, 0).shape
+    found = []
     for x in _ancestors(end):
         if probe.tensor(x, 0) is None or probe.tensor(x, 0).shape != shape:
             continue
@@ -88,8 +89,8 @@ def _candidate(end: fx.Node, probe: FxProbe) -> tuple[fx.Node, list[fx.Node]] | 
             continue
         tables = [t for t in region_inputs(region, x) if isinstance(probe.tensor(t, 0), torch.Tensor)]
         if len(tables) == 2 and all(_table_like(probe.tensor(t, 0), shape) for t in tables):
-            return x, tables
-    return None
+            found.append((x, tables))
+    return found
 
 
 def _ancestors(node: fx.Node, depth: int = 8) -> list[fx.Node]:
@@ -102,18 +103,19 @@ def _ancestors(node: fx.Node, depth: int = 8) -> list[fx.Node]:
 
 
 def _table_like(value: torch.Tensor, shape: torch.Size) -> bool:
-    """Per-token values over the last dim that broadcast against [B, H, L, D] or [B, L, H, D]."""
-    return value.dtype.is_floating_point and 2 <= value.dim() <= 4 and value.shape[-1] <= shape[-1]
+    """Per-token values over the last dim that broadcast over the heads of [B, H, L, D] or [B, L, H, D]."""
+    return value.dtype.is_floating_point and value.numel() > 0 and 2 <= value.dim() <= 4 \
+        and 0 < value.shape[-1] <= shape[-1] and (value.dim() < 4 or 1 in value.shape[1:3])
 
 
-def _prove(end: fx.Node, x: fx.Node, tables: list[fx.Node], probe: FxProbe) -> Rotation:
-    """The reading of the two tables under which the region is reference.rotary; NoMatch if none."""
+def _proven(end: fx.Node, x: fx.Node, tables: list[fx.Node], probe: FxProbe) -> Rotation | None:
+    """The reading of the two tables under which the region is reference.rotary, if any."""
     for (cos, sin), interleaved, halved, head_dim in itertools.product(
             itertools.permutations(tables), (False, True), (True, False), (1, 2)):
         rotation = Rotation(end, x, cos, sin, interleaved, halved, head_dim)
         if all(_reproduces(rotation, probe, run) for run in range(probe.runs)):
             return rotation
-    raise NoMatch("the region between the projection and attention is not a rotation by the graph's cos and sin")
+    return None
 
 
 def _reproduces(rotation: Rotation, probe: FxProbe, run: int) -> bool:
@@ -121,7 +123,10 @@ def _reproduces(rotation: Rotation, probe: FxProbe, run: int) -> bool:
     x = probe.tensor(rotation.x, run)
     if cos is None or 2 * cos.shape[-1] > x.shape[-1] or not _broadcasts(cos, rotation.head_dim):
         return False
-    got = reference.rotary(x, _per_head(cos, rotation.head_dim), _per_head(sin, rotation.head_dim), rotation.interleaved)
+    try:
+        got = reference.rotary(x, _per_head(cos, rotation.head_dim), _per_head(sin, rotation.head_dim), rotation.interleaved)
+    except RuntimeError:  # the tables do not broadcast against x this way
+        return False
     return close_enough(got, probe.tensor(rotation.end, run), TOLERANCE)
 
 
@@ -144,8 +149,10 @@ def _per_head(table: torch.Tensor, head_dim: int) -> torch.Tensor:
     return table.reshape(*([1] * (4 - table.dim())), *table.shape)
 
 
-def _replace(graph: fx.Graph, rotation: Rotation, probe: FxProbe) -> None:
+def _replace(graph: fx.Graph, rotation: Rotation | None, probe: FxProbe) -> None:
     """x's merged source rotated by attnfuse::rotary, viewed back as the region's output."""
+    if rotation is None:
+        raise NoMatch("the region between the projection and attention is not a rotation by the graph's cos and sin")
     x = probe.tensor(rotation.x, 0)
     canonical = [_heads_first(probe.tensor(rotation.x, r), rotation.head_dim) for r in range(probe.runs)]
     source = heads.trace(rotation.x, canonical, probe)
