@@ -90,9 +90,8 @@ def _padded_attention(q, k, v, key_padding_mask, bias, num_heads: int, scale: fl
     groups = kv_heads(q, k, num_heads)
     q, k, v = split_heads(q, num_heads), split_heads(k, groups), split_heads(v, groups)
     mask = additive_mask(key_padding_mask, bias, causal, q.shape[2], k.shape[2], q.dtype, q.device)
-    if groups != num_heads:  # SDPA's enable_gqa would do it, but not on every torch this runs on
-        k, v = reference.repeat_kv(k, num_heads), reference.repeat_kv(v, num_heads)
-    return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups != num_heads)
+    return merge_heads(out)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

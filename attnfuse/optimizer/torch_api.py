@@ -34,13 +34,18 @@ FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention
 class OptimizedModule(torch.nn.Module):
     """The rewritten graph, called like the original model. `report` says what was fused."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, signature: inspect.Signature, report: Report):
+    def __init__(self, graph_module: torch.fx.GraphModule, signature: inspect.Signature, report: Report,
+                 inputs: Signature | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
+        as_captured = torch_cache.as_captured(inputs.example[inputs.cache]) if inputs and inputs.cache else None
 
         def forward(*args, **kwargs):
-            return self.graph_module(**by_name(signature, args, kwargs))
+            named = by_name(signature, args, kwargs)
+            if as_captured is not None:
+                named[inputs.cache] = as_captured(named[inputs.cache])
+            return self.graph_module(**named)
 
         # The original's parameter names, so that torch.export and torch.onnx.export can bind inputs by name.
         forward.__signature__ = signature
@@ -102,7 +107,7 @@ def optimize(
     )
     if verify and not verdict.ok:
         raise VerificationError(f"verification failed: {verdict.message}", report)
-    return OptimizedModule(graph_module, signature, report)
+    return OptimizedModule(graph_module, signature, report, inputs)
 
 
 def _roll_back(attempt, first: PassResult, padding_free: bool):

@@ -10,6 +10,7 @@ k/v a model returns at the real (unpadded) positions of the mask only.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,6 +48,19 @@ def cache_like(cache: Any, batch: int, past: int, generator: torch.Generator) ->
         if isinstance(x, torch.Tensor) else x for x in leaves
     ]
     return pytree.tree_unflatten(made, spec)
+
+
+def as_captured(example: Any) -> Callable[[Any], Any]:
+    """A function giving a cache the tree the module was captured with. transformers' caches carry
+    bookkeeping in their tree (how they were made) that does not change what they hold; a cache
+    made another way would not match the captured tree."""
+    spec = pytree.tree_flatten(example)[1]
+
+    def rebuild(cache: Any) -> Any:
+        leaves = pytree.tree_leaves(cache)
+        return pytree.tree_unflatten(leaves, spec) if len(leaves) == spec.num_leaves else cache
+
+    return rebuild
 
 
 def dynamic_shapes(cache: Any) -> list[dict[int, Any]]:
