@@ -51,7 +51,7 @@ class Signature:
                 shapes[name] = torch_cache.dynamic_shapes(value)
             elif not isinstance(value, torch.Tensor) or value.dim() == 0:
                 shapes[name] = None
-            elif _is_sequence(value) and (name == self.mask or self._new_tokens() != 1):
+            elif _is_sequence(value) and (self.cache is None or name == self.mask or self._new_tokens() != 1):
                 shapes[name] = {0: auto, 1: auto}
             else:
                 shapes[name] = {0: auto}
