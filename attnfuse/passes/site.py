@@ -60,6 +60,7 @@ class AttentionSite:
     softcap: float = 0.0  # scores soft-capped as softcap * tanh(scores / softcap); 0 means none
     fused: bool = False
     reason: str | None = None
+    already_fused: bool = False  # a fused op the input model came with (kept as it is)
     # Graph references, filled by the matcher of each side.
     q: Any = None
     k: Any = None
@@ -73,6 +74,7 @@ class AttentionSite:
             "name": self.name,
             "fused": self.fused,
             "reason": self.reason,
+            "already_fused": self.already_fused,
             "num_heads": self.num_heads,
             "head_size": self.head_size,
             "scale": self.scale,

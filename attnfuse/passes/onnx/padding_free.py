@@ -23,8 +23,8 @@ from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, consta
 NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
 
-_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity"}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
+_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "IsNaN"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 _FUSED_TOKEN_WISE = {"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
 
@@ -54,7 +54,7 @@ def find_mask(graph: ir.Graph) -> ir.Value | None:
 
 def real_tokens(b: Builder, mask: ir.Value) -> ir.Value:
     """bool, True where `mask` marks a real token (nonzero)."""
-    return b.op("Not", [b.op("Equal", [mask, b.op("CastLike", [b.const(0, np.int64), mask])])])
+    return b.op("Cast", [mask], {"to": ir.DataType.BOOL})
 
 
 class Layout:
@@ -62,7 +62,8 @@ class Layout:
 
     def __init__(self, probe, mask: ir.Value):
         self.probe = probe
-        self.sizes = [tuple(probe.inputs(run).feeds[mask.name].shape) for run in (0, 1)]
+        self.runs = range(probe.run_count)  # every run: with a KV cache, the mask is wider than the tokens
+        self.sizes = [tuple(probe.inputs(run).feeds[mask.name].shape) for run in self.runs]
         self._forms: dict[int, Form | None] = {}
 
     def form(self, value: ir.Value | None) -> Form | None:
@@ -76,13 +77,13 @@ class Layout:
         self._forms[id(value)] = form
 
     def seen(self, value: ir.Value) -> bool:
-        return bool(value.name) and all(self.probe.get(value.name, run) is not None for run in (0, 1))
+        return bool(value.name) and all(self.probe.get(value.name, run) is not None for run in self.runs)
 
     def shapes(self, value: ir.Value) -> list[tuple[int, ...]]:
-        return [self.probe.get(value.name, run).shape for run in (0, 1)]
+        return [self.probe.get(value.name, run).shape for run in self.runs]
 
     def observed(self, value: ir.Value) -> Form | None:
-        arrays = [self.probe.get(value.name, run) for run in (0, 1)]
+        arrays = [self.probe.get(value.name, run) for run in self.runs]
         if any(a.dtype.kind != "f" for a in arrays):
             return None
         if all(a.ndim >= 3 and a.shape[:2] == size for a, size in zip(arrays, self.sizes)):
@@ -118,7 +119,7 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
         return None
     (form,) = forms
     same = [form] * len(node.outputs)
-    per_token = all(layout.form(x) == form or _same_for_every_token(x, probe) for x in inputs)
+    per_token = all(layout.form(x) == form or _same_for_every_token(x, probe, form) for x in inputs)
     if op in _UNARY or op in _ELEMENTWISE:
         return same if per_token else None
     first = layout.form(node.inputs[0])
@@ -130,7 +131,7 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
     if op == "Gemm":
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         ok = first == Form(ROWS, 2) and not attr(node, "transA", 0) and constant(node.inputs[1], probe) is not None
-        return same if ok and (bias is None or _same_for_every_token(bias, probe)) else None
+        return same if ok and (bias is None or _same_for_every_token(bias, probe, form)) else None
     if op == "LayerNormalization":
         return same if attr(node, "axis", -1) in (-1, first.rank - 1) and per_token else None
     if op in ("Split", "Gather", "Transpose", "Reshape"):
@@ -168,10 +169,13 @@ def _layout_forms(node: ir.Node, form: Form, layout: Layout) -> list[Form] | Non
     return None
 
 
-def _same_for_every_token(value: ir.Value, probe) -> bool:
-    """A constant that broadcasts along the token dims only (shape [H], [1, 1, H], ...)."""
+def _same_for_every_token(value: ir.Value, probe, form: Form) -> bool:
+    """A constant that broadcasts along the token dims only: [H], [heads, size], [1, 1, H], ..."""
     array = constant(value, probe)
-    return array is not None and (array.ndim <= 1 or all(d == 1 for d in array.shape[:-1]))
+    if array is None:
+        return False
+    per_token = form.rank - form.lead  # the dims of one token
+    return all(d == 1 for d in array.shape[:max(array.ndim - per_token, 0)])
 
 
 class Packer:
@@ -325,6 +329,8 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
     mask = find_mask(graph)
     if mask is None:
         raise NoMatch("the model has no attention-mask input")
+    if any(node.name.startswith(f"{NAME}/") for node in graph.all_nodes()):
+        raise NoMatch("the model runs padding-free already")
     layout = Layout(probe, mask)
     _check_padding_is_ignored(graph, layout, masked_attention)
     packer = Packer(graph, mask, layout)

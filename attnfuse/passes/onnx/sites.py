@@ -13,16 +13,18 @@ import onnx_ir as ir
 
 from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
-from attnfuse.passes.onnx import attention, lower_sparse, masks
-from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset
+from attnfuse.passes.onnx import attention, heads, lower_sparse, masks
+from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, runs_seeing
 from attnfuse.passes.onnx.lower_ort import lower_to_mha, multi_head_attention
-from attnfuse.passes.onnx.padding_free import find_mask, real_tokens
-from attnfuse.passes.onnx.proof import evaluate, prove, relative_error, substitute
+from attnfuse.passes.onnx.padding_free import real_tokens
+from attnfuse.passes.onnx.proof import evaluate, first_run, prove, relative_error, substitute
 from attnfuse.passes.site import AttentionSite
 
-def fuse_attention(graph: ir.Graph, probe, exclude, mode: modes.AttentionMode) -> list[AttentionSite]:
+
+def fuse_attention(graph: ir.Graph, probe, exclude, mode: modes.AttentionMode, mask_input: ir.Value | None
+                   ) -> list[AttentionSite]:
+    """Fuse the attention in `graph` (the model's or a subgraph); `mask_input` is the model's padding mask."""
     sites = []
-    mask_input = find_mask(graph)
     for found in attention.find_sites(graph, probe, exclude):
         if isinstance(found, AttentionSite):
             sites.append(found)
@@ -48,7 +50,7 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
     bias_value = extras[0] if extras else None
     masks.describe(bias_value, site)
     site.extras["node"] = f"{site.name}/MultiHeadAttention"
-    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias_value, probe.inputs(0).real)
+    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias_value, probe.inputs(first_run(site.output, probe)).real)
     if site.bias == kinds.BIAS_ALIBI:
         site.alibi_slopes = masks.alibi_slopes(bias_value)
     key_real = _key_real(site, mask_input)
@@ -70,13 +72,21 @@ def _key_padding(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
     site = found.site
     b = Builder(site.name)
     mask = b.op("Cast", [key_real(b)], {"to": ir.DataType.INT32})
-    out = multi_head_attention(site, probe, b, key_padding_mask=mask)
+    out = multi_head_attention(found, probe, b, key_padding_mask=mask)
     prove(b.nodes, [(site.output, out)], probe, opset=opset(graph))
     return b, out
 
 
+def _tokens_only(found) -> None:
+    """The block-wise lowerings read q, k and v as [batch, seq, hidden] with all heads."""
+    if any(x.layout not in (heads.TOKENS, heads.TOKENS_HEADS) or x.heads != found.site.num_heads
+           for x in found.operands):
+        raise NoMatch("q, k and v are not [batch, seq, hidden] with every head (a cache, or grouped heads)")
+
+
 def _exact_window(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
     """A banded mask: attention over each query's band only, proved like any rewrite."""
+    _tokens_only(found)
     site = found.site
     b = Builder(site.name)
     left, right = site.window
@@ -97,6 +107,7 @@ def _approximate(found, probe, graph, mode, key_real) -> tuple[Builder, ir.Value
         raise NoMatch("the key padding does not come from the attention-mask input")
     if site.causal and mode.kind == modes.LINFORMER:
         raise NoMatch("linformer mixes future keys into every query: not for causal attention")
+    _tokens_only(found)
     b = Builder(site.name)
     common = dict(_geometry(site, probe, found), key_real=key_real(b) if key_real else None)
     if mode.kind == modes.WINDOW:
@@ -117,7 +128,7 @@ def _approximate(found, probe, graph, mode, key_real) -> tuple[Builder, ir.Value
 def _measure(b: Builder, out: ir.Value, site, probe, version: int, mode: str) -> dict:
     """The approximation's error against exact attention on the probe's inputs."""
     errors, cosines = [], []
-    for run in (0, 1):
+    for run in runs_seeing([site.output], probe):
         (got,) = evaluate(b.nodes, [out], lambda value: observed(value, probe, run), version)
         expected = observed(site.output, probe, run)
         real = probe.inputs(run).real
