@@ -126,9 +126,10 @@ def test_a_prompt_that_returns_its_cache(family):
     assert cache_error(got.past_key_values, want.past_key_values, inputs["attention_mask"][:, -want.past_key_values.layers[0].keys.shape[2]:]) <= TOLERANCE
 
 
-def decode_step(model, rows: int, past: int, seed: int, name: str = CACHE) -> dict:
+def decode_step(model, rows: int, past: int, seed: int, name: str = CACHE, positions: bool = False) -> dict:
     """One new token after a left-padded prompt of `past` positions (a cache made by the model
-    itself; an empty one for past 0), the mask covering the cache and the new token."""
+    itself; an empty one for past 0), the mask covering the cache and the new token; with
+    `positions`, position ids counted over the real tokens, as generation passes them."""
     prompt = batch(rows, past, seed=seed, left=True) if past else None
     if prompt is None:
         empty = [torch.zeros(rows, model.config.num_key_value_heads, 0, 16)] * 2
@@ -139,17 +140,21 @@ def decode_step(model, rows: int, past: int, seed: int, name: str = CACHE) -> di
             cache = model(**prompt, **{CACHE: DynamicCache()}, use_cache=True).past_key_values
         mask = torch.cat([prompt["attention_mask"], torch.ones(rows, 1, dtype=torch.long)], 1)
     ids = torch.randint(2, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(seed + 1))
-    return {"input_ids": ids, "attention_mask": mask, name: cache, "use_cache": True}
+    step = {"input_ids": ids, "attention_mask": mask, name: cache, "use_cache": True}
+    if positions:
+        step["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]
+    return step
 
 
-# Llama's steps pass the cache by its old name, through the model's **kwargs.
+# Llama's steps pass the cache by its old name, through the model's **kwargs, and position ids.
 @pytest.mark.parametrize("family, name", [(f, "past_key_values" if f == "llama" else CACHE) for f in FAMILIES])
 def test_decode_steps_with_caches_of_several_lengths(family, name):
     model = decoder(family)
-    optimized = attnfuse.optimize(model, example_kwargs=decode_step(model, 2, 6, seed=0, name=name))
+    positions = family == "llama"
+    optimized = attnfuse.optimize(model, example_kwargs=decode_step(model, 2, 6, seed=0, name=name, positions=positions))
     assert_sites_fused(optimized.report, family, "past")
     for rows, past in ((3, 9), (2, 1), (4, 4), (2, 0)):
-        step = decode_step(model, rows, past, seed=past, name=name)
+        step = decode_step(model, rows, past, seed=past, name=name, positions=positions)
         with torch.no_grad():
             want, got = model(**copy.deepcopy(step)), optimized(**step)
         new_token = step["attention_mask"][:, -1:].bool()
