@@ -1,8 +1,9 @@
 """attnfuse.optimize on modern decoders: grouped-query attention, rotary embeddings, RMSNorm, KV caches.
 
-Tiny models (hidden 64, 2 layers, 4 query heads, 2 key/value heads, random weights) of
-six families, each with what makes it differ: llama (GQA), qwen2 (q/k/v biases), phi3
-(one fused qkv projection), phi (partial rotary, layernorm), gemma (multi-query, norm
+The decoder zoo's tiny models (hidden 64, 2 layers, 4 query heads, random weights;
+`attnfuse.models.decoders`), called through transformers' own API, of six families, each
+with what makes it differ: llama (GQA), qwen2 (q/k/v biases), phi3 (one fused qkv
+projection), phi (partial rotary, layernorm), gemma (multi-query, head size 32, norm
 weight as 1 + w), mistral (sliding window). Every attention site must be fused, and the
 optimized module must equal the model (hidden states and present k/v, at real tokens)
 on padded batches: without a cache, on a prompt that returns one, and on decode steps
@@ -22,34 +23,28 @@ import transformers
 from transformers import DynamicCache
 
 import attnfuse
+from attnfuse.models.decoders import families
 from attnfuse.models.wrappers import TextModel
-from attnfuse.models.zoo import randomise_vectors
 
 TOLERANCE = 1e-4
-VOCAB = 128
+VOCAB = families.VOCAB
+WINDOW = families.WINDOW
 # transformers 5.24 names the cache argument `cache` (past_key_values still works, through **kwargs).
 CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaModel.forward).parameters else "past_key_values"
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              intermediate_size=128, max_position_embeddings=64)
-# family -> (transformers class prefix, config overrides, expected kv heads, rotary fraction, RMSNorm)
+# family -> (expected kv heads, head size, rotary fraction, RMSNorm)
 FAMILIES = {
-    "llama": ("Llama", {}, 2, 1.0, True),
-    "qwen2": ("Qwen2", {}, 2, 1.0, True),
-    "phi3": ("Phi3", dict(pad_token_id=0, eos_token_id=0, bos_token_id=0), 2, 1.0, True),
-    "phi": ("Phi", dict(partial_rotary_factor=0.5), 2, 0.5, False),
-    "gemma": ("Gemma", dict(num_key_value_heads=1, head_dim=16), 1, 1.0, True),
-    "mistral": ("Mistral", dict(sliding_window=4), 2, 1.0, True),
+    "llama": (2, 16, 1.0, True),
+    "qwen2": (2, 16, 1.0, True),
+    "phi3": (2, 16, 1.0, True),
+    "phi": (4, 16, 0.5, False),
+    "gemma": (1, 32, 1.0, True),
+    "mistral": (2, 16, 1.0, True),
 }
 
 
 def decoder(family: str, attention: str = "sdpa", seed: int = 0, **overrides) -> torch.nn.Module:
-    prefix, config, *_ = FAMILIES.get(family, (family.capitalize(), {}))
-    config = getattr(transformers, f"{prefix}Config")(**{**COMMON, **config, **overrides})
-    config._attn_implementation = attention
-    torch.manual_seed(seed)
-    model = getattr(transformers, f"{prefix}Model")(config)
-    randomise_vectors(model)
-    return model.float().eval()
+    """The zoo's model of the family without its LM head: [B, S, hidden] states and the cache."""
+    return families.build(family, attention, seed, **overrides).model
 
 
 def batch(rows: int, length: int, seed: int, left: bool = False) -> dict[str, torch.Tensor]:
@@ -73,12 +68,12 @@ def cache_error(got: DynamicCache, want: DynamicCache, mask: torch.Tensor) -> fl
 
 
 def assert_sites_fused(report, family: str, cache: str) -> None:
-    _, _, kv_heads, fraction, _ = FAMILIES[family]
+    kv_heads, head_size, fraction, _ = FAMILIES[family]
     assert report.attention_total == 2 and report.attention_fused == 2, [s.reason for s in report.sites]
     for site in report.sites:
         summary = site.summary()
         assert (summary["num_heads"], summary["kv_heads"], summary["cache"]) == (4, kv_heads, cache)
-        assert summary["rotary"] == {"kind": "half", "dim": int(16 * fraction), "fraction": fraction}
+        assert summary["rotary"] == {"kind": "half", "dim": int(head_size * fraction), "fraction": fraction}
     assert report.fused_ops.get("rotary") == 4
     assert report.verify.ok and report.verify.max_rel_error <= TOLERANCE
 
@@ -94,13 +89,13 @@ def test_every_site_is_fused_and_runs_padding_free(without_cache):
     family, _, optimized = without_cache
     report = optimized.report
     assert_sites_fused(report, family, "none")
-    rms = FAMILIES[family][4]
+    rms = FAMILIES[family][3]
     assert (report.fused_ops.get("rms_norm", 0), report.fused_ops.get("skip_rms_norm", 0)) == ((1, 4) if rms else (0, 0))
     assert report.fused_ops.get("packed_attention") == 2
     padding_free = next(f for f in report.fusions if f.name == "padding-free")
     assert padding_free.fused, padding_free.reason
     if family == "mistral":
-        assert {(s.mask, s.window) for s in report.sites} == {("window", (3, 0))}
+        assert {(s.mask, s.window) for s in report.sites} == {("window", (WINDOW - 1, 0))}
 
 
 @pytest.mark.parametrize("rows, length, left", [(3, 11, False), (4, 9, True), (1, 5, False)])
@@ -126,12 +121,18 @@ def test_a_prompt_that_returns_its_cache(family):
     assert cache_error(got.past_key_values, want.past_key_values, inputs["attention_mask"][:, -want.past_key_values.layers[0].keys.shape[2]:]) <= TOLERANCE
 
 
-def decode_step(model, rows: int, past: int, seed: int, name: str = CACHE) -> dict:
+def family_of(model: torch.nn.Module) -> str:
+    return model.config.model_type
+
+
+def decode_step(model, rows: int, past: int, seed: int, name: str = CACHE, positions: bool = False) -> dict:
     """One new token after a left-padded prompt of `past` positions (a cache made by the model
-    itself; an empty one for past 0), the mask covering the cache and the new token."""
+    itself; an empty one for past 0), the mask covering the cache and the new token; with
+    `positions`, position ids counted over the real tokens, as generation passes them."""
     prompt = batch(rows, past, seed=seed, left=True) if past else None
     if prompt is None:
-        empty = [torch.zeros(rows, model.config.num_key_value_heads, 0, 16)] * 2
+        kv_heads, head_size, *_ = FAMILIES[family_of(model)]
+        empty = [torch.zeros(rows, kv_heads, 0, head_size)] * 2
         cache = DynamicCache(ddp_cache_data=[tuple(empty)] * model.config.num_hidden_layers)
         mask = torch.ones(rows, 1, dtype=torch.long)
     else:
@@ -139,17 +140,21 @@ def decode_step(model, rows: int, past: int, seed: int, name: str = CACHE) -> di
             cache = model(**prompt, **{CACHE: DynamicCache()}, use_cache=True).past_key_values
         mask = torch.cat([prompt["attention_mask"], torch.ones(rows, 1, dtype=torch.long)], 1)
     ids = torch.randint(2, VOCAB, (rows, 1), generator=torch.Generator().manual_seed(seed + 1))
-    return {"input_ids": ids, "attention_mask": mask, name: cache, "use_cache": True}
+    step = {"input_ids": ids, "attention_mask": mask, name: cache, "use_cache": True}
+    if positions:
+        step["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)[:, -1:]
+    return step
 
 
-# Llama's steps pass the cache by its old name, through the model's **kwargs.
+# Llama's steps pass the cache by its old name, through the model's **kwargs, and position ids.
 @pytest.mark.parametrize("family, name", [(f, "past_key_values" if f == "llama" else CACHE) for f in FAMILIES])
 def test_decode_steps_with_caches_of_several_lengths(family, name):
     model = decoder(family)
-    optimized = attnfuse.optimize(model, example_kwargs=decode_step(model, 2, 6, seed=0, name=name))
+    positions = family == "llama"
+    optimized = attnfuse.optimize(model, example_kwargs=decode_step(model, 2, 6, seed=0, name=name, positions=positions))
     assert_sites_fused(optimized.report, family, "past")
     for rows, past in ((3, 9), (2, 1), (4, 4), (2, 0)):
-        step = decode_step(model, rows, past, seed=past, name=name)
+        step = decode_step(model, rows, past, seed=past, name=name, positions=positions)
         with torch.no_grad():
             want, got = model(**copy.deepcopy(step)), optimized(**step)
         new_token = step["attention_mask"][:, -1:].bool()
@@ -169,13 +174,14 @@ def test_a_sliding_window_cache_is_refused_with_its_reason():
 
 
 def test_gemma2_soft_capping_is_refused_with_its_reason():
-    model = decoder("gemma2", attention="eager", head_dim=16, sliding_window=4, query_pre_attn_scalar=24)
+    model = decoder("gemma2", attention="eager")
+    cap = model.config.attn_logit_softcapping
     wrapped = TextModel(model, use_cache=False).eval()
     optimized = attnfuse.optimize(wrapped, example_kwargs=batch(2, 8, seed=0))
     report = optimized.report
     assert report.attention_total == 2 and report.attention_fused == 0
     for site in report.sites:
-        assert "soft-capped" in site.reason and site.summary()["softcap"] == pytest.approx(50.0)
+        assert "soft-capped" in site.reason and site.summary()["softcap"] == pytest.approx(cap)
     assert report.fused_ops.get("rotary") == 4 and report.fused_ops.get("rms_norm") == 5
     inputs = batch(3, 10, seed=2, left=True)
     with torch.no_grad():
@@ -193,12 +199,12 @@ def exported(optimized, inputs: dict, dims: dict, rms: bool = True) -> ort.Infer
     return ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma", "phi"])  # GQA, multi-query, partial rotary
+@pytest.mark.parametrize("family", ["llama", "phi"])  # grouped-query; partial rotary (and LayerNorm)
 def test_the_onnx_export_of_an_optimized_decoder_runs_in_onnx_runtime(family):
     model = TextModel(decoder(family), use_cache=False).eval()
     optimized = attnfuse.optimize(model, example_kwargs=batch(2, 8, seed=0))
     dims = {name: {0: "batch", 1: "sequence"} for name in batch(1, 1, 0)}
-    session = exported(optimized, batch(3, 8, seed=3), dims, rms=FAMILIES[family][4])
+    session = exported(optimized, batch(3, 8, seed=3), dims, rms=FAMILIES[family][3])
     other = batch(4, 11, seed=4, left=True)
     got = torch.from_numpy(session.run(None, {i.name: other[i.name].numpy() for i in session.get_inputs()})[0])
     with torch.no_grad():
