@@ -30,14 +30,6 @@ def optimized(case_id_: str) -> attnfuse.OptimizeResult:
     return attnfuse.optimize_onnx(str(decoders.exported(decoders.find(case_id_))))
 
 
-def fused_attention_ops(proto: onnx.ModelProto) -> dict[str, int]:
-    ops: dict[str, int] = {}
-    for node in proto.graph.node:
-        if node.domain == "com.microsoft" and node.op_type in ("GroupQueryAttention", "MultiHeadAttention"):
-            ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    return ops
-
-
 def softmax_count(path) -> int:
     return sum(node.op_type == "Softmax" for node in onnx.load(path, load_external_data=False).graph.node)
 
@@ -56,7 +48,7 @@ def test_every_site_is_fused(case):
     self_attention = [s for s in report.sites if s.cache != "cross"]
     assert {(s.num_heads, s.kv_heads) for s in self_attention} == {(heads, kv_heads)}
     grouped = kv_heads < heads or case.cache == wrappers.PAST_MODE or case.family == "gemma2"
-    ops = fused_attention_ops(result.proto)
+    ops = report.fused_ops  # one path through the If of padding-free
     if grouped:  # self-attention: GroupQueryAttention; cross-attention reads the encoder's k/v in MultiHeadAttention
         assert ops.get("GroupQueryAttention") == len(self_attention), ops
     if case.cache == wrappers.PAST_MODE and families.FAMILIES[case.family].kind == families.CAUSAL:

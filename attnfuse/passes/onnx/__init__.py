@@ -131,7 +131,8 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
     masked = {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")}
     target = getattr(config, "target", "ort-cpu")
     try:
-        padding_free.apply(graph, probe, masked, _key_padding_only(sites), target)
+        padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
+                           verified=getattr(config, "verify", True))
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why))
     return Fusion(name, "PaddingFree", True)

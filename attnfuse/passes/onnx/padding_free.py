@@ -26,6 +26,7 @@ TOKENS, ROWS = "tokens", "rows"
 _UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "IsNaN"}
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
+ATTENTION_OPS = {"MultiHeadAttention", "GroupQueryAttention"}
 _FUSED_TOKEN_WISE = {"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
 
 
@@ -43,13 +44,32 @@ class Form:
 
 
 def find_mask(graph: ir.Graph) -> ir.Value | None:
-    """The padding mask input: rank 2, integer or bool, named as a mask."""
+    """The padding mask input of the tokens the graph computes: rank 2, integer or bool, named as a
+    mask, and not an encoder's (a decoder's cross-attention mask covers other tokens)."""
     for value in graph.inputs:
-        dtype = value.dtype
-        if "mask" in (value.name or "").lower() and value.shape is not None and len(value.shape) == 2 \
-                and dtype is not None and (dtype.is_integer() or dtype == ir.DataType.BOOL):
+        dtype, name = value.dtype, (value.name or "").lower()
+        if "mask" in name and not any(word in name for word in ("encoder", "cross")) and value.shape is not None \
+                and len(value.shape) == 2 and dtype is not None and (dtype.is_integer() or dtype == ir.DataType.BOOL):
             return value
     return None
+
+
+def find_tokens(graph: ir.Graph, mask: ir.Value) -> ir.Value | None:
+    """The token ids input: with a KV cache the mask also covers cached tokens, and the ids count the new ones."""
+    for value in graph.inputs:
+        if value is not mask and "ids" in (value.name or "").lower() and value.shape is not None \
+                and len(value.shape) == 2 and value.dtype is not None and value.dtype.is_integer():
+            return value
+    return None
+
+
+def new_tokens_mask(b: Builder, mask: ir.Value, tokens: ir.Value | None) -> ir.Value:
+    """The mask's columns of the new tokens: its last S, S the tokens' length (all of it without a cache)."""
+    if tokens is None:
+        return mask
+    length = b.op("Shape", [tokens], {"start": 1, "end": 2})
+    return b.op("Slice", [mask, b.op("Neg", [length]), b.const([np.iinfo(np.int64).max], np.int64),
+                          b.const([1], np.int64)])
 
 
 def real_tokens(b: Builder, mask: ir.Value) -> ir.Value:
@@ -57,13 +77,20 @@ def real_tokens(b: Builder, mask: ir.Value) -> ir.Value:
     return b.op("Cast", [mask], {"to": ir.DataType.BOOL})
 
 
+def _new_tokens(inputs, mask: ir.Value) -> tuple[int, ...]:
+    real = getattr(inputs, "real", None)
+    return tuple(real.shape) if real is not None else tuple(inputs.feeds[mask.name].shape)
+
+
 class Layout:
     """Which values are token-major activations, and in which form."""
 
     def __init__(self, probe, mask: ir.Value):
         self.probe = probe
-        self.runs = range(probe.run_count)  # every run: with a KV cache, the mask is wider than the tokens
-        self.sizes = [tuple(probe.inputs(run).feeds[mask.name].shape) for run in self.runs]
+        self.runs = range(probe.run_count)
+        # [batch, new tokens] of each run (with a KV cache the mask is wider: it covers cached tokens too)
+        self.sizes = [_new_tokens(probe.inputs(run), mask) for run in self.runs]
+        self.cached = any(size != probe.inputs(run).feeds[mask.name].shape for run, size in zip(self.runs, self.sizes))
         self._forms: dict[int, Form | None] = {}
 
     def form(self, value: ir.Value | None) -> Form | None:
@@ -99,7 +126,7 @@ class Layout:
             return None
         if node.op_type == "EmbedLayerNormalization":
             return Form(TOKENS, 3) if value.index() in (0, 2) else None
-        if node.op_type == "MultiHeadAttention":
+        if node.op_type in ("MultiHeadAttention", "GroupQueryAttention"):
             return self.form(node.inputs[0]) if value.index() == 0 else None
         forms = token_wise_forms(node, self)
         return forms[value.index()] if forms else None
@@ -186,6 +213,7 @@ class Packer:
         self._packed: dict[int, ir.Value] = {}
         self._padded: dict[int, ir.Value] = {}
         b = Builder(NAME)
+        mask = new_tokens_mask(b, mask, find_tokens(graph, mask) if layout.cached else None)
         flat = b.op("Reshape", [mask, b.const([-1], np.int64)])
         real = self.real = real_tokens(b, flat)
         self.index = b.op("Reshape", [b.op("NonZero", [real]), b.const([-1], np.int64)])  # [n]
@@ -315,13 +343,15 @@ class Packer:
 
 
 def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: set[str] = frozenset(),
-          target: str = "ort-cpu") -> None:
+          target: str = "ort-cpu", verified: bool = True) -> None:
     """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch.
 
-    Exact only if nothing but token-wise ops, Shape readers, graph outputs (compared
-    on real tokens) and attention that masks every padded key (`masked_attention`,
-    by node name) reads an activation: padded positions of a restored tensor are
-    zeros, not what the original computed there. Checked before anything changes.
+    Padded positions of a restored tensor are zeros, not what the original computed
+    there. That is exact when nothing but token-wise ops, Shape readers, graph outputs
+    (compared on real tokens) and attention that masks every padded key
+    (`masked_attention`, by node name) reads an activation; any other reader (rotary
+    embeddings, a pooler, a cache) gets the padded layout restored only when the result
+    is `verified` against the original, and makes the rewrite refused when it is not.
     Attention named in `packed_attention` (plain key padding, no other bias) runs on
     the packed tokens: as PackedMultiHeadAttention for ONNX Runtime's CUDA provider,
     as MultiHeadAttention on one sequence at a time for its CPU provider.
@@ -332,7 +362,7 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
     if any(node.name.startswith(f"{NAME}/") for node in graph.all_nodes()):
         raise NoMatch("the model runs padding-free already")
     layout = Layout(probe, mask)
-    _check_padding_is_ignored(graph, layout, masked_attention)
+    _check_padding_is_ignored(graph, layout, masked_attention, verified)
     packer = Packer(graph, mask, layout)
     packed_ops = 0
     for node in list(graph):
@@ -462,11 +492,17 @@ def _replace_attention(node: ir.Node, b: Builder, packed: ir.Value, packer: Pack
     packer.graph.remove(node, safe=True)
 
 
-def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str]) -> None:
+def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str], verified: bool) -> None:
+    """Fused attention that does not mask every padded key would read the zeros a restore writes
+    there: refuse. Any other reader of the padded layout gets it restored when verification will
+    check that the zeros at padded positions change nothing real; without verification, refuse."""
     for node in graph:
-        if token_wise_forms(node, layout) is not None or node.op_type == "Shape":
+        if token_wise_forms(node, layout) is not None or node.op_type == "Shape" \
+                or not any(layout.form(x) for x in node.inputs if x is not None):
             continue
-        if node.op_type == "MultiHeadAttention" and node.name in masked_attention:
-            continue
-        if any(layout.form(x) for x in node.inputs if x is not None):
-            raise NoMatch(f"{node.op_type} {node.name} reads activations at padded positions")
+        fused_attention = node.domain == MS_DOMAIN and node.op_type in ATTENTION_OPS
+        if fused_attention and node.name not in masked_attention:
+            raise NoMatch(f"{node.op_type} {node.name} reads padded keys that its mask does not hide")
+        if not fused_attention and not verified:
+            raise NoMatch(f"{node.op_type} {node.name} reads activations at padded positions "
+                          "(allowed only when the result is verified)")

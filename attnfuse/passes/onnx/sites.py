@@ -79,7 +79,10 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
 def _describe(site, bias: np.ndarray | None, probe) -> None:
     """The site's mask and bias kinds, read from the values of the bias the fused op is given."""
     masks.describe(bias, site)
-    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias, probe.inputs(first_run(site.output, probe)).real)
+    inputs = probe.inputs(first_run(site.output, probe))
+    keys = inputs.real_total if inputs.real_total is not None and bias is not None \
+        and bias.shape[-1] == inputs.real_total.shape[1] else inputs.real  # with a cache the keys cover it too
+    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias, keys)
     if site.bias == kinds.BIAS_ALIBI:
         site.alibi_slopes = masks.alibi_slopes(bias)
 
