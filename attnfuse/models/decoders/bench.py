@@ -30,8 +30,17 @@ def bench_family(vocab_size: int = VOCAB) -> Family:
         tie_word_embeddings=False), "the benchmark's Llama")
 
 
+def llama_bench_torch(cache: str = wrappers.PAST_MODE, attention: str = "sdpa", vocab_size: int = VOCAB) -> torch.nn.Module:
+    """The benchmark Llama in torch, in the flat-tensor wrapper of its export (the same seeded weights)."""
+    return _torch(bench_family(vocab_size), cache, attention)
+
+
+def _torch(spec: Family, cache: str, attention: str) -> torch.nn.Module:
+    return wrappers.wrap(CAUSAL, build(spec, attention), cache).eval()
+
+
 def _export(spec: Family, cache: str, attention: str, path: pathlib.Path) -> None:
-    module = wrappers.wrap(CAUSAL, build(spec, attention), cache).eval()
+    module = _torch(spec, cache, attention)
     step = inputs.EXPORT_STEPS[cache == wrappers.PAST_MODE]
     example = inputs.make(module.signature, module.model.config, step)
     export_onnx(module, example, path, dynamo=True, dynamic_dims=module.signature.dynamic_dims,
