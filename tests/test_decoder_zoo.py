@@ -64,7 +64,7 @@ def test_refusal_still_holds(refusal, tmp_path):
         decoders.exported(case)
 
 
-@pytest.mark.parametrize("case", decoders.AVAILABLE, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", decoders.TESTED, ids=lambda c: c.id)
 def test_export_equals_torch(case):
     path = decoders.exported(case)
     sig = decoders.signature(case)
@@ -82,7 +82,7 @@ def dim_names(value) -> list:
     return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
-@pytest.mark.parametrize("case", decoders.AVAILABLE, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", decoders.TESTED, ids=lambda c: c.id)
 def test_dim_names(case):
     """Inputs carry the names given to the exporter (Optimum's); present k/v grow as past + sequence."""
     graph = onnx.load(decoders.exported(case), load_external_data=False).graph
@@ -100,7 +100,7 @@ def test_dim_names(case):
             assert written[2] in (grows, f"{names.sequence} + {names.past}"), (value.name, written)
 
 
-CACHED = [c for c in decoders.AVAILABLE if c.cache == wrappers.PAST_MODE]
+CACHED = [c for c in decoders.TESTED if c.cache == wrappers.PAST_MODE]
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,9 +15,7 @@ from attnfuse.models import decoders
 from attnfuse.models.decoders import DECODES, PREFILL, cases, families, generate, wrappers
 
 TOLERANCE = 1e-4
-# Every family, both exporters; one attention implementation each (sdpa where it exists) keeps the time down.
-CASES = [case for case in decoders.AVAILABLE
-         if case.attention == ("eager" if case.family == "gemma2" else "sdpa")]
+CASES = decoders.TESTED  # every family and cache mode, both exporters, both attention implementations
 CACHED = [case for case in CASES if case.cache == wrappers.PAST_MODE]
 
 
@@ -81,8 +79,8 @@ def test_greedy_generation_is_the_same(case):
 
 @pytest.mark.parametrize("family", ["t5", "whisper"])
 def test_seq2seq_greedy_generation_is_the_same(family):
-    first = decoders.find(f"{family}-dynamo-sdpa-first")
-    past = decoders.find(f"{family}-dynamo-sdpa-past")
+    first = decoders.find(f"{family}-torchscript-eager-first")
+    past = decoders.find(f"{family}-torchscript-eager-past")
     config = cases.config(first)
     encoder = generate.encoder_output((6, 4), config.d_model, seed=2, masked=family == "t5")
     start = config.decoder_start_token_id

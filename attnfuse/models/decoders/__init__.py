@@ -2,12 +2,12 @@
 and ModernBERT, as tiny random-weight transformers models exported to ONNX with the flat
 signature of deployment files."""
 from attnfuse.models.decoders.cases import (
-    AVAILABLE, CASES, DecoderCase, build_torch, example, exported, find, signature,
+    AVAILABLE, CASES, TESTED, DecoderCase, build_torch, example, exported, find, signature,
 )
 from attnfuse.models.decoders.families import FAMILIES
 from attnfuse.models.decoders.inputs import DECODES, PREFILL, Step, real_positions
 
 __all__ = [
-    "AVAILABLE", "CASES", "DECODES", "FAMILIES", "PREFILL", "DecoderCase", "Step", "build_torch", "example",
+    "AVAILABLE", "CASES", "TESTED", "DECODES", "FAMILIES", "PREFILL", "DecoderCase", "Step", "build_torch", "example",
     "exported", "find", "real_positions", "signature",
 ]

@@ -78,6 +78,15 @@ CASES: list[DecoderCase] = [
     for cache in CACHE_MODES[spec.kind]
 ]
 AVAILABLE: list[DecoderCase] = [case for case in CASES if case.unavailable is None]
+# What the test suite exports (within its time on a machine without the export cache): every family
+# and cache mode, each exporter with one attention implementation, the two crossed (dynamo with
+# SDPA, TorchScript with eager), and eager twice where there is no SDPA. `python -m
+# benchmarks.decoder_coverage` takes every available case.
+TESTED: list[DecoderCase] = [
+    case for case in AVAILABLE
+    if (case.exporter, case.attention) in (("dynamo", "sdpa"), ("torchscript", "eager"))
+    or (case.attention == "eager" and DecoderCase(case.family, case.exporter, "sdpa", case.cache).unavailable)
+]
 
 
 def find(case_id: str) -> DecoderCase:
