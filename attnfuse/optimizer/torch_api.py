@@ -8,49 +8,108 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import torch
-import torch.utils._pytree as pytree
 
 from attnfuse.kernels import ops
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
+from attnfuse.optimizer import torch_sentence
 from attnfuse.optimizer.report import Report, VerifyResult
-from attnfuse.optimizer.torch_inputs import Signature, real_mask
-from attnfuse.optimizer.verify import compare
+from attnfuse.optimizer.torch_inputs import Call, Signature
+from attnfuse.optimizer.torch_verify import check
 from attnfuse.passes.fx import PassResult, run_passes
+from attnfuse.passes.fx import padding_free as padding_free_pass
+from attnfuse.passes.site import Fusion
 
 TARGETS = ("cpu", "cuda")
 FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
              ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu"}
 
 
-class OptimizedModule(torch.nn.Module):
-    """The rewritten graph, called like the original model. `report` says what was fused."""
+class Graphs(torch.nn.Module):
+    """The rewritten graph, called with the captured tensors by name. Where the padding-free
+    graph reads sequence positions by index (a pooler's first token), a batch in which one of
+    them is padded runs `padded`, the fused graph without padding-free, instead."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, signature: inspect.Signature, report: Report):
+    def __init__(self, graph_module: torch.fx.GraphModule, passes: PassResult, mask: str | None):
         super().__init__()
         self.graph_module = graph_module
+        self.padded = passes.padded
+        self.mask, self.real_positions = mask, list(passes.real_positions)
+
+    def forward(self, **tensors):
+        if self.padded is None:
+            return self.graph_module(**tensors)
+        # torch.export cannot branch on values: an exported module takes the fused graph.
+        if torch.compiler.is_compiling() or not bool((tensors[self.mask][:, self.real_positions] != 0).all()):
+            return self.padded(**tensors)
+        return self.graph_module(**tensors)
+
+
+class OptimizedModule(torch.nn.Module):
+    """The rewritten graph, called like the original model. `report` says what was fused;
+    `config` is the original's (transformers models have one). A call with other inputs than
+    the capture's (another set of tensors, another value of a flag) runs the original model."""
+
+    def __init__(self, graphs: Graphs, signature: inspect.Signature, call: Call, original: torch.nn.Module,
+                 report: Report | None = None):
+        super().__init__()
+        self.graphs = graphs
         self.report = report
+        self.config = getattr(original, "config", None)
+        self.__dict__["original"] = original  # not a submodule: its weights are the graphs' already
+        self.training = False
+        warned = []
 
         def forward(*args, **kwargs):
-            return self.graph_module(**by_name(signature, args, kwargs))
+            tensors = call.tensors_of(by_name(signature, args, kwargs))
+            if tensors is not None:
+                return self.graphs(**tensors)
+            if not warned:
+                warned.append(True)
+                warnings.warn(f"attnfuse: this module was optimized for calls with {call}; other inputs run "
+                              "the original model", stacklevel=2)
+            return original(*args, **kwargs)
 
         # The original's parameter names, so that torch.export and torch.onnx.export can bind inputs by name.
         forward.__signature__ = signature
         self.forward = forward
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self.graphs.graph_module
+
+    def train(self, mode: bool = True) -> OptimizedModule:
+        """eval() is a no-op (torch.export's graphs refuse train() and eval()); training is not supported."""
+        if mode:
+            raise UserError("an attnfuse-optimized module runs inference only; train the original model")
+        self.training = False
+        return self
 
 
 def optimize(
     model: torch.nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
     target: str = "cpu", padding_free: bool = True, attention: str = "exact", verify: bool = True,
     tolerance: float = 1e-4, seed: int = 0,
-) -> OptimizedModule:
+):
     """Capture `model` with torch.export, fuse its attention, layernorms and gelus, and run it
-    padding-free on real batches. Raises UserError for unusable input and VerificationError
-    when even the unfused capture differs from the model."""
+    padding-free on real batches. A sentence-transformers model comes back as one, its
+    transformer optimized (see `torch_sentence`). Raises UserError for unusable input and
+    VerificationError when even the unfused capture differs from the model."""
+    options = dict(target=target, padding_free=padding_free, attention=attention, verify=verify,
+                   tolerance=tolerance, seed=seed)
+    if torch_sentence.is_sentence_transformer(model):
+        return torch_sentence.optimize(model, example_inputs, example_kwargs, optimize_module, **options)
+    return optimize_module(model, example_inputs, example_kwargs, **options)
+
+
+def optimize_module(
+    model: torch.nn.Module, example_inputs: tuple | None, example_kwargs: dict | None, *,
+    target: str, padding_free: bool, attention: str, verify: bool, tolerance: float, seed: int,
+) -> OptimizedModule:
     start = time.perf_counter()
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -65,7 +124,8 @@ def optimize(
         raise UserError("give example_inputs or example_kwargs: attnfuse captures the model by running it")
     signature = inspect.signature(model.forward)
     example = by_name(signature, tuple(example_inputs or ()), dict(example_kwargs or {}))
-    inputs = Signature.of(example)
+    call = Call.of(example)
+    inputs = Signature.of(example, pad_ids={"input_ids": getattr(getattr(model, "config", None), "pad_token_id", None)})
     model = model.eval()
     probe_runs = [((), run) for run in inputs.runs(seed)]
     check_runs = inputs.runs(seed + 100, count=3)
@@ -75,39 +135,44 @@ def optimize(
     # Captured on a made-up batch of 2 rows like the example: torch.export fixes a dim of size 1.
     capture_example = inputs.make(2, 1.0, "right", seed)
 
-    def attempt(exclude: frozenset[str], packed: bool) -> tuple[torch.fx.GraphModule, PassResult, VerifyResult]:
-        graph_module = capture(model, capture_example, inputs)
+    def attempt(exclude: frozenset[str], packed: bool) -> tuple[OptimizedModule, PassResult, VerifyResult]:
+        graph_module = capture(model, call, capture_example, inputs)
         try:
             passes = run_passes(graph_module, probe_runs, packed, exclude)
         except Exception as e:  # the capture does not run on other batch sizes or lengths
             raise UserError(f"the captured model does not run on other batches: {first_line(e)}") from None
-        return graph_module, passes, check(graph_module, check_runs, expected, inputs, tolerance)
+        optimized = OptimizedModule(Graphs(graph_module, passes, inputs.mask), signature, call, model)
+        return optimized, passes, check(optimized, check_runs, expected, inputs, tolerance)
 
-    graph_module, passes, verdict = attempt(frozenset(), padding_free)
+    optimized, passes, verdict = attempt(frozenset(), padding_free)
     rolled_back: list[str] = []
     if verify and not verdict.ok:
-        graph_module, passes, verdict, rolled_back = _roll_back(attempt, passes, padding_free)
-    report = Report(
+        optimized, passes, verdict, rolled_back = _roll_back(attempt, passes, verdict, padding_free)
+    optimized.report = Report(
         model=type(model).__name__, target=f"torch-{target}", attention_mode=attention, sites=passes.sites,
-        fusions=passes.fusions, fused_ops=count_fused(graph_module), verify=verdict if verify else None,
+        fusions=passes.fusions, fused_ops=count_fused(optimized.graph_module), verify=verdict if verify else None,
         rolled_back=rolled_back, seconds=time.perf_counter() - start,
     )
     if verify and not verdict.ok:
-        raise VerificationError(f"verification failed: {verdict.message}", report)
-    return OptimizedModule(graph_module, signature, report)
+        raise VerificationError(f"verification failed: {verdict.message}", optimized.report)
+    return optimized
 
 
-def _roll_back(attempt, first: PassResult, padding_free: bool):
-    """Give up padding-free first, then the other fusions, then attention fusion, until the check passes."""
-    fusions = frozenset(f.name for f in first.fusions if f.name != "padding-free")
+def _roll_back(attempt, first: PassResult, failed: VerifyResult, padding_free: bool):
+    """Give up padding-free first, then the other fusions, then attention fusion, until the check passes.
+    The report keeps padding-free, unfused, with the check that failed."""
+    fusions = frozenset(f.name for f in first.fusions if f.name != padding_free_pass.NAME)
     sites = frozenset(s.name for s in first.sites if s.fused)
     ladder = [frozenset(), fusions, fusions | sites][0 if padding_free else 1:]
     for exclude in ladder:
-        graph_module, passes, verdict = attempt(exclude, False)
-        rolled_back = (["padding-free"] if padding_free else []) + sorted(exclude)
+        optimized, passes, verdict = attempt(exclude, False)
+        rolled_back = ([padding_free_pass.NAME] if padding_free else []) + sorted(exclude)
         if verdict.ok:
             break
-    return graph_module, passes, verdict, rolled_back
+    if padding_free:
+        passes.fusions.append(Fusion(padding_free_pass.NAME, "packed tokens", fused=False,
+                                     reason=f"rolled back: with it, {failed.message}"))
+    return optimized, passes, verdict, rolled_back
 
 
 def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -129,38 +194,31 @@ def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str
     return named
 
 
-def capture(model: torch.nn.Module, example: dict[str, Any], inputs: Signature) -> torch.fx.GraphModule:
+def capture(model: torch.nn.Module, call: Call, example: dict[str, Any], inputs: Signature) -> torch.fx.GraphModule:
+    """torch.export's graph of `model` on the example's tensors, batch and sequence dynamic."""
+    tensors = {name: example[name] for name in call.tensors}
+    shapes = {name: shape for name, shape in inputs.dynamic_shapes().items() if name in call.tensors}
     try:
-        program = torch.export.export(model, (), example, dynamic_shapes=inputs.dynamic_shapes(), strict=False)
+        program = torch.export.export(_TensorsOnly(model, call), (), tensors, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the first line
         raise UserError(f"torch.export could not capture the model: {first_line(e)}") from None
     return program.module()
 
 
-def check(graph_module, runs: list[dict], expected: list, inputs: Signature, tolerance: float) -> VerifyResult:
-    """The rewritten graph against the model's own outputs on the check inputs, at real tokens."""
-    worst_abs = worst_rel = 0.0
-    message = ""
-    try:
-        with torch.no_grad():
-            for run, want in zip(runs, expected):
-                got = graph_module(**run)
-                real = real_mask(run, inputs)
-                abs_error, rel_error = compare(_arrays(want), _arrays(got), None if real is None else real.cpu().numpy())
-                worst_abs, worst_rel = max(worst_abs, abs_error), max(worst_rel, rel_error)
-    except Exception as e:  # a rewrite that crashes is a failed check, reported, never raised
-        worst_abs = worst_rel = float("inf")
-        message = f"the optimized graph failed: {first_line(e)}"
-    ok = worst_rel <= tolerance
-    if not ok and not message:
-        message = f"max relative error {worst_rel:.2e} > tolerance {tolerance:.0e}"
-    shapes = [{name: list(v.shape) for name, v in run.items() if isinstance(v, torch.Tensor)} for run in runs]
-    return VerifyResult(ok, worst_abs, worst_rel, tolerance, shapes, message)
+class _TensorsOnly(torch.nn.Module):
+    """The model called with tensors by name, its other inputs (flags) fixed at the example's:
+    what torch.export can capture whatever the forward's signature (**kwargs included)."""
 
+    def __init__(self, model: torch.nn.Module, call: Call):
+        super().__init__()
+        self.model = model
 
-def _arrays(outputs) -> dict[str, np.ndarray]:
-    leaves = pytree.tree_leaves(outputs)
-    return {str(i): leaf.detach().float().cpu().numpy() for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)}
+        def forward(**tensors):
+            return model(**tensors, **call.constants)
+
+        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        forward.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in call.tensors])
+        self.forward = forward
 
 
 def count_fused(graph_module: torch.fx.GraphModule) -> dict[str, int]:

@@ -6,7 +6,7 @@ that probing and verification see what real batches do.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,11 +23,15 @@ class Signature:
 
     example: dict[str, object]
     mask: str | None
+    # The value at padded positions of an input, for an example without padding to show it
+    # (a transformers model's config.pad_token_id for its input_ids).
+    pad_ids: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, example: dict[str, object]) -> Signature:
+    def of(cls, example: dict[str, object], pad_ids: dict[str, int | None] | None = None) -> Signature:
         names = [name for name, value in example.items() if _is_mask(name, value)]
-        return cls(example, names[0] if names else None)
+        known = {name: value for name, value in (pad_ids or {}).items() if isinstance(value, int)}
+        return cls(example, names[0] if names else None, known)
 
     def dynamic_shapes(self) -> dict[str, object]:
         """Batch dynamic for every batched tensor; sequence too for [B, S] integer inputs (ids, masks)."""
@@ -58,7 +62,7 @@ class Signature:
             elif name == self.mask:
                 out[name] = real.to(device=value.device, dtype=value.dtype)
             elif value.dim() == 2 and not value.dtype.is_floating_point and length:
-                out[name] = self._ids(value, batch, length, real, generator)
+                out[name] = self._ids(name, batch, length, real, generator)
             elif value.dtype.is_floating_point:
                 shape = (batch, length, *value.shape[2:]) if _is_sequence(value) and length else (batch, *value.shape[1:])
                 out[name] = torch.randn(shape, generator=generator, dtype=value.dtype).to(value.device)
@@ -74,16 +78,44 @@ class Signature:
                 return value.shape[1]
         return None
 
-    def _ids(self, example: torch.Tensor, batch: int, length: int, real: torch.Tensor, generator) -> torch.Tensor:
-        """Values drawn from the example's own real positions; padded positions get its pad value."""
+    def _ids(self, name: str, batch: int, length: int, real: torch.Tensor, generator) -> torch.Tensor:
+        """Values drawn from the example's own real positions; padded positions get its pad value
+        (the example's, else the one known for the input, else real values)."""
+        example = self.example[name]
         mask = self.example.get(self.mask) if self.mask else None
         seen = example[mask != 0] if mask is not None else example.flatten()
-        padded_values = example[mask == 0] if mask is not None else example.new_empty(0)
+        padded_values = example[mask == 0].flatten().tolist() if mask is not None else []
         picks = torch.randint(len(seen), (batch, length), generator=generator)
         ids = seen.cpu()[picks]
-        if padded_values.numel():
-            ids = torch.where(real.bool(), ids, padded_values.flatten()[0].cpu())
+        pad = padded_values[0] if padded_values else self.pad_ids.get(name)
+        if pad is not None:
+            ids = torch.where(real.bool(), ids, torch.tensor(pad, dtype=ids.dtype))
         return ids.to(example.device)
+
+
+@dataclass
+class Call:
+    """The inputs a model was captured with: tensors by name, and the other values (flags
+    such as return_dict), which the graph holds fixed."""
+
+    tensors: tuple[str, ...]
+    constants: dict[str, object]
+
+    @classmethod
+    def of(cls, named: dict[str, object]) -> Call:
+        tensors = tuple(name for name, value in named.items() if isinstance(value, torch.Tensor))
+        return cls(tensors, {name: value for name, value in named.items() if name not in tensors})
+
+    def tensors_of(self, named: dict[str, object]) -> dict[str, torch.Tensor] | None:
+        """A call's tensors, or None if it is not the captured call (None for an input the
+        capture did not have counts as leaving it out)."""
+        given = {name: value for name, value in named.items() if value is not None or name in self.constants}
+        tensors = {name: value for name, value in given.items() if isinstance(value, torch.Tensor)}
+        others = {name: value for name, value in given.items() if name not in tensors}
+        return tensors if set(tensors) == set(self.tensors) and others == self.constants else None
+
+    def __str__(self) -> str:
+        return ", ".join([*self.tensors, *(f"{name}={value!r}" for name, value in self.constants.items())])
 
 
 def real_mask(inputs: dict[str, object], signature: Signature) -> torch.Tensor | None:
