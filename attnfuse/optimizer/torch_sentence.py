@@ -35,11 +35,11 @@ def is_sentence_transformer(model: object) -> bool:
 
 def optimize(model, example_inputs: tuple | None, example_kwargs: dict | None, optimize_module: Callable, **options):
     """`model` with its transformer's model replaced by `optimize_module`'s (attnfuse.optimize's)."""
-    position, transformer = _transformer_module(model)
+    _, transformer = _transformer_module(model)
     features = _example_features(model, example_inputs, example_kwargs)
     call = _model_call(transformer, features)
     inner = optimize_module(transformer.auto_model, None, call, **options)
-    optimized = _with_model(model, position, transformer, inner)
+    optimized = with_model(model, inner)
     if not options["verify"]:
         return _reported(optimized, inner, None, [])
 
@@ -57,7 +57,7 @@ def optimize(model, example_inputs: tuple | None, example_kwargs: dict | None, o
         # The pooling read a padded position: the transformer again, without padding-free.
         failed = verdict
         inner = optimize_module(transformer.auto_model, None, call, **dict(options, padding_free=False))
-        optimized = _with_model(model, position, transformer, inner)
+        optimized = with_model(model, inner)
         verdict, rolled_back = verify(optimized), [padding_free_pass.NAME]
         inner.report.fusions.append(Fusion(padding_free_pass.NAME, "packed tokens", fused=False,
                                            reason=f"rolled back: with it, the sentence embeddings' {failed.message}"))
@@ -118,7 +118,10 @@ def _replaced(transformer: torch.nn.Module, model: torch.nn.Module) -> torch.nn.
     return _shallow_copy(transformer, {slot: model})
 
 
-def _with_model(model, position: str, transformer: torch.nn.Module, replacement: torch.nn.Module):
+def with_model(model, replacement: torch.nn.Module):
+    """A copy of the SentenceTransformer `model` whose transformer runs `replacement` (an
+    optimized or a torch.compile'd module of its model); the original is left as it was."""
+    position, transformer = _transformer_module(model)
     return _shallow_copy(model, {position: _replaced(transformer, replacement)})
 
 
