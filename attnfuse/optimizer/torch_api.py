@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from attnfuse.kernels import ops
-from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer import torch_sentence
+from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report, VerifyResult
 from attnfuse.optimizer.torch_inputs import Call, Signature
 from attnfuse.optimizer.torch_verify import check
@@ -44,7 +44,7 @@ class Graphs(torch.nn.Module):
         if self.padded is None:
             return self.graph_module(**tensors)
         # torch.export cannot branch on values: an exported module takes the fused graph.
-        if torch.compiler.is_compiling() or not bool((tensors[self.mask][:, self.real_positions] != 0).all()):
+        if torch.compiler.is_exporting() or not bool((tensors[self.mask][:, self.real_positions] != 0).all()):
             return self.padded(**tensors)
         return self.graph_module(**tensors)
 
@@ -198,8 +198,10 @@ def capture(model: torch.nn.Module, call: Call, example: dict[str, Any], inputs:
     """torch.export's graph of `model` on the example's tensors, batch and sequence dynamic."""
     tensors = {name: example[name] for name in call.tensors}
     shapes = {name: shape for name, shape in inputs.dynamic_shapes().items() if name in call.tensors}
+    named = set(inspect.signature(model.forward).parameters)
+    exported = model if not call.constants and set(call.tensors) <= named else _TensorsOnly(model, call)
     try:
-        program = torch.export.export(_TensorsOnly(model, call), (), tensors, dynamic_shapes=shapes, strict=False)
+        program = torch.export.export(exported, (), tensors, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the first line
         raise UserError(f"torch.export could not capture the model: {first_line(e)}") from None
     return program.module()
