@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,19 +36,22 @@ def main() -> int:
     torch.set_num_threads(options.threads)
 
     batch = {name: torch.from_numpy(array) for name, array in minilm.padded_batch(32, 128).items()}
+    load_before = os.getloadavg()[0]
     comparisons = [
         auto_model_comparison(minilm, batch, options.repeats, not options.no_compile),
         sentence_transformer_comparison(minilm, options.repeats, not options.no_compile),
     ]
-    print(f"{' '.join(sys.argv) if len(sys.argv) > 1 else COMMAND}: MiniLM-L6, {options.threads} threads, "
-          f"median of {options.repeats} interleaved runs")
+    # Other work on the machine slows small parallel regions (per-sequence attention) most: say how busy it was.
+    load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
+    print(f"{COMMAND} {' '.join(sys.argv[1:])}: MiniLM-L6, {options.threads} threads, "
+          f"median of {options.repeats} interleaved runs; {load}")
     for comparison in comparisons:
         print()
         print(comparison.summary())
         print(speedup_table("contender", comparison.times, comparison.agreement))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "torch_frontend.json").write_text(json.dumps({
-        "threads": options.threads, "repeats": options.repeats,
+        "threads": options.threads, "repeats": options.repeats, "load": load,
         "workloads": [{"title": c.title, "median_ms": {n: t * 1000 for n, t in c.times.items()},
                        "agreement": c.agreement, "fused_ops": c.report.fused_ops} for c in comparisons],
     }, indent=1))

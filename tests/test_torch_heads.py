@@ -80,6 +80,23 @@ def test_task_heads_run_padding_free_and_equal_eager(family, head):
             assert all(torch.all(got[name][~right["attention_mask"].bool()] == 0) for name in got.keys())
 
 
+def test_a_module_that_reads_the_first_token_exports_its_fused_graph_to_onnx():
+    import onnxruntime as ort
+
+    model = encoder("bert", "AutoModelForSequenceClassification")
+    optimized = attnfuse.optimize(model, example_kwargs=unpadded_example("bert"))
+    right, left = right_and_left_padded("bert")
+    dims = {name: {0: "batch", 1: "sequence"} for name in right}
+    program = torch.onnx.export(optimized, (), kwargs=right, dynamo=True, dynamic_shapes=dims)
+    fused = [n.op_type for n in program.model_proto.graph.node if n.domain == "com.microsoft"]
+    assert fused.count("MultiHeadAttention") == 2
+    session = ort.InferenceSession(program.model_proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    for batch in (right, left):
+        got = session.run(None, {name: value.numpy() for name, value in batch.items()})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(got, model(**batch).logits.numpy(), rtol=1e-4, atol=1e-6)
+
+
 class PlainMean(torch.nn.Module):
     """A BERT whose sentence vector averages every position, padded ones too."""
 
