@@ -182,3 +182,15 @@ def test_real_minilm_sentence_transformer():
     assert optimized.report.fused_ops.get("packed_attention") == 6
     want = model.encode(minilm.SENTENCES, batch_size=32)
     assert min_cosine(got, want) > 0.99999
+
+
+def test_sentence_transformer_takes_an_example_as_sentences_or_features(tmp_path):
+    from attnfuse.optimizer.errors import UserError
+
+    model = sentence_transformer("distilbert", "mean", tmp_path)
+    with pytest.raises(UserError, match="as sentences or as its tokenized features"):
+        attnfuse.optimize(model, example_inputs=([1, 2, 3],))
+    optimized = attnfuse.optimize(model, example_kwargs=model.preprocess(["One sentence, so no padding."]))
+    assert padding_free(optimized.report).fused
+    sentences = minilm.SENTENCES[:6]
+    assert min_cosine(optimized.encode(sentences), model.encode(sentences)) > 0.99999

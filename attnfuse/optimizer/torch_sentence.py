@@ -77,6 +77,8 @@ def _transformer_module(model) -> tuple[str, torch.nn.Module]:
 def _example_features(model, example_inputs: tuple | None, example_kwargs: dict | None) -> dict:
     """Tokenized inputs: given as they are, tokenized from sentences, or from EXAMPLE_SENTENCES."""
     given = dict(example_kwargs) if example_kwargs else (example_inputs[0] if example_inputs else EXAMPLE_SENTENCES)
+    if hasattr(given, "items") and set(given) == {"input"}:  # forward(input=features), by its parameter's name
+        given = given["input"]
     if isinstance(given, str):
         given = [given]
     if isinstance(given, (list, tuple)) and all(isinstance(s, str) for s in given):
