@@ -9,19 +9,28 @@ Two workloads, each timed in one process, interleaved, median of --repeats:
 torch.compile(dynamic=True) is applied to the same module attnfuse optimizes.
 
     python benchmarks/torch_frontend.py [--repeats 7] [--threads 2] [--no-compile]
+
+OpenMP's idle threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment
+says otherwise), as the ONNX Runtime sessions of `attnfuse bench` stop spinning: on
+a machine shared with other work, threads that spin between parallel regions take
+the cores the working thread needs, and every contender ran 1.5-2x slower for it
+here, the one with the most short regions (attnfuse's per-sequence attention) most.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read once, when torch's OpenMP loads: before importing torch
 
-from attnfuse.models import minilm
-from attnfuse.tools.demo import auto_model_comparison, sentence_transformer_comparison, speedup_table
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from attnfuse.models import minilm  # noqa: E402
+from attnfuse.tools.demo import auto_model_comparison, sentence_transformer_comparison, speedup_table  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 COMMAND = "python benchmarks/torch_frontend.py"
@@ -42,7 +51,8 @@ def main() -> int:
         sentence_transformer_comparison(minilm, options.repeats, not options.no_compile),
     ]
     # Other work on the machine slows small parallel regions (per-sequence attention) most: say how busy it was.
-    load = f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores"
+    load = (f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; "
+            f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
     print(f"{COMMAND} {' '.join(sys.argv[1:])}: MiniLM-L6, {options.threads} threads, "
           f"median of {options.repeats} interleaved runs; {load}")
     for comparison in comparisons:

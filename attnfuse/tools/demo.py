@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model (median is shown)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("ATTNFUSE_CACHE", Path.home() / ".cache" / "attnfuse")) / "demo")
     args = parser.parse_args(argv)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        # Timed torch runs let OpenMP's idle threads wait passively, as the ONNX Runtime sessions stop
+        # spinning: spinning threads take the cores of the working one on a shared machine. OpenMP read
+        # the policy when torch loaded, in this process already: run the demo again with it set.
+        command = [sys.executable, "-m", "attnfuse.tools.demo", *(sys.argv[1:] if argv is None else argv)]
+        os.execvpe(sys.executable, command, dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
 
     try:
         from attnfuse.models import minilm
