@@ -13,8 +13,8 @@ torch.compile(dynamic=True) is applied to the same module attnfuse optimizes.
 OpenMP's idle threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment
 says otherwise), as the ONNX Runtime sessions of `attnfuse bench` stop spinning: on
 a machine shared with other work, threads that spin between parallel regions take
-the cores the working thread needs, and every contender ran 1.5-2x slower for it
-here, the one with the most short regions (attnfuse's per-sequence attention) most.
+the cores the working thread needs, and the contender with the most short regions
+(attnfuse, whose attention runs one sequence at a time) loses most.
 """
 from __future__ import annotations
 
