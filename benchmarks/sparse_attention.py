@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import attnfuse
+from attnfuse.tools.memory import ort_peak_memory_mb
 from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 MODES = ("exact", "window=256", "performer=128")
@@ -35,23 +35,6 @@ def long_inputs(length: int, vocab: int = 256) -> dict[str, np.ndarray]:
 def optimized_models(path: str) -> dict[str, bytes]:
     # Verification runs on short check inputs; the long runs below are what is measured.
     return {mode: attnfuse.optimize_onnx(path, attention=mode).proto.SerializeToString() for mode in MODES}
-
-
-def peak_memory_mb(model_file: Path, length: int, threads: int) -> float:
-    """Max resident set of a fresh process that loads the model and runs it once."""
-    code = (
-        "import sys, numpy as np, onnxruntime as ort\n"
-        f"o = ort.SessionOptions(); o.intra_op_num_threads = {threads}\n"
-        f"s = ort.InferenceSession({str(model_file)!r}, o, providers=['CPUExecutionProvider'])\n"
-        f"ids = np.random.default_rng(0).integers(1, 256, (1, {length}))\n"
-        "s.run(None, {'input_ids': ids, 'attention_mask': np.ones_like(ids)})\n"
-        # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over from the parent across
-        # fork and exec, so it would report this benchmark's own peak.
-        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
-        "print(int(hwm.split()[1]) / 1024)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
 
 
 def long_sequences(lengths: list[int], repeats: int, threads: int, workdir: Path) -> list[dict]:
@@ -74,7 +57,7 @@ def long_sequences(lengths: list[int], repeats: int, threads: int, workdir: Path
             rows.append({
                 "length": length, "mode": mode, "seconds": seconds,
                 "speedup_vs_exact": times["exact"] / seconds,
-                "peak_mb": peak_memory_mb(files[mode], length, threads),
+                "peak_mb": ort_peak_memory_mb(files[mode], feeds, threads),
                 "max_rel_error": float(np.abs(got - exact).max() / np.abs(exact).max()),
             })
     return rows

@@ -10,12 +10,20 @@ sits, how the mask is built and applied, what surrounds the softmax, the head me
 The maths never changes with the spelling; `reference_attention` computes it in
 numpy from the meaning alone, which is how the builder itself is checked.
 
+Three fields change the file around the same maths: `opset` (the ops whose signatures
+moved between opsets, Split and the reductions, are written as that opset defines them),
+`shapes` (symbolic dims, or the batch and sequence fixed in the graph) and `dtype`
+(float16 is the float32 graph converted as users convert it, by ONNX Runtime's
+`convert_float_to_float16`).
+
 `Spelling(defect=...)` swaps one step for something that is *not* attention (see
 `DEFECTS`), for the negative tests.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
+import warnings
 from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
@@ -23,9 +31,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 20
-IR_VERSION = 10
 MAX_SEQ = 32  # the stored causal triangle is [MAX_SEQ, MAX_SEQ]
 FLOAT32_MIN = float(np.finfo(np.float32).min)
+# How far (relative to the output's largest magnitude) two correct computations of a layer
+# may be apart. float16 rounds every op's result to an 11-bit significand: the zoo's
+# float16 conversions are 0.7e-3 to 1.6e-3 from their float32 originals, so two float16
+# computations (original and fused) can be ~3e-3 apart; 2e-2 leaves room for other orders
+# of accumulation and is still far below what a wrong mask or scale does (1e-1 and more).
+TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 
 
 def choice(*options):
@@ -65,6 +78,10 @@ class Spelling:
     head_merge: str = choice("constant_shape", "shape_ops")
     # Small constants as graph initializers (dynamo) or Constant nodes (TorchScript).
     constants: str = choice("initializer", "constant_node")
+    opset: int = choice(OPSET, 16, 17, 18)
+    # Batch and sequence as named dims, or fixed in the graph to the size it is run at.
+    shapes: str = choice("symbolic", "fixed")
+    dtype: str = choice("float32", "float16")
     defect: str = "none"  # one of DEFECTS: not attention any more
 
     @property
@@ -101,14 +118,34 @@ ONE_CHANGE_EACH = one_change_each(Spelling(padding="bool", causal="range_less"))
 class GraphBuilder:
     """Appends nodes and constants to a graph; every op returns its output name(s)."""
 
-    def __init__(self, constants_as_nodes: bool):
+    def __init__(self, constants_as_nodes: bool = False, opset: int = OPSET):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.constants_as_nodes = constants_as_nodes
+        self.opset = opset
         self._ids = itertools.count()
 
     def fresh(self, hint: str) -> str:
         return f"{hint}_{next(self._ids)}"
+
+    def rename(self, value: str, name: str) -> str:
+        """Call `value` `name` from now on (a graph output's name), in the node that writes it and its readers."""
+        for node in self.nodes:
+            for names in (node.input, node.output):
+                for i, old in enumerate(names):
+                    if old == value:
+                        names[i] = name
+        return name
+
+    @contextlib.contextmanager
+    def subgraph(self):
+        """Nodes made inside go to the yielded list (an If branch, a Loop body); weights and
+        constant initializers stay in the main graph, which the subgraph reads by outer scope."""
+        outer, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = outer
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
         names = [self.fresh(op_type.lower()) for _ in range(outputs)]
@@ -133,14 +170,44 @@ class GraphBuilder:
     def f32(self, value) -> str:
         return self.const(value, np.float32)
 
+    # Ops whose axes moved from an attribute to an input: written as `self.opset` defines them.
+
+    def unsqueeze(self, x: str, axes: list[int]) -> str:
+        if self.opset < 13:
+            return self.op("Unsqueeze", x, axes=axes)
+        return self.op("Unsqueeze", x, self.i64(axes))
+
+    def squeeze(self, x: str, axes: list[int]) -> str:
+        if self.opset < 13:
+            return self.op("Squeeze", x, axes=axes)
+        return self.op("Squeeze", x, self.i64(axes))
+
+    def split(self, x: str, sizes: list[int], axis: int) -> list[str]:
+        """Split into parts of `sizes`; equal parts from opset 18 by `num_outputs`, as exporters write it."""
+        n = len(sizes)
+        if self.opset < 13:
+            return self.op("Split", x, axis=axis, split=sizes, outputs=n)
+        if self.opset >= 18 and len(set(sizes)) == 1:
+            return self.op("Split", x, axis=axis, num_outputs=n, outputs=n)
+        return self.op("Split", x, self.i64(sizes), axis=axis, outputs=n)
+
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1) -> str:
+        """ReduceMean, ReduceMax, ...: axes an input from opset 18 (ReduceSum from 13)."""
+        if self.opset >= (13 if op_type == "ReduceSum" else 18):
+            return self.op(op_type, x, self.i64(axes), keepdims=keepdims)
+        return self.op(op_type, x, axes=axes, keepdims=keepdims)
+
+    def size(self, tensor: str, axis: int) -> str:
+        """Shape(tensor)[axis] as an int64 scalar (Shape, Gather)."""
+        return self.op("Gather", self.op("Shape", tensor), self.i64(axis), axis=0)
+
     def dim(self, tensor: str, axis: int) -> str:
         """Shape(tensor)[axis] as a 1-element int64 tensor (Shape, Gather, Unsqueeze)."""
-        scalar = self.op("Gather", self.op("Shape", tensor), self.i64(axis), axis=0)
-        return self.op("Unsqueeze", scalar, self.i64([0]))
+        return self.unsqueeze(self.size(tensor, axis), [0])
 
     def seq_len(self, tensor: str) -> str:
         """Shape(tensor)[1] as an int64 scalar."""
-        return self.op("Gather", self.op("Shape", tensor), self.i64(1), axis=0)
+        return self.size(tensor, 1)
 
 
 # ----------------------------------------------------------------------- weights
@@ -181,7 +248,7 @@ def packed_projection(g, spec, w, x):
 
 
 def packed_split(g, spec, w, x):
-    return g.op("Split", packed_projection(g, spec, w, x), g.i64([spec.hidden] * 3), axis=2, outputs=3)
+    return g.split(packed_projection(g, spec, w, x), [spec.hidden] * 3, axis=2)
 
 
 def packed_slice(g, spec, w, x):
@@ -273,12 +340,12 @@ SCALINGS = {
 def positions(g: GraphBuilder, x: str) -> tuple[str, str]:
     """Query index i as [S, 1] and key index j as [1, S], int64, from Range."""
     r = g.op("Range", g.i64(0), g.seq_len(x), g.i64(1))
-    return g.op("Unsqueeze", r, g.i64([1])), g.op("Unsqueeze", r, g.i64([0]))
+    return g.unsqueeze(r, [1]), g.unsqueeze(r, [0])
 
 
 def padding_as_float(g: GraphBuilder) -> str:
     """attention_mask [B, S] -> [B, 1, 1, S] float, by Unsqueeze twice and Cast."""
-    m = g.op("Unsqueeze", g.op("Unsqueeze", "attention_mask", g.i64([1])), g.i64([2]))
+    m = g.unsqueeze(g.unsqueeze("attention_mask", [1]), [2])
     return g.op("Cast", m, to=TensorProto.FLOAT)
 
 
@@ -290,14 +357,14 @@ def inverted_padding(g: GraphBuilder, spec: Spelling) -> str:
 
 def padding_as_bool(g: GraphBuilder) -> str:
     """attention_mask [B, S] -> [B, 1, 1, S] bool."""
-    m = g.op("Unsqueeze", "attention_mask", g.i64([1, 2]))
+    m = g.unsqueeze("attention_mask", [1, 2])
     return g.op("Cast", m, to=TensorProto.BOOL)
 
 
 def sliced_triangle(g: GraphBuilder, x: str) -> str:
     """A stored [1, 1, MAX, MAX] lower triangle sliced to [1, 1, S, S] (GPT-2's `bias` buffer)."""
     triangle = g.const(np.tril(np.ones((1, 1, MAX_SEQ, MAX_SEQ), bool)), bool)
-    s = g.op("Unsqueeze", g.seq_len(x), g.i64([0]))
+    s = g.unsqueeze(g.seq_len(x), [0])
     return g.op("Slice", triangle, g.i64([0, 0]), g.op("Concat", s, s, axis=0), g.i64([2, 3]))
 
 
@@ -386,7 +453,7 @@ def guarded(g: GraphBuilder, spec: Spelling, probs: str) -> str:
 
 def context(g: GraphBuilder, spec: Spelling, probs: str, v: str) -> str:
     if spec.defect == "v_scaled_elementwise":
-        return g.op("Mul", g.op("ReduceMax", probs, g.i64([-1]), keepdims=1), v)
+        return g.op("Mul", g.reduce("ReduceMax", probs, [-1]), v)
     return g.op("MatMul", probs, v)
 
 
@@ -405,8 +472,9 @@ DEFECTS = (
 BOOSTING_PADDING = "boosting_padding"
 
 
-def build_attention_graph(spec: Spelling) -> onnx.ModelProto:
-    g = GraphBuilder(constants_as_nodes=spec.constants == "constant_node")
+def build_attention_graph(spec: Spelling, batch: int = 3, seq: int = 6) -> onnx.ModelProto:
+    """The layer as `spec` spells it; `batch` and `seq` are its fixed dims when `spec.shapes` is "fixed"."""
+    g = GraphBuilder(constants_as_nodes=spec.constants == "constant_node", opset=spec.opset)
     w = attention_weights(spec)
     x = "x"
     q, k, v = PROJECTIONS[spec.projection](g, spec, w, x)
@@ -415,15 +483,31 @@ def build_attention_graph(spec: Spelling) -> onnx.ModelProto:
     scores = biased_and_masked(g, spec, scores, x)
     probs = guarded(g, spec, normalised(g, spec, scores))
     merged = merge_heads(g, spec, context(g, spec, probs, to_heads_first(g, v)))
-    linear(g, spec, merged, w["wo"], w["bo"], "o")
-    g.nodes[-1].output[0] = "y"  # the output projection's last node writes the graph output
+    g.rename(linear(g, spec, merged, w["wo"], w["bo"], "o"), "y")
 
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", spec.hidden])]
+    tokens = [batch, seq] if spec.shapes == "fixed" else ["batch", "seq"]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*tokens, spec.hidden])]
     if spec.has_padding:
-        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"]))
-    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", spec.hidden])
-    graph = helper.make_graph(g.nodes, "attention", inputs, [output], g.initializers)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, tokens))
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [*tokens, spec.hidden])
+    model = make_model(g, "attention", inputs, [output])
+    return to_float16(model) if spec.dtype == "float16" else model
+
+
+def make_model(g: GraphBuilder, name: str, inputs: list, outputs: list, domains: tuple[str, ...] = ()):
+    """The builder's graph as a model of its opset, with the IR version that opset came with."""
+    opsets = [helper.make_opsetid("", g.opset), *(helper.make_opsetid(d, 1) for d in domains)]
+    graph = helper.make_graph(g.nodes, name, inputs, outputs, g.initializers)
+    return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets[:1]))
+
+
+def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model in float16, inputs and outputs included, converted the way users convert."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    with warnings.catch_warnings():  # it warns of every constant it clips to float16's range (-inf, finfo.min)
+        warnings.simplefilter("ignore")
+        return convert_float_to_float16(model, keep_io_types=False)
 
 
 # The spelling the negative graphs start from: several heads (with one head, merging
@@ -477,7 +561,7 @@ def reference_attention(spec: Spelling, weights: dict, x: np.ndarray, attention_
 def attention_inputs(spec: Spelling, lengths: list[int], seq: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Feeds for the built graph: x random (padded rows too), right padding to `lengths`."""
     rng = np.random.default_rng(seed)
-    feeds = {"x": rng.normal(size=(len(lengths), seq, spec.hidden)).astype(np.float32)}
+    feeds = {"x": rng.normal(size=(len(lengths), seq, spec.hidden)).astype(spec.dtype)}
     if spec.has_padding:
         feeds["attention_mask"] = (np.arange(seq)[None, :] < np.array(lengths)[:, None]).astype(np.int64)
     return feeds

@@ -67,3 +67,118 @@ def test_each_round_starts_one_contender_later():
     runners = {name: (lambda name=name: order.append(name)) for name in "abc"}
     interleaved_medians(runners, repeats=3, warmup=0)
     assert order == list("abc" "bca" "cab")
+
+
+# ---- the decoder benchmark (--model llama) -------------------------------------------------------
+
+def test_decoder_flops_by_hand():
+    # hidden 4, 2 q heads and 1 kv head of size 2, MLP 3, vocab 5, 1 layer. Per token:
+    # 2*(2*4*4 [q, o] + 2*4*2 [k, v] + 3*4*3 [gate, up, down]) = 2*(32 + 16 + 36) = 168.
+    # Row of 3 real tokens in a prefill of 4: its tokens see 1, 2, 3 keys; the padded row position is free.
+    # Decode of 1 token over a past, row of 5 real: 1 token seeing 5 keys.
+    from types import SimpleNamespace
+
+    from attnfuse.models.decoders import Step
+    from attnfuse.tools.bench_decoder import decoder_flops
+
+    config = SimpleNamespace(hidden_size=4, num_attention_heads=2, num_key_value_heads=1, head_dim=2,
+                             intermediate_size=3, vocab_size=5, num_hidden_layers=1)
+    head = 2 * 4 * 5  # LM head per token
+    assert decoder_flops(config, Step(new=4, lengths=(3,))) == 3 * 168 + 4 * 4 * (1 + 2 + 3) + 3 * head
+    assert decoder_flops(config, Step(new=1, past=7, lengths=(5,))) == 168 + 4 * 4 * 5 + head
+    two_layers = SimpleNamespace(**{**vars(config), "num_hidden_layers": 2})
+    assert decoder_flops(two_layers, Step(new=1, past=7, lengths=(5,))) == 2 * (168 + 4 * 4 * 5) + head
+
+
+def fake_contender(name, outputs):
+    return bench.Contender(name, run=lambda feeds: outputs() if callable(outputs) else outputs)
+
+
+def test_check_compares_every_output_at_real_positions_only():
+    """A present k/v that differs at a padded position is right; one that differs at a real one is wrong,
+    and a contender whose run fails is marked and not timed."""
+    from attnfuse.models.decoders import real_positions
+
+    feeds = {"attention_mask": np.array([[0, 1, 1], [1, 1, 1]])}
+    names = ["logits", "present.0.key"]
+    logits, key = np.ones((2, 1, 4), np.float32), np.ones((2, 2, 3, 5), np.float32)
+    padded, real = key.copy(), key.copy()
+    padded[0, :, 0] = 9.0  # row 0's first position is padding
+    real[0, :, 1] = 9.0
+
+    def broken():
+        raise RuntimeError("bad shape")
+
+    contenders = [fake_contender(bench.TORCH, [logits, key]), fake_contender("padded differs", [logits, padded]),
+                  fake_contender("real differs", [logits, real]), fake_contender("fewer outputs", [logits]),
+                  fake_contender("fails", broken)]
+    checked = bench.check_and_time(contenders, feeds, lambda outs: [real_positions(n, feeds, o) for n, o in zip(names, outs)],
+                                   repeats=1, desc="test")
+    assert checked.errors["padded differs"] == 0.0
+    assert checked.errors["real differs"] == pytest.approx(8.0 / 1.0)
+    assert checked.errors["fewer outputs"] == np.inf
+    assert checked.failures == {"fails": "run failed: RuntimeError: bad shape"}
+    assert set(checked.seconds) == {bench.TORCH, "padded differs", "real differs", "fewer outputs"}
+    records = [bench.contender_record(c, checked, flops=1, peers=(bench.TORCH, "real differs", "fails"))
+               for c in contenders]
+    assert [r["correct"] for r in records] == [True, True, False, False, False]
+    assert records[-1]["median_ms"] is None and records[-1]["build_error"].startswith("run failed")
+
+
+def test_a_wrong_peer_is_never_the_fastest():
+    records = [dict(contender=name, peer=peer, correct=correct, median_ms=ms)
+               for name, peer, correct, ms in ((bench.TORCH, True, True, 100.0), ("fast but wrong", True, False, 10.0),
+                                               ("slow peer", True, True, 50.0), ("mine", False, True, 25.0),
+                                               ("failed", True, False, None))]
+    bench.add_speedups(records)
+    assert {r["fastest_peer"] for r in records} == {"slow peer"}
+    assert [r["vs_fastest_peer"] for r in records] == [0.5, 5.0, 1.0, 2.0, None]
+
+
+def test_quick_llama_run_checks_prefill_and_decode(tmp_path, capsys):
+    from attnfuse.tools import bench_decoder
+
+    out = tmp_path / "llama.json"
+    assert bench.main(["--model", "llama", "--quick", "--json", str(out), "--plot", str(tmp_path / "llama.png")]) == 0
+    saved = json.loads(out.read_text())
+    results = saved["results"]
+    assert saved["settings"]["warmups"] == 4
+    assert [(r["workload"], r["contender"]) for r in results] == [
+        (w, c) for w in ("prefill", "decode") for c in bench_decoder.CONTENDERS]
+    for r in results:
+        assert r["build_error"] is None, r
+        assert r["correct"] and r["max_rel_error"] <= bench.TOLERANCE, r
+        assert r["peer"] == (r["contender"] != "attnfuse")
+        assert r["target"] == bench_decoder.TARGETS[r["workload"]]
+        assert r["peak_mb"] > 0
+    decode = next(r for r in results if r["workload"] == "decode")
+    assert (decode["batch"], decode["width"], decode["past"], decode["real_tokens"]) == (2, 1, 16, 2)
+    prefill = next(r for r in results if r["workload"] == "prefill")
+    assert prefill["padding"] > 0 and prefill["real_tokens"] < prefill["batch"] * prefill["width"]
+    fused = {r["contender"]: r["attention_fused"] for r in results}
+    assert fused["ORT"] == "0/2" and fused["attnfuse"] == "2/2"  # the tiny Llama has 2 layers
+    # a process that imports only numpy and onnxruntime stays under one that imports torch
+    peaks = {r["contender"]: r["peak_mb"] for r in results if r["workload"] == "decode"}
+    assert peaks["ORT"] < peaks[bench.TORCH]
+    markdown = capsys.readouterr().out.split("| model | workload |", 1)[1].splitlines()
+    assert len(markdown) == 1 + 1 + 2  # the rest of the header, the rule, a row per workload
+    assert "(target 1.5x)" in markdown[2] and "(target 1.2x)" in markdown[3]
+    assert (tmp_path / "llama.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("argv", [["--model", "minilm", "--vocab", "1000"], ["--model", "llama", "--sweep"],
+                                  ["--model", "llama", "--quick", "--vocab", "1000"], ["--model", "llama", "--vocab", "2"]])
+def test_bad_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(argv)
+    assert exit_.value.code != 0
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("attnfuse bench: error:")
+
+
+def test_peak_memory_counts_what_the_child_allocates():
+    from attnfuse.tools.memory import peak_memory_mb
+
+    small = peak_memory_mb("")
+    assert peak_memory_mb("block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096])") > small + 150
+    with pytest.raises(RuntimeError, match="ValueError: no model"):
+        peak_memory_mb("raise ValueError('no model')")

@@ -161,15 +161,18 @@ def test_inspect_prints_the_sites(toy, capsys):
     assert "total" in json.loads(capsys.readouterr().out)["attention"]
 
 
-# --- verification failure: exit 2, nothing written unless --force ----------------
+# --- verification failure: exit 2, no model written unless --force, the report always ----
 
 
-def test_verification_failure_exits_2_and_writes_nothing(tmp_path, toy, capsys, monkeypatch):
+def test_verification_failure_exits_2_and_writes_only_the_report(tmp_path, toy, capsys, monkeypatch):
     monkeypatch.setattr(api, "run_passes", _fake_passes("bad", wrong_when_excluded=True))
     argv = ["optimize", str(toy), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]
     assert main(argv) == 2
     assert "verification failed: max relative error" in one_error_line(capsys.readouterr().err)
-    assert os.listdir(tmp_path) == ["toy.onnx"]
+    assert sorted(os.listdir(tmp_path)) == ["r.json", "toy.onnx"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "verification_failed" and "max relative error" in report["error"]
+    assert report["verify"]["ok"] is False and report["verify"]["max_rel_error"] > report["verify"]["tolerance"]
 
 
 def test_forced_verification_failure_writes_and_warns(tmp_path, toy, capsys, monkeypatch):
@@ -190,9 +193,12 @@ def test_internal_error_exits_3_with_a_hint(tmp_path, toy, capsys, monkeypatch):
 
     monkeypatch.setattr(api, "run_passes", broken)
     monkeypatch.delenv("ATTNFUSE_DEBUG", raising=False)
-    assert main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx")]) == 3
+    assert main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 3
     line = one_error_line(capsys.readouterr().err)
     assert "internal error: KeyError" in line and "ATTNFUSE_DEBUG=1" in line
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["status"] == "internal_error" and report["error"].startswith("KeyError")
+    assert not (tmp_path / "out.onnx").exists()
     monkeypatch.setenv("ATTNFUSE_DEBUG", "1")
     with pytest.raises(KeyError):
         main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx")])
@@ -213,3 +219,24 @@ def test_process_exit_codes(tmp_path, toy):
     done = _cli("optimize", str(toy), "-o", str(tmp_path / "out.onnx"))
     assert done.returncode == 0, done.stderr
     assert onnx.load(tmp_path / "out.onnx").graph.output[0].name == "last_hidden_state"
+
+
+def test_a_user_error_still_writes_the_report(tmp_path, capsys):
+    report = tmp_path / "r.json"
+    assert main(["optimize", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "out.onnx"), "--report", str(report)]) == 1
+    written = json.loads(report.read_text())
+    assert written["status"] == "user_error" and "no such file" in written["error"]
+    assert written["error"] in one_error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+@pytest.mark.parametrize("spec", ["pixel_values", "=1,2", "x=1,a", "x=-1,3"])
+def test_bad_input_shapes_are_user_errors(tmp_path, toy, capsys, spec):
+    assert main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx"), "--input-shape", spec]) == 1
+    assert "--input-shape" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_input_shape_must_name_an_input(tmp_path, toy, capsys):
+    assert main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx"), "--input-shape", "pixels=1,3,8,8"]) == 1
+    assert "does not take as inputs" in one_error_line(capsys.readouterr().err)

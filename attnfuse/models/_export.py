@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
 import pathlib
 import tempfile
 import warnings
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -52,20 +53,22 @@ def export_onnx(
     dynamo: bool,
     dynamic_dims: Mapping[str, Mapping[int, str]],
     output_name: str = "last_hidden_state",
+    output_names: Sequence[str] | None = None,
 ) -> pathlib.Path:
-    """Export `module(**inputs)` as one self-contained .onnx file.
+    """Export `module(*inputs.values())` as one self-contained .onnx file.
 
-    `dynamic_dims` maps input names, and the output name, to {axis: dim name}.
+    `dynamic_dims` maps input names, and the output names, to {axis: dim name}. The inputs
+    after the forward's named parameters go to its *args (a decoder's flat past k/v).
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(inputs)
     args = tuple(inputs[name] for name in names)
-    common = dict(input_names=names, output_names=[output_name], opset_version=18)
+    common = dict(input_names=names, output_names=list(output_names or [output_name]), opset_version=18)
     with quiet(), torch.no_grad():
         if dynamo:
             program = torch.onnx.export(
-                module, args, dynamo=True, dynamic_shapes={name: dict(dynamic_dims.get(name, {})) for name in names},
+                module, args, dynamo=True, dynamic_shapes=_dynamo_shapes(module, names, dynamic_dims),
                 optimize=True, verbose=False, **common,
             )
             program.save(str(path), external_data=False)
@@ -73,6 +76,17 @@ def export_onnx(
             dynamic_axes = {name: dict(dims) for name, dims in dynamic_dims.items()}
             torch.onnx.export(module, args, str(path), dynamo=False, dynamic_axes=dynamic_axes, **common)
     return path
+
+
+def _dynamo_shapes(module: torch.nn.Module, names: list[str], dynamic_dims: Mapping[str, Mapping[int, str]]):
+    """torch.export's dynamic_shapes follow the forward's structure: one entry per named
+    parameter, and one tuple for *args."""
+    shapes = [dict(dynamic_dims.get(name, {})) for name in names]
+    parameters = inspect.signature(module.forward).parameters.values()
+    named = [p.name for p in parameters if p.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    if len(names) <= len(named):
+        return dict(zip(named, shapes))
+    return (*shapes[:len(named)], tuple(shapes[len(named):]))
 
 
 def cached(name: str, build: Callable[[pathlib.Path], object], cache_dir: str | os.PathLike | None = None) -> pathlib.Path:

@@ -18,10 +18,11 @@ import onnx_ir as ir
 from attnfuse.optimizer import io
 from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
+from attnfuse.optimizer.inputs import InputPlan
 from attnfuse.optimizer.probe import Probe
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
-from attnfuse.passes.onnx import PassResult, run_passes
+from attnfuse.passes.onnx import PassResult, prepare, run_passes
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 Progress = Callable[[str], None]
@@ -72,19 +73,20 @@ def optimize_onnx(
     stage("load")
     original = io.load_model(model)
     stage("probe")
-    probe = Probe.capture(original, seed=config.seed)
+    prepared = prepare(original)  # rewrites start from this; verification compares with the original
+    probe = capture(prepared, config)
     stage("rewrite")
     checked = checkable(config)
-    attempt = _rewrite(original, probe, checked)
+    attempt = _rewrite(prepared, probe, checked)
     rolled_back: dict[str, str] = {}
     if config.verify:
         stage("verify")
-        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed))
-        attempt, rolled_back = _verified(attempt, original, probe, checked, verifier, stage)
+        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed), probe.run_count)
+        attempt, rolled_back = _verified(attempt, prepared, probe, checked, verifier, stage)
     if checked is not config:
         # The verified rewrites again, with the target's own ops (CUDA-only ones that this
         # machine cannot run) in place of their CPU equivalents.
-        final = _rewrite(original, probe, config, attempt.exclude)
+        final = _rewrite(prepared, probe, config, attempt.exclude)
         final.verify = attempt.verify
         attempt = final
     report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
@@ -97,9 +99,14 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     """What optimize_onnx would rewrite: the passes run on a copy, nothing is verified or written."""
     config = make_config(config, overrides)
     start = time.perf_counter()
-    original = io.load_model(model)
-    attempt = _rewrite(original, Probe.capture(original, seed=config.seed), config)
+    prepared = prepare(io.load_model(model))
+    attempt = _rewrite(prepared, capture(prepared, config), config)
     return _report(model, config, attempt, {}, time.perf_counter() - start)
+
+
+def capture(original: ir.Model, config: OptimizeConfig) -> Probe:
+    """The probe of the original, on inputs made for it (with the user's input shapes)."""
+    return Probe.capture(original, seed=config.seed, plan=InputPlan(original, config.input_shapes))
 
 
 def checkable(config: OptimizeConfig) -> OptimizeConfig:
@@ -163,7 +170,8 @@ def _verified(
 
 
 def _fused_names(passes: PassResult) -> list[str]:
-    return [item.name for item in [*passes.sites, *passes.fusions] if item.fused]
+    """The rewrites this run made (what the input came with already is not one)."""
+    return [item.name for item in [*passes.sites, *passes.fusions] if item.fused and not getattr(item, "already_fused", False)]
 
 
 def _report(

@@ -1,6 +1,7 @@
 """What a user can ask of an optimize run."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from attnfuse.passes.modes import parse_attention
@@ -15,8 +16,9 @@ class OptimizeConfig:
     force: bool = False  # write even when verification fails
     attention: str = "exact"
     padding_free: bool = True
-    tolerance: float = 1e-4  # max error relative to the output's scale
+    tolerance: float | None = None  # max error relative to the output's scale; None: by the model's dtype
     seed: int = 0
+    input_shapes: Mapping[str, Sequence[int]] | None = None  # input name -> dims, for what the graph leaves open
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

@@ -31,10 +31,13 @@ INLINE_BYTES = 1024
 
 
 def load_model(src: str | os.PathLike | onnx.ModelProto) -> ir.Model:
-    """Load a model from a path or a ModelProto; any unusable input raises UserError."""
+    """Load a model from a path or a ModelProto; any unusable input raises UserError.
+
+    Every value and node gets a name of its own across the model and its subgraphs (the
+    passes and the probe know them by name)."""
     if isinstance(src, onnx.ModelProto):
         _check_structure(src, "the given ModelProto")
-        return ir.serde.deserialize_model(src)
+        return _named(ir.serde.deserialize_model(src))
     if not isinstance(src, (str, os.PathLike)):
         raise UserError(f"expected a path or an onnx.ModelProto, got {type(src).__name__}")
     path = Path(src)
@@ -53,13 +56,63 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     _check_external_data(model, path)
-    return model
+    return _named(model)
 
 
 def _check_structure(proto: onnx.ModelProto, name: str) -> None:
     # Protobuf happily parses some garbage, and a file cut at a field boundary.
     if not (proto.ir_version > 0 and proto.HasField("graph") and proto.opset_import and proto.graph.output):
         raise UserError(f"{name}: not an ONNX model or truncated (no graph, opset or outputs)")
+    _check_defined(proto.graph, set(), name)
+
+
+def _check_defined(graph: onnx.GraphProto, outer: set[str], name: str) -> None:
+    """Every tensor a node or output reads is an input, a weight, a node's output, or from an outer graph."""
+    known = outer | {v.name for v in graph.input} | {t.name for t in graph.initializer} \
+        | {t.values.name for t in graph.sparse_initializer} | {out for node in graph.node for out in node.output}
+    for node in graph.node:
+        for tensor in node.input:
+            if tensor and tensor not in known:
+                raise UserError(f"{name}: node {node.name or node.op_type!r} ({node.op_type}) reads tensor "
+                                f"{tensor!r}, which no input, weight or node defines")
+        for attribute in node.attribute:
+            for subgraph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
+                _check_defined(subgraph, known, name)
+    for output in graph.output:
+        if output.name not in known:
+            raise UserError(f"{name}: graph output {output.name!r} is not computed by any node")
+
+
+def _named(model: ir.Model) -> ir.Model:
+    """Give every node and value a name unique in the whole model (subgraphs included): the
+    probe and the passes know values by name, and sibling If branches may reuse names.
+    The model's own inputs, outputs and weights keep theirs."""
+    taken: set[str] = set()
+    seen: set[int] = set()
+
+    def rename(value_or_node, hint: str) -> None:
+        if id(value_or_node) in seen:  # an initializer also listed as an input
+            return
+        seen.add(id(value_or_node))
+        base = value_or_node.name or hint
+        name, counter = base, 0
+        while name in taken:
+            counter += 1
+            name = f"{base}__{counter}"
+        taken.add(name)
+        if name != value_or_node.name:
+            value_or_node.name = name
+
+    for graph in model.graphs():
+        for value in [*graph.inputs, *graph.initializers.values()]:
+            rename(value, "input")
+    for graph in model.graphs():
+        for node in graph:
+            rename(node, node.op_type)
+            for out in node.outputs:
+                if out.name:  # an empty name is an output the node does not produce
+                    rename(out, f"{node.name}_out")
+    return model
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

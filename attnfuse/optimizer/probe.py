@@ -1,75 +1,96 @@
-"""Values of every tensor of the original graph, on two different sets of inputs.
+"""Values of every tensor of the original graph, on several different sets of inputs.
 
-The passes ask the probe what the graph computes: a tensor equal in both runs
-(which differ in batch size, sequence length and data) is a constant of the graph,
-and a value seen in a run tells which mask convention or scale a model uses.
+The passes ask the probe what the graph computes: a tensor equal in every run that
+sees it (the runs differ in batch size, sequence length, cache length and data) is
+a constant of the graph, and a value seen in a run tells which mask convention or
+scale a model uses. Values inside an If branch are seen in the runs that take it.
 """
 from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import ShapeInferencePass
 
 from attnfuse.optimizer.errors import UserError, first_line
-from attnfuse.optimizer.inputs import CheckInputs, make_inputs
-from attnfuse.optimizer.io import session
+from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
+from attnfuse.optimizer.observe import CannotLoad, Observer
 
-# (batch, seqlen) of the two runs: different in both, so shapes that follow the
-# inputs differ between runs and only true constants compare equal.
-RUN_SIZES = ((3, 12), (2, 9))
+# Two runs that differ in batch size, length and data, so that shapes that follow the inputs
+# differ between runs and only true constants compare equal; models with a KV cache get two
+# more with cached tokens (a prompt continued, and one decode step).
+PROBE_CASES = (Case(3, 12), Case(2, 9))
+CACHE_CASES = (Case(3, 4, "left", past=5), Case(2, 1, "left", past=7))
+IMAGE_SIDES = (224, 384, 256, 512, 32, 64, 128)  # tried in turn when the graph does not say
+
+
+def probe_cases(plan: InputPlan) -> list[Case]:
+    return [*PROBE_CASES, *(CACHE_CASES if plan.has_cache else ())]
 
 
 class Probe:
-    def __init__(self, runs: list[dict[str, np.ndarray]], inputs: list[CheckInputs], weights: dict[str, ir.Value]):
+    def __init__(self, runs: list[dict[str, np.ndarray]], inputs: list[CheckInputs], weights: dict[str, ir.Value],
+                 plan: InputPlan | None = None):
         self._runs = runs
         self._inputs = inputs
         self._weights = weights  # initializers: constant by definition, read only when asked
         self._aliases: dict[str, str] = {}  # a proven replacement's name -> the original value's name
+        self.plan = plan
 
     @classmethod
-    def capture(cls, model: ir.Model, seed: int = 0) -> Probe:
+    def capture(cls, model: ir.Model, seed: int = 0, plan: InputPlan | None = None) -> Probe:
         """Run the original `model` (left unchanged) and keep every intermediate tensor."""
-        typed = _typed_copy(model)
-        try:
-            runner = session(typed, extra_outputs=_intermediates(typed), optimize=False)
-        except Exception as e:  # the user's own model does not run: nothing to optimize against
-            raise UserError(f"onnxruntime cannot load the model: {first_line(e)}") from None
-        output_names = [o.name for o in runner.get_outputs()]
-        inputs = [make_inputs(model, b, s, seed + i) for i, (b, s) in enumerate(RUN_SIZES)]
-        runs = []
-        for check in inputs:
-            try:
-                values = runner.run(output_names, check.feeds)
-            except Exception as e:
-                raise UserError(f"onnxruntime cannot run the model on generated inputs: {first_line(e)}") from None
-            runs.append({**check.feeds, **dict(zip(output_names, values))})
+        plan = plan or InputPlan(model)
+        observe = Observer(model)
+        cases = probe_cases(plan)
+        first = _first_run(model, plan, observe, cases[0], seed)
+        inputs, runs = [first[0]], [first[1]]
+        for i, case in enumerate(cases[1:], start=1):
+            check = plan.make(case, seed + i)
+            inputs.append(check)
+            runs.append(_run(observe, check))
         weights = {v.name: v for g in model.graphs() for v in g.initializers.values()}
-        return cls(runs, inputs, weights)
+        return cls(runs, inputs, weights, plan)
+
+    @property
+    def run_count(self) -> int:
+        return len(self._runs)
 
     def same_as(self, new: str, original: str) -> None:
         """A rewrite proved `new` equal to `original` on these runs: answer for it the same,
         so that a later rewrite can read through an earlier one."""
         self._aliases[new] = self._aliases.get(original, original)
 
-    def get(self, name: str, run: int = 0) -> np.ndarray | None:
+    def runs_seeing(self, name: str) -> list[int]:
+        """The runs in which `name` was computed (all of them for weights)."""
         name = self._aliases.get(name, name)
-        if name in self._runs[run]:
-            return self._runs[run][name]
+        if name in self._weights:
+            return list(range(len(self._runs)))
+        return [i for i, run in enumerate(self._runs) if name in run]
+
+    def get(self, name: str, run: int | None = None) -> np.ndarray | None:
+        """The value of `name` in run `run`, or in the first run that computed it."""
+        name = self._aliases.get(name, name)
+        runs = range(len(self._runs)) if run is None else [run]
+        for i in runs:
+            if name in self._runs[i]:
+                return self._runs[i][name]
         weight = self._weights.get(name)
         if weight is not None and weight.const_value is not None:
             return weight.const_value.numpy()
         return None
 
     def is_constant(self, name: str) -> bool:
+        """Computed in at least two runs, and equal in all of them."""
         name = self._aliases.get(name, name)
         if name in self._weights:
             return True
-        first, second = (run.get(name) for run in self._runs)
-        if not isinstance(first, np.ndarray) or not isinstance(second, np.ndarray):
+        seen = [run[name] for run in self._runs if name in run]
+        if len(seen) < 2 or not all(isinstance(v, np.ndarray) for v in seen):
             return False
-        return first.shape == second.shape and np.array_equal(first, second, equal_nan=first.dtype.kind == "f")
+        first = seen[0]
+        return all(v.shape == first.shape and np.array_equal(v, first, equal_nan=first.dtype.kind == "f")
+                   for v in seen[1:])
 
-    def shape(self, name: str, run: int = 0) -> tuple[int, ...] | None:
+    def shape(self, name: str, run: int | None = None) -> tuple[int, ...] | None:
         value = self.get(name, run)
         return None if value is None else tuple(value.shape)
 
@@ -77,24 +98,28 @@ class Probe:
         return self._inputs[run]
 
 
-def _typed_copy(model: ir.Model) -> ir.Model:
-    """A copy (weights shared) whose values carry the types onnx shape inference finds."""
-    copy = model.clone()
-    if any(v.type is None for v in _node_outputs(copy)):
-        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(copy)
-    return copy
+def _first_run(model: ir.Model, plan: InputPlan, observe: Observer, case: Case, seed: int):
+    """The first case, trying the usual image sides when the graph does not fix them."""
+    sides = IMAGE_SIDES if plan.open_image else IMAGE_SIDES[:1]
+    first_failure = None
+    for side in sides:
+        plan.image_side = side
+        check = plan.make(case, seed)
+        try:
+            return check, _run(observe, check)
+        except UserError as failure:
+            first_failure = first_failure or failure
+    if len(sides) > 1:
+        raise UserError(f"{first_failure} (image sides tried: {', '.join(map(str, sides))})")
+    raise first_failure
 
 
-def _intermediates(model: ir.Model) -> list[str]:
-    """Node outputs of the main graph with a known tensor element type."""
-    outputs = {v.name for v in model.graph.outputs}
-    return [
-        v.name
-        for v in _node_outputs(model)
-        if v.name not in outputs and isinstance(v.type, ir.TensorType) and v.dtype != ir.DataType.UNDEFINED
-    ]
-
-
-def _node_outputs(model: ir.Model) -> list[ir.Value]:
-    return [v for node in model.graph for v in node.outputs if v.name]
-
+def _run(observe: Observer, check: CheckInputs) -> dict[str, np.ndarray]:
+    try:
+        return observe(check.feeds)
+    except CannotLoad as e:
+        raise UserError(f"onnxruntime cannot load the model: {e}") from None
+    except Exception as e:
+        tried = "; ".join(f"{entry['name']} {entry['shape']}" for entry in check.describe())
+        raise UserError(f"the model does not run on the inputs attnfuse generated ({check.case}: {tried}): "
+                        f"{first_line(e)}; give the sizes it needs with --input-shape NAME=DIMS") from None

@@ -7,8 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-import onnx_ir as ir
-
+from attnfuse.passes.onnx.graph import nodes_on_one_path
 from attnfuse.passes.site import AttentionSite
 
 
@@ -37,6 +36,10 @@ class VerifyResult:
 @dataclass
 class Report:
     model: str = ""
+    # How the run ended, as the exit code says it: "ok" (0), "user_error" (1), "verification_failed" (2),
+    # "internal_error" (3); `error` is the one-line message of a run that did not end "ok".
+    status: str = "ok"
+    error: str | None = None
     target: str = "ort-cpu"
     attention_mode: str = "exact"
     sites: list[AttentionSite] = field(default_factory=list)
@@ -57,6 +60,8 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "status": self.status,
+            "error": self.error,
             "target": self.target,
             "attention": {
                 "total": self.attention_total,
@@ -76,15 +81,8 @@ class Report:
 
 
 def ops_on_one_path(graph) -> list[tuple[str, str]]:
-    """(domain, op_type) of the nodes one run takes: an If's else branch only (padding-free's
-    packed graph, the ops a padded batch runs), a Loop's body once."""
-    ops = []
-    for node in graph:
-        ops.append((node.domain, node.op_type))
-        for name, attribute in node.attributes.items():
-            if attribute.type == ir.AttributeType.GRAPH and (node.op_type != "If" or name == "else_branch"):
-                ops.extend(ops_on_one_path(attribute.value))
-    return ops
+    """(domain, op_type) of the nodes one run takes (see graph.nodes_on_one_path)."""
+    return [(node.domain, node.op_type) for node in nodes_on_one_path(graph)]
 
 
 def count_fused_ops(op_types: list[tuple[str, str]]) -> dict[str, int]:

@@ -6,6 +6,7 @@ result is an nn.Module called like the original, returning the same structure.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 import warnings
@@ -13,9 +14,10 @@ from collections import Counter
 from typing import Any
 
 import torch
+import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, for captures with a cache)
 
 from attnfuse.kernels import ops
-from attnfuse.optimizer import torch_sentence
+from attnfuse.optimizer import torch_cache, torch_sentence
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report, VerifyResult
 from attnfuse.optimizer.torch_inputs import Call, Signature
@@ -26,7 +28,8 @@ from attnfuse.passes.site import Fusion
 
 TARGETS = ("cpu", "cuda")
 FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
-             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu"}
+             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu",
+             ops.rms_norm: "rms_norm", ops.skip_rms_norm: "skip_rms_norm", ops.rotary: "rotary"}
 
 
 class Graphs(torch.nn.Module):
@@ -54,20 +57,23 @@ class OptimizedModule(torch.nn.Module):
     `config` is the original's (transformers models have one). A call with other inputs than
     the capture's (another set of tensors, another value of a flag) runs the original model."""
 
-    def __init__(self, graphs: Graphs, signature: inspect.Signature, call: Call, original: torch.nn.Module,
-                 report: Report | None = None):
+    def __init__(self, graphs: Graphs, signature: inspect.Signature, call: Call, inputs: Signature,
+                 original: torch.nn.Module, report: Report | None = None):
         super().__init__()
         self.graphs = graphs
         self.report = report
         self.config = getattr(original, "config", None)
         self.__dict__["original"] = original  # not a submodule: its weights are the graphs' already
         self.training = False
+        as_captured = torch_cache.as_captured(inputs.example[inputs.cache]) if inputs.cache else None
         warned = []
 
         def forward(*args, **kwargs):
-            tensors = call.tensors_of(by_name(signature, args, kwargs))
-            if tensors is not None:
-                return self.graphs(**tensors)
+            traced = call.traced_of(by_name(signature, args, kwargs))
+            if traced is not None:
+                if as_captured is not None:
+                    traced[inputs.cache] = as_captured(traced[inputs.cache])
+                return self.graphs(**traced)
             if not warned:
                 warned.append(True)
                 warnings.warn(f"attnfuse: this module was optimized for calls with {call}; other inputs run "
@@ -124,13 +130,17 @@ def optimize_module(
         raise UserError("give example_inputs or example_kwargs: attnfuse captures the model by running it")
     signature = inspect.signature(model.forward)
     example = by_name(signature, tuple(example_inputs or ()), dict(example_kwargs or {}))
+    torch_cache.register_caches(model)
+    for name, value in example.items():
+        if (reason := torch_cache.unsupported(name, value)) is not None:
+            raise UserError(reason)
     call = Call.of(example)
     inputs = Signature.of(example, pad_ids={"input_ids": getattr(getattr(model, "config", None), "pad_token_id", None)})
     model = model.eval()
     probe_runs = [((), run) for run in inputs.runs(seed)]
     check_runs = inputs.runs(seed + 100, count=3)
-    with torch.no_grad():
-        expected = [model(**run) for run in check_runs]
+    with torch.no_grad():  # on copies: a model appends to the cache it is given
+        expected = [model(**copy.deepcopy(run)) for run in check_runs]
 
     # Captured on a made-up batch of 2 rows like the example: torch.export fixes a dim of size 1.
     capture_example = inputs.make(2, 1.0, "right", seed)
@@ -141,7 +151,7 @@ def optimize_module(
             passes = run_passes(graph_module, probe_runs, packed, exclude)
         except Exception as e:  # the capture does not run on other batch sizes or lengths
             raise UserError(f"the captured model does not run on other batches: {first_line(e)}") from None
-        optimized = OptimizedModule(Graphs(graph_module, passes, inputs.mask), signature, call, model)
+        optimized = OptimizedModule(Graphs(graph_module, passes, inputs.mask), signature, call, inputs, model)
         return optimized, passes, check(optimized, check_runs, expected, inputs, tolerance)
 
     optimized, passes, verdict = attempt(frozenset(), padding_free)
@@ -195,31 +205,35 @@ def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str
 
 
 def capture(model: torch.nn.Module, call: Call, example: dict[str, Any], inputs: Signature) -> torch.fx.GraphModule:
-    """torch.export's graph of `model` on the example's tensors, batch and sequence dynamic."""
-    tensors = {name: example[name] for name in call.tensors}
-    shapes = {name: shape for name, shape in inputs.dynamic_shapes().items() if name in call.tensors}
+    """torch.export's graph of `model` on the example's tensors and caches, batch and sequence dynamic."""
+    traced = {name: example[name] for name in call.traced}
+    shapes = {name: shape for name, shape in inputs.dynamic_shapes().items() if name in call.traced}
     named = set(inspect.signature(model.forward).parameters)
-    exported = model if not call.constants and set(call.tensors) <= named else _TensorsOnly(model, call)
+    exported = model if not call.constants and set(call.traced) <= named else _TracedOnly(model, call)
+    # With a cache, sizes 0 and 1 (no past, one row) must stay dynamic, not be specialised away.
+    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=inputs.cache is not None)
     try:
-        program = torch.export.export(exported, (), tensors, dynamic_shapes=shapes, strict=False)
+        with oblivious:
+            program = torch.export.export(exported, (), copy.deepcopy(traced), dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the first line
         raise UserError(f"torch.export could not capture the model: {first_line(e)}") from None
     return program.module()
 
 
-class _TensorsOnly(torch.nn.Module):
-    """The model called with tensors by name, its other inputs (flags) fixed at the example's:
-    what torch.export can capture whatever the forward's signature (**kwargs included)."""
+class _TracedOnly(torch.nn.Module):
+    """The model called with its tensors and caches by name, its other inputs (flags) fixed at the
+    example's: what torch.export can capture whatever the forward's signature (**kwargs included,
+    as transformers' past_key_values): it binds dynamic shapes by parameter name."""
 
     def __init__(self, model: torch.nn.Module, call: Call):
         super().__init__()
         self.model = model
 
-        def forward(**tensors):
-            return model(**tensors, **call.constants)
+        def forward(**traced):
+            return model(**traced, **call.constants)
 
-        kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
-        forward.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in call.tensors])
+        kind = inspect.Parameter.KEYWORD_ONLY
+        forward.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in call.traced])
         self.forward = forward
 
 

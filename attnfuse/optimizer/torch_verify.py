@@ -2,8 +2,9 @@
 
 Outputs are compared leaf by leaf (a ModelOutput's fields, a dict's entries): those
 laid out [batch, seq, ...] like the padding mask at real tokens only (padding-free
-gives zeros at padded positions), every other output whole (a pooler output, a
-classifier's logits, a sentence embedding).
+gives zeros at padded positions), present k/v of a KV cache at real positions,
+every other output whole (a pooler output, a classifier's logits, a sentence
+embedding).
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from attnfuse.optimizer import torch_cache
 from attnfuse.optimizer.errors import first_line
 from attnfuse.optimizer.report import VerifyResult
-from attnfuse.optimizer.torch_inputs import Signature, real_mask
+from attnfuse.optimizer.torch_inputs import Signature, new_tokens, real_mask
 from attnfuse.optimizer.verify import compare
 
 
@@ -27,11 +29,10 @@ def check(run_model: Callable, runs: list[dict], expected: list, inputs: Signatu
     try:
         with torch.no_grad():
             for run, want in zip(runs, expected):
-                got = arrays(run_model(**run))
-                real = real_mask(run, inputs)
-                for name, reference in arrays(want).items():
-                    abs_error, rel_error = compare({name: reference}, {name: got.get(name)},
-                                                   None if real is None else real.cpu().numpy())
+                real, new = real_mask(run, inputs), new_tokens(run, inputs)
+                got = arrays(run_model(**run), real, new)
+                for name, reference in arrays(want, real, new).items():
+                    abs_error, rel_error = compare({name: reference}, {name: got.get(name)}, None)
                     worst_abs = max(worst_abs, abs_error)
                     if rel_error >= worst_rel:
                         worst_rel, worst_output = rel_error, name
@@ -45,8 +46,9 @@ def check(run_model: Callable, runs: list[dict], expected: list, inputs: Signatu
     return VerifyResult(ok, worst_abs, worst_rel, tolerance, shapes, message)
 
 
-def arrays(outputs) -> dict[str, np.ndarray]:
-    """Every tensor among the outputs, named by its place in them (`.pooler_output`, `[0]`)."""
+def arrays(outputs, real: torch.Tensor | None = None, new: int | None = None) -> dict[str, np.ndarray]:
+    """Every tensor among the outputs at its real positions, named by its place in them
+    (`.pooler_output`, `[0]`)."""
     leaves, _ = pytree.tree_flatten_with_path(outputs)
-    return {pytree.keystr(path) or "output": leaf.detach().float().cpu().numpy()
+    return {pytree.keystr(path) or "output": torch_cache.real_values(leaf.detach(), real, new).float().cpu().numpy()
             for path, leaf in leaves if isinstance(leaf, torch.Tensor)}

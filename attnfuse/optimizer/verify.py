@@ -12,18 +12,20 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from attnfuse.optimizer.errors import first_line
-from attnfuse.optimizer.inputs import CheckInputs, make_inputs
+from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
-from attnfuse.optimizer.probe import RUN_SIZES
 from attnfuse.optimizer.report import VerifyResult
+from attnfuse.passes import precision
 from attnfuse.passes.modes import parse_attention
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 
 
-def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None) -> tuple[float, float]:
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None,
+            real_total: np.ndarray | None = None) -> tuple[float, float]:
     """(max absolute error, max error relative to each output's largest magnitude).
 
-    Outputs whose first two dims are the mask's [B, S] are compared at real tokens only.
+    Outputs whose first two dims are the mask's [B, S] are compared at real tokens only, and
+    so are caches [B, heads, past + S, head_size] at the real tokens of `real_total`.
     A missing output or a shape mismatch is an infinite error.
     """
     max_abs = max_rel = 0.0
@@ -31,30 +33,34 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
         got = candidate.get(name)
         if got is None or np.shape(got) != np.shape(ref):
             return float("inf"), float("inf")
-        ref, got = _real_part(np.asarray(ref), np.asarray(got), real)
+        ref, got = _real_part(np.asarray(ref), np.asarray(got), real, real_total)
         error = _abs_error(ref, got)
         max_abs = max(max_abs, error)
         max_rel = max(max_rel, error / _scale(ref))
     return max_abs, max_rel
 
 
-def mean_cosine(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None) -> float:
+def mean_cosine(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None,
+                real_total: np.ndarray | None = None) -> float:
     """Mean cosine similarity of the outputs' last-axis vectors at real tokens (1.0 is equal)."""
     cosines = []
     for name, ref in reference.items():
         got = candidate.get(name)
         if got is None or np.shape(got) != np.shape(ref) or np.ndim(ref) < 2:
             continue
-        ref, got = _real_part(np.asarray(ref, np.float64), np.asarray(got, np.float64), real)
+        ref, got = _real_part(np.asarray(ref, np.float64), np.asarray(got, np.float64), real, real_total)
         ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
         norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
         cosines.append(np.mean((ref * got).sum(-1) / np.maximum(norms, 1e-30)))
     return float(np.mean(cosines)) if cosines else 1.0
 
 
-def _real_part(ref: np.ndarray, got: np.ndarray, real: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _real_part(ref: np.ndarray, got: np.ndarray, real: np.ndarray | None,
+               real_total: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     if real is not None and ref.ndim >= 2 and ref.shape[:2] == real.shape:
         return ref[real], got[real]
+    if real_total is not None and ref.ndim == 4 and (ref.shape[0], ref.shape[2]) == real_total.shape:
+        return np.moveaxis(ref, 2, 1)[real_total], np.moveaxis(got, 2, 1)[real_total]
     return ref, got
 
 
@@ -75,14 +81,26 @@ def _scale(ref: np.ndarray) -> float:
     return scale if scale > 0 else 1.0
 
 
+# Besides the probe's cases: left padding, none (padding-free takes other branches for those), a
+# batch PER_SEQUENCE_WIDTH tokens wide (attention one sequence at a time), and with a KV cache,
+# a decode step over a longer cache and a continued prompt without padding.
+CHECK_CASES = (Case(3, 12, "left"), Case(2, 9, "none"), Case(2, PER_SEQUENCE_WIDTH))
+CACHE_CHECK_CASES = (Case(3, 1, "left", past=9), Case(2, 3, "none", past=4))
+
+
 def check_inputs(model: ir.Model, probe: Any, seed: int = 0) -> list[CheckInputs]:
-    """The probe's two input sets, a third with left padding, a fourth with none, and a fifth
-    PER_SEQUENCE_WIDTH tokens wide: padding-free takes other branches for those."""
-    batch, seqlen = RUN_SIZES[0]
-    seed += len(RUN_SIZES)
-    return [probe.inputs(0), probe.inputs(1), make_inputs(model, batch, seqlen, seed, padding="left"),
-            make_inputs(model, *RUN_SIZES[1], seed + 1, padding="none"),
-            make_inputs(model, RUN_SIZES[1][0], PER_SEQUENCE_WIDTH, seed + 2)]
+    """The probe's input sets, then CHECK_CASES (and CACHE_CHECK_CASES for models with a cache)."""
+    plan = probe.plan or InputPlan(model)
+    cases = [*CHECK_CASES, *(CACHE_CHECK_CASES if plan.has_cache else ())]
+    seed += probe.run_count
+    return [*(probe.inputs(run) for run in range(probe.run_count)),
+            *(plan.make(case, seed + i) for i, case in enumerate(cases))]
+
+
+def model_tolerance(model: ir.Model) -> float:
+    """The default tolerance (passes/precision.py) of the model's least precise float output."""
+    dtypes = [out.dtype.numpy() for out in model.graph.outputs if out.dtype is not None and out.dtype.is_floating_point()]
+    return max((precision.tolerance(dtype) for dtype in dtypes), default=precision.FLOAT32)
 
 
 def providers(target: str) -> list[str]:
@@ -95,21 +113,34 @@ def providers(target: str) -> list[str]:
 class Verifier:
     """The original's outputs, computed once, against which candidates are checked."""
 
-    def __init__(self, original: ir.Model, config: Any, inputs_list: list[CheckInputs]):
+    def __init__(self, original: ir.Model, config: Any, inputs_list: list[CheckInputs], probe_runs: int = 2):
         self.config = config
+        self.tolerance = config.tolerance if config.tolerance is not None else model_tolerance(original)
         mode = parse_attention(config.attention)
         self.approximation = str(mode) if mode.approximate else None
-        runner = session(original, providers(config.target), optimize=False)
-        self.output_names = [o.name for o in runner.get_outputs()]
+        self.output_names = [o.name for o in original.graph.outputs]
+        # The conditions of the original's Ifs come out too, to say which branches each set checks.
+        self.branches = {node.name: node.inputs[0].name for node in original.graph if node.op_type == "If"}
+        fed = {value.name for value in original.graph.inputs}
+        conditions = [cond for cond in self.branches.values() if cond not in fed]
+        runner = session(original, providers(config.target), extra_outputs=conditions, optimize=False)
         self.inputs_list, self.references = [], []
         for i, inputs in enumerate(inputs_list):
             try:
-                self.references.append(self._run(runner, inputs))
+                values = dict(zip([o.name for o in runner.get_outputs()], runner.run(None, inputs.feeds)))
             except Exception:
-                if i < len(RUN_SIZES):
+                if i < probe_runs:
                     raise  # the probe ran these: something else is wrong
                 continue  # a set the original itself cannot take (longer than its positions): no run will
+            self.references.append({name: values[name] for name in self.output_names})
+            self._name_branches(inputs, {**inputs.feeds, **values})
             self.inputs_list.append(inputs)
+
+    def _name_branches(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> None:
+        taken = [f"{node} takes branch {'then' if bool(np.asarray(values[cond]).reshape(-1)[0]) else 'else'}"
+                 for node, cond in self.branches.items() if cond in values]
+        if taken and "takes branch" not in inputs.case:
+            inputs.case = f"{inputs.case}; {'; '.join(taken)}"
 
     def _run(self, runner: ort.InferenceSession, inputs: CheckInputs) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))
@@ -121,11 +152,12 @@ class Verifier:
         except Exception as e:  # a rewrite that does not even run fails verification
             return self._result([], message=f"the optimized model does not run: {first_line(e)}")
         per_set = [
-            (inputs, *compare(reference, result, inputs.real))
+            (inputs, *compare(reference, result, inputs.real, inputs.real_total))
             for inputs, reference, result in zip(self.inputs_list, self.references, results)
         ]
         verdict = self._result(per_set)
-        verdict.mean_cosine = float(np.mean([mean_cosine(reference, result, inputs.real) for inputs, reference, result
+        verdict.mean_cosine = float(np.mean([mean_cosine(reference, result, inputs.real, inputs.real_total)
+                                             for inputs, reference, result
                                              in zip(self.inputs_list, self.references, results)]))
         if self.approximation:  # measured and reported, not held to the exact tolerance
             verdict.ok = bool(np.isfinite(verdict.max_rel_error))
@@ -136,15 +168,16 @@ class Verifier:
     def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "") -> VerifyResult:
         max_abs = max((a for _, a, _ in per_set), default=float("inf"))
         max_rel = max((r for _, _, r in per_set), default=float("inf"))
-        tolerance = self.config.tolerance
+        tolerance = self.tolerance
         ok = max_rel <= tolerance
         if not message:
             verdict = "within" if ok else "over"
             message = f"max relative error {max_rel:.3g} {verdict} tolerance {tolerance:g}"
         inputs = [
-            {"inputs": inputs.describe(), "padding": inputs.padding, "max_abs_error": a, "max_rel_error": r}
+            {"case": inputs.case, "inputs": inputs.describe(), "padding": inputs.padding, "max_abs_error": a,
+             "max_rel_error": r}
             for inputs, a, r in per_set
-        ] or [{"inputs": inputs.describe(), "padding": inputs.padding} for inputs in self.inputs_list]
+        ] or [{"case": inputs.case, "inputs": inputs.describe(), "padding": inputs.padding} for inputs in self.inputs_list]
         return VerifyResult(ok, max_abs, max_rel, tolerance, inputs, message)
 
 

@@ -1,10 +1,12 @@
 """`attnfuse bench`: attnfuse against torch eager and the peers, in one process, on the same inputs.
 
-Contenders, every ONNX one in ONNX Runtime (CPU, --threads intra-op threads, default graph
-optimizations), and torch on as many threads:
+Encoders (--model minilm, bert-base, all): every ONNX contender in ONNX Runtime (CPU, --threads
+intra-op threads, default graph optimizations), and torch on as many threads:
   torch eager (SDPA) | ORT on the dynamo export | ORT on ORT's transformers optimizer output
   (TorchScript export, eager attention: the case where it fuses) | ORT on onnxscript's ort_fusions
   output (dynamo export) | attnfuse without and with padding-free (dynamo export).
+Decoders (--model llama): see attnfuse/tools/bench_decoder.py; prefill and decode with a KV cache,
+and each contender's peak memory.
 Every output is compared with torch's on real positions; a wrong contender is timed and marked,
 never dropped, and never counts as the fastest peer.
 """
@@ -24,6 +26,7 @@ import onnx
 import torch
 from tqdm import tqdm
 
+from attnfuse.models.decoders.bench import VOCAB
 from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 TOLERANCE = 1e-4  # max error on real positions, relative to the largest output magnitude, as the optimizer's check
@@ -34,7 +37,10 @@ PEERS = CONTENDERS[:4]
 SWEEP = (0.2, 0.4, 0.6, 0.8)  # padding 0 is the "full" workload, already measured
 GEMM_SIZE = 2048
 
-Runner = Callable[[dict[str, np.ndarray]], np.ndarray]
+WARMUPS = 4  # the checking run and three more: torch needs a second before it settles, and a fresh
+# session's first runs were slow enough to skew the first workload measured
+
+Runner = Callable[[dict[str, np.ndarray]], list[np.ndarray]]  # feeds by name -> the outputs, in order
 
 
 # ---- the models ---------------------------------------------------------------------------------
@@ -141,7 +147,10 @@ def workloads(spec: ModelSpec, sweep: bool, seed: int = 0) -> list[Workload]:
 
 # ---- the contenders -----------------------------------------------------------------------------
 
-def onnx_builders(spec: ModelSpec, geometry: Geometry) -> dict[str, Callable[[], onnx.ModelProto]]:
+OnnxBuilders = dict[str, Callable[[], onnx.ModelProto]]
+
+
+def onnx_builders(spec: ModelSpec, geometry: Geometry) -> OnnxBuilders:
     """How each ONNX contender's model is made, as its user would make it."""
     import attnfuse
 
@@ -170,13 +179,16 @@ def ort_runner(model: onnx.ModelProto, threads: int) -> Runner:
     """The one way every ONNX contender runs: a CPU session with `threads` intra-op threads."""
     session = ort_session(model, threads)
     names = [i.name for i in session.get_inputs()]
-    return lambda feeds: session.run(None, {name: feeds[name] for name in names})[0]
+    return lambda feeds: session.run(None, {name: feeds[name] for name in names})
 
 
-def torch_runner(module: torch.nn.Module) -> Runner:
-    def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+def torch_runner(module: torch.nn.Module, positional: bool = False) -> Runner:
+    """`module` called on the feeds by keyword, or in the feeds' order (a decoder's flat past k/v are *args)."""
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        tensors = {name: torch.from_numpy(array) for name, array in feeds.items()}
         with torch.inference_mode():
-            return module(**{name: torch.from_numpy(array) for name, array in feeds.items()}).numpy()
+            out = module(*tensors.values()) if positional else module(**tensors)
+        return [t.numpy() for t in (out if isinstance(out, tuple) else (out,))]
     return run
 
 
@@ -186,55 +198,111 @@ class Contender:
     run: Runner | None = None
     error: str | None = None  # why it could not be built
     attention: str = ""  # "fused/total" attention sites of its model
+    model_file: Path | None = None  # its ONNX file, where a fresh process is to load it (peak memory)
 
 
-def build_contenders(spec: ModelSpec, module: torch.nn.Module, threads: int, step: Callable[[str], None]) -> list[Contender]:
+def build_contenders(name: str, torch_run: Runner, builders: OnnxBuilders, threads: int, step: Callable[[str], None],
+                     save_to: Path | None = None) -> list[Contender]:
+    """Torch, then each ONNX contender built as `builders` say (and saved under `save_to`, if given);
+    one that cannot be built stays in the list with the reason."""
     from attnfuse.models._export import quiet
     from attnfuse.models.peers import count_attention, describe_error
 
-    contenders = [Contender(TORCH, torch_runner(module))]
-    for name, build in onnx_builders(spec, Geometry.of(module)).items():
-        step(f"{spec.name}: {name}")
+    contenders = [Contender(TORCH, torch_run)]
+    for contender, build in builders.items():
+        step(f"{name}: {contender}")
         try:
             with quiet():
                 model = build()
             fused, total = count_attention(model)
-            contenders.append(Contender(name, ort_runner(model, threads), attention=f"{fused}/{total}"))
+            model_file = None
+            if save_to is not None:
+                model_file = save_to / f"{contender.replace(' ', '-')}.onnx"
+                onnx.save(model, model_file)
+            contenders.append(Contender(contender, ort_runner(model, threads), attention=f"{fused}/{total}",
+                                        model_file=model_file))
         except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
-            contenders.append(Contender(name, error=describe_error(error)))
+            contenders.append(Contender(contender, error=describe_error(error)))
     return contenders
 
 
 # ---- measuring ----------------------------------------------------------------------------------
 
-def relative_error(actual: np.ndarray, expected: np.ndarray, mask: np.ndarray) -> float:
-    """Max error over real positions (padded ones are not part of the result), relative to the output's scale."""
-    real = mask.astype(bool)
+def relative_error(actual: np.ndarray, expected: np.ndarray, real: np.ndarray) -> float:
+    """Max error over the `real` positions (a boolean array broadcastable to the output; padded positions
+    are not part of the result), relative to the output's largest magnitude there."""
+    if actual.shape != expected.shape:
+        return np.inf
+    real = np.broadcast_to(real, expected.shape)
     return float(np.abs(actual[real] - expected[real]).max() / np.abs(expected[real]).max())
+
+
+def max_relative_error(actual: list[np.ndarray], expected: list[np.ndarray], real: list[np.ndarray]) -> float:
+    """The worst output's relative error; a contender with other outputs than torch's is wrong."""
+    if len(actual) != len(expected):
+        return np.inf
+    return max(relative_error(a, e, r) for a, e, r in zip(actual, expected, real))
+
+
+@dataclasses.dataclass
+class Checked:
+    """What check_and_time found, by contender name."""
+    seconds: dict[str, float]
+    errors: dict[str, float]  # max relative error against torch at real positions
+    failures: dict[str, str]  # why its run failed
+
+
+def check_and_time(contenders: list[Contender], feeds: dict[str, np.ndarray],
+                   real: Callable[[list[np.ndarray]], list[np.ndarray]], repeats: int, desc: str) -> Checked:
+    """Run each contender once and compare its outputs with torch's (the first contender) at the positions
+    `real(torch's outputs)` marks, one contender at a time so that only torch's outputs are kept; then time
+    those that ran, interleaved, after WARMUPS runs (the checking run is the first)."""
+    from attnfuse.models.peers import describe_error
+
+    checked = Checked({}, {}, {})
+    expected = positions = None
+    for c in contenders:
+        if c.run is None:
+            continue
+        try:
+            outputs = c.run(feeds)
+        except Exception as error:  # a contender that fails on the workload is a result too
+            if expected is None:
+                raise  # torch's outputs are the reference: nothing can be checked without them
+            checked.failures[c.name] = f"run failed: {describe_error(error)}"
+            continue
+        if expected is None:
+            expected, positions = outputs, real(outputs)
+        checked.errors[c.name] = max_relative_error(outputs, expected, positions)
+        del outputs
+    del expected
+    ran = [c for c in contenders if c.name in checked.errors]
+    checked.seconds = interleaved_medians({c.name: (lambda c=c: c.run(feeds)) for c in ran}, repeats,
+                                          warmup=WARMUPS - 1, desc=desc)
+    return checked
+
+
+def contender_record(c: Contender, checked: Checked, flops: int, peers: tuple[str, ...]) -> dict:
+    """The fields of a record that are about the contender (the model's and workload's come before)."""
+    seconds, error = checked.seconds.get(c.name), checked.errors.get(c.name)
+    return dict(
+        contender=c.name, peer=c.name in peers, attention_fused=c.attention or None,
+        build_error=c.error or checked.failures.get(c.name),
+        median_ms=None if seconds is None else seconds * 1e3,
+        max_rel_error=error, correct=error is not None and error <= TOLERANCE,
+        real_gflops=None if seconds is None else flops / seconds / 1e9,
+    )
 
 
 def measure(spec: ModelSpec, geometry: Geometry, workload: Workload, contenders: list[Contender], repeats: int) -> list[dict]:
     """Check every contender against torch, time them all interleaved, and return one record each."""
     feeds, mask = workload.feeds, workload.feeds["attention_mask"]
-    runnable = [c for c in contenders if c.run is not None]
-    outputs = {c.name: c.run(feeds) for c in runnable}
-    errors = {name: relative_error(output, outputs[TORCH], mask) for name, output in outputs.items()}
-    # The checking runs above are a first warm-up, and three more follow: torch needs a second before it
-    # settles, and a fresh session's first runs were slow enough to skew the first workload measured.
-    times = interleaved_medians({c.name: (lambda c=c: c.run(feeds)) for c in runnable}, repeats, warmup=3,
-                                desc=f"{spec.name} {workload.name}")
+    checked = check_and_time(contenders, feeds, lambda outputs: [mask[:, :, None].astype(bool)] * len(outputs),
+                             repeats, desc=f"{spec.name} {workload.name}")
     flops = real_token_flops(workload.lengths, geometry)
-    records = []
-    for c in contenders:
-        seconds = times.get(c.name)
-        records.append(dict(
-            model=spec.name, workload=workload.name, batch=int(mask.shape[0]), width=int(mask.shape[1]),
-            real_tokens=int(mask.sum()), padding=workload.padding, contender=c.name, peer=c.name in PEERS,
-            attention_fused=c.attention or None, build_error=c.error,
-            median_ms=None if seconds is None else seconds * 1e3,
-            max_rel_error=errors.get(c.name), correct=errors.get(c.name, np.inf) <= TOLERANCE,
-            real_gflops=None if seconds is None else flops / seconds / 1e9,
-        ))
+    records = [dict(model=spec.name, workload=workload.name, batch=int(mask.shape[0]), width=int(mask.shape[1]),
+                    real_tokens=int(mask.sum()), padding=workload.padding,
+                    **contender_record(c, checked, flops, PEERS)) for c in contenders]
     add_speedups(records)
     return records
 
@@ -266,10 +334,11 @@ def gemm_gflops(threads: int, repeats: int, size: int = GEMM_SIZE) -> float:
 # ---- reporting ----------------------------------------------------------------------------------
 
 def format_table(records: list[dict]) -> str:
+    memory = any(r.get("peak_mb") for r in records)
     header = ["model", "workload", "pad", "contender", "attn", "median ms", "max rel err", "real GFLOP/s",
-              "vs torch", "vs fastest peer"]
+              "vs torch", "vs fastest peer", *(["peak MB"] if memory else [])]
     rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["contender"], r["attention_fused"] or "-",
-             *timing_cells(r)] for r in records]
+             *timing_cells(r), *([megabytes(r.get("peak_mb"))] if memory else [])] for r in records]
     return table(header, rows)
 
 
@@ -289,17 +358,75 @@ def summary_table(records: list[dict]) -> str:
     return table(["model", "workload", "pad", "fastest peer", "attnfuse pf ms", "speedup"], rows)
 
 
+def markdown_table(records: list[dict]) -> str:
+    """README-ready: a row per model and workload, a column per contender (median ms, its peak MB where
+    measured), and the last contender (attnfuse's best) against the fastest correct peer."""
+    contenders = list(dict.fromkeys(r["contender"] for r in records))
+    rows: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in records:
+        rows.setdefault((r["model"], r["workload"]), {})[r["contender"]] = r
+    header = ["model", "workload", *contenders, f"{contenders[-1]} vs fastest peer"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for (model, _), by_contender in rows.items():
+        first, mine = next(iter(by_contender.values())), by_contender.get(contenders[-1])
+        cells = [model, workload_label(first), *(markdown_cell(by_contender.get(c)) for c in contenders),
+                 headline(mine)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def workload_label(r: dict) -> str:
+    past = f", past {r['past']}" if r.get("past") else ""
+    return f"{r['workload']}: {r['batch']} x {r['width']}{past}, {r['padding']:.0%} padding"
+
+
+def markdown_cell(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if r["median_ms"] is None:
+        return "failed"
+    ms = r["median_ms"]
+    cell = f"{ms:.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 10 else f"{ms:.2f} ms"
+    cell += "" if r["correct"] else " (wrong)"
+    return cell + (f", {megabytes(r['peak_mb'])} MB" if r.get("peak_mb") else "")
+
+
+def headline(r: dict | None) -> str:
+    if r is None or r["median_ms"] is None:
+        return "-"
+    target = f" (target {r['target']:g}x)" if r.get("target") else ""
+    wrong = "" if r["correct"] else ", wrong: does not count"
+    return f"**{speedup(r['vs_fastest_peer'])}** vs {r['fastest_peer']}{target}{wrong}"
+
+
 def speedup(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
 
-def plot(records: list[dict], path: Path) -> None:
+def megabytes(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb:.0f}"
+
+
+def figure(size: tuple[float, float] = (7, 4.5)):
+    """A new matplotlib figure (no display needed), and pyplot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
+    return plt.figure(figsize=size, layout="constrained"), plt
+
+
+def save_figure(fig, plt, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot(records: list[dict], path: Path) -> None:
+    """Speedup against the fastest peer by padding fraction, per model."""
+    fig, plt = figure()
+    axes = fig.subplots()
     for model in dict.fromkeys(r["model"] for r in records):
         for contender, style in (("attnfuse padding-free", "o-"), ("attnfuse", "s--")):
             points = sorted((r["padding"], r["vs_fastest_peer"]) for r in records
@@ -312,9 +439,7 @@ def plot(records: list[dict], path: Path) -> None:
     axes.set_title("attnfuse on ONNX Runtime CPU vs the fastest peer")
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    save_figure(fig, plt, path)
 
 
 # ---- the command --------------------------------------------------------------------------------
@@ -322,46 +447,85 @@ def plot(records: list[dict], path: Path) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnfuse bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("minilm", "bert-base", "all"), default="all")
+    parser.add_argument("--model", choices=("minilm", "bert-base", "all", "llama"), default="all",
+                        help="all: MiniLM and BERT-base; llama: the decoder benchmark (prefill and decode)")
     parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads and torch threads")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs of each contender, median shown (default 5)")
-    parser.add_argument("--sweep", action="store_true", help=f"also time padding fractions {', '.join(map(str, SWEEP))}")
-    parser.add_argument("--quick", action="store_true", help="batch 4, max length 32, 2 repeats: for tests")
+    parser.add_argument("--sweep", action="store_true",
+                        help=f"also time padding fractions {', '.join(map(str, SWEEP))} (encoders)")
+    parser.add_argument("--vocab", type=int, default=None, metavar="N",
+                        help="llama's vocabulary (default 32000, the full one; a smaller one shrinks the LM head)")
+    parser.add_argument("--no-memory", action="store_true", help="llama: skip the peak-memory processes")
+    parser.add_argument("--quick", action="store_true",
+                        help="encoders batch 4, max length 32; llama the zoo's tiny one; 2 repeats: for tests")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement here")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="PNG of speedup vs padding fraction")
+    parser.add_argument("--plot", type=Path, metavar="PATH",
+                        help="PNG: speedup vs padding fraction (encoders), time and peak memory (llama)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    decoder = args.model == "llama"
+    if args.vocab is not None and (not decoder or args.quick):
+        parser.error("--vocab applies to --model llama without --quick")
+    if args.sweep and decoder:
+        parser.error("--sweep applies to the encoders (minilm, bert-base, all)")
+    if args.vocab is not None and args.vocab < 3:
+        parser.error("--vocab must be at least 3 (ids 0-2 are the special tokens)")
     repeats = args.repeats or (2 if args.quick else 5)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        records, gemm = run_all(model_specs(args.model, args.quick), args.sweep, args.threads, repeats)
+        records, gemm = run_all(args, repeats)
     finally:
         torch.set_num_threads(threads_before)
     print(format_table(records))
-    print()
-    print(summary_table(records))
+    if not decoder:
+        print()
+        print(summary_table(records))
     print(f"\nfp32 GEMM on this machine: {gemm:.1f} GFLOP/s (torch.matmul {GEMM_SIZE}^3, {args.threads} threads); "
-          f"ORT intra-op threads {args.threads}; median of {repeats} interleaved runs")
+          f"ORT intra-op threads {args.threads}; median of {repeats} interleaved runs after {WARMUPS} warm-ups")
+    if decoder:
+        print(decoder_notes(records, args))
+    print()
+    print(markdown_table(records))
     if args.json:
-        settings = dict(threads=args.threads, repeats=repeats, quick=args.quick, tolerance=TOLERANCE,
+        settings = dict(threads=args.threads, repeats=repeats, warmups=WARMUPS, quick=args.quick, tolerance=TOLERANCE,
                         torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__)
+        if decoder:
+            settings.update(vocab=args.vocab or VOCAB, peak_memory=not args.no_memory)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(settings=settings, gemm_gflops=gemm, results=records), indent=1) + "\n")
     if args.plot:
-        plot(records, args.plot)
+        from attnfuse.tools import bench_decoder
+
+        (bench_decoder.plot if decoder else plot)(records, args.plot)
     wrong = [f"{r['model']} {r['workload']} {r['contender']}" for r in records if r["median_ms"] is not None and not r["correct"]]
     if wrong:
         print(f"attnfuse bench: outputs differ from torch (> {TOLERANCE:g}): {'; '.join(wrong)}", file=sys.stderr)
     return 0
 
 
-def run_all(specs: list[ModelSpec], sweep: bool, threads: int, repeats: int) -> tuple[list[dict], float]:
-    plans = [(spec, workloads(spec, sweep)) for spec in specs]
+def decoder_notes(records: list[dict], args: argparse.Namespace) -> str:
+    from attnfuse.tools.bench_decoder import TARGETS
+
+    vocab = args.vocab or VOCAB
+    vocab = "" if args.quick else f"vocabulary {vocab} ({'the full one' if vocab == VOCAB else f'reduced from {VOCAB}'}); "
+    memory = "not measured" if args.no_memory else "VmHWM of a fresh process that loads the model and runs the workload once"
+    targets = ", ".join(f"{name} {ratio:g}x" for name, ratio in TARGETS.items())
+    return (f"{vocab}peak MB: {memory}\n"
+            f"targets (attnfuse vs the fastest correct peer, reported, not asserted): {targets}")
+
+
+def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
+    from attnfuse.tools import bench_decoder
+
+    plans = [(spec, workloads(spec, args.sweep)) for spec in model_specs(args.model, args.quick)]
+    decoder = bench_decoder.decoder_bench(args.quick, args.vocab or VOCAB) if args.model == "llama" else None
     steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(loads) for _, loads in plans)
+    steps += bench_decoder.progress_steps(decoder) if decoder else 0
     records: list[dict] = []
     with tqdm(total=steps, desc="attnfuse bench", file=sys.stderr, disable=None) as bar:
         def step(description: str) -> None:
@@ -369,13 +533,15 @@ def run_all(specs: list[ModelSpec], sweep: bool, threads: int, repeats: int) -> 
             bar.update()
 
         step("GEMM rate")
-        gemm = gemm_gflops(threads, repeats)
+        gemm = gemm_gflops(args.threads, repeats)
         for spec, loads in plans:
             step(f"{spec.name}: torch")
             module = spec.torch_model()
             geometry = Geometry.of(module)
-            contenders = build_contenders(spec, module, threads, step)
+            contenders = build_contenders(spec.name, torch_runner(module), onnx_builders(spec, geometry), args.threads, step)
             for workload in loads:
                 step(f"{spec.name}: {workload.name}")
                 records += measure(spec, geometry, workload, contenders, repeats)
+        if decoder:
+            records += bench_decoder.run(decoder, args.threads, repeats, not args.no_memory, step)
     return records, gemm

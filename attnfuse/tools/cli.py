@@ -82,11 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--attention", default="exact", metavar="MODE",
                           help=f"{USAGE}; anything but exact is an opt-in approximation whose error is measured and reported")
     optimize.add_argument("--no-padding-free", action="store_true", help="keep padded tokens in the computation")
+    _input_shape_option(optimize)
     optimize.set_defaults(run=_optimize)
 
     inspect = commands.add_parser("inspect", help="list the attention sites and fusions found")
     inspect.add_argument("model", metavar="IN.onnx")
     inspect.add_argument("--json", action="store_true", help="print the report as JSON")
+    _input_shape_option(inspect)
     inspect.set_defaults(run=_inspect)
 
     for name, summary in (("demo", "run the demo"), ("bench", "run the benchmarks")):
@@ -98,31 +100,73 @@ def build_parser() -> argparse.ArgumentParser:
 # --- optimize --------------------------------------------------------------
 
 
+def _input_shape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", action="append", default=[], metavar="NAME=DIMS",
+                        help="the shape to feed an input whose sizes the graph leaves open and attnfuse cannot "
+                             "derive, e.g. pixel_values=1,3,224,224 (repeatable)")
+
+
+def input_shapes(specs: list[str]) -> dict[str, list[int]]:
+    """NAME=D1,D2,... (or D1xD2x...) for each spec."""
+    shapes = {}
+    for spec in specs:
+        name, _, dims = spec.partition("=")
+        try:
+            shapes[name.strip()] = [int(d) for d in dims.replace("x", ",").split(",")]
+        except ValueError:
+            raise UserError(f"--input-shape {spec!r}: expected NAME=DIMS, e.g. pixel_values=1,3,224,224") from None
+        if not name.strip() or any(d < 0 for d in shapes[name.strip()]):
+            raise UserError(f"--input-shape {spec!r}: expected NAME=DIMS, e.g. pixel_values=1,3,224,224")
+    return shapes
+
+
 def _optimize(args: argparse.Namespace) -> int:
-    config = make_config(
-        None,
-        dict(
-            target=args.target,
-            verify=not args.no_verify,
-            force=args.force,
-            attention=args.attention,
-            padding_free=not args.no_padding_free,
-        ),
-    )
-    # Fail on an unwritable output now, not after the slow part.
+    # Fail on an unwritable output now, not after the slow part; the report then cannot be written either.
     for path in filter(None, (args.output, args.report)):
         io.check_writable(path)
-    with _StageBar() as stage:
-        result = optimize_onnx(args.model, config, progress=stage)
-        stage("save")
-        result.save(args.output)
+    try:
+        config = make_config(
+            None,
+            dict(
+                target=args.target,
+                verify=not args.no_verify,
+                force=args.force,
+                attention=args.attention,
+                padding_free=not args.no_padding_free,
+                input_shapes=input_shapes(args.input_shape),
+            ),
+        )
+        with _StageBar() as stage:
+            result = optimize_onnx(args.model, config, progress=stage)
+            stage("save")
+            result.save(args.output)
+    except Exception as error:
         if args.report:
-            io.write_text(args.report, result.report.to_json())
+            _write_failure_report(args.report, args.model, error)
+        raise
+    if args.report:
+        io.write_text(args.report, result.report.to_json())
     print(_summary(result.report, args.output))
     verify = result.report.verify
     if verify is not None and not verify.ok:  # only reached with --force
         print(f"attnfuse: warning: verification failed ({verify.message}); written anyway because of --force", file=sys.stderr)
     return 0
+
+
+def _write_failure_report(path: str, model: str, error: BaseException) -> None:
+    """The report of a run that did not write its model: why, in the same JSON as a success."""
+    report = getattr(error, "report", None) or Report(model=model)
+    if isinstance(error, UserError):
+        report.status, message = "user_error", str(error)
+    elif isinstance(error, VerificationError):
+        report.status, message = "verification_failed", f"{error}; nothing written (--force writes it anyway)"
+    else:
+        report.status, message = "internal_error", f"{type(error).__name__}: {first_line(error)}"
+    report.error = " ".join(message.split())
+    try:
+        io.write_text(path, report.to_json())
+    except Exception:  # the run's own error is the one to show
+        pass
 
 
 class _StageBar:
@@ -182,21 +226,34 @@ def _padding_free(report: Report) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    report = inspect_onnx(args.model)
+    report = inspect_onnx(args.model, input_shapes=input_shapes(args.input_shape))
     print(report.to_json() if args.json else _inspect_tables(report))
     return 0
 
 
 def _inspect_tables(report: Report) -> str:
     sites = _table(
-        ["attention site", "heads", "head size", "mask", "causal", "bias", "fused"],
+        ["attention site", "heads", "kv heads", "head size", "mask", "causal", "window", "bias", "cache", "softcap",
+         "rotary", "fused"],
         [
-            [s.name, s.num_heads, s.head_size, s.mask, "yes" if s.causal else "no", s.bias, _fused(s.fused, s.reason)]
+            [s.name, s.num_heads, s.kv_heads or s.num_heads, s.head_size, s.mask, "yes" if s.causal else "no",
+             _window(s.window), s.bias, s.cache, f"{s.softcap:g}" if s.softcap else "-", _rotary(s),
+             _fused(s.fused, s.reason)]
             for s in report.sites
         ],
     )
     fusions = _table(["fusion", "op", "fused"], [[f.name, f.op, _fused(f.fused, f.reason)] for f in report.fusions])
     return f"{sites}\n\n{fusions}"
+
+
+def _window(window: tuple[int, int]) -> str:
+    return "-" if tuple(window) == (-1, -1) else f"{window[0]},{window[1]}"
+
+
+def _rotary(site) -> str:
+    if site.rotary is None:
+        return "-"
+    return f"{site.rotary.kind} {site.rotary.dim}/{site.head_size}"
 
 
 def _fused(fused: bool, reason: str | None) -> str:

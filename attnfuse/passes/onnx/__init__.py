@@ -14,7 +14,10 @@ from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import embed, gelu, layernorm, padding_free, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
-from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, remove_unused
+from attnfuse.passes.onnx.einsum import lower_einsums
+from attnfuse.passes.onnx.graph import (
+    MS_DOMAIN, NoMatch, attr, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
+)
 from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes.site import AttentionSite, Fusion
 
@@ -26,10 +29,13 @@ class Probe(Protocol):
     that is equal in both is a constant of the graph.
     """
 
-    def get(self, name: str, run: int = 0) -> np.ndarray | None: ...
+    run_count: int
+
+    def get(self, name: str, run: int | None = None) -> np.ndarray | None: ...  # None: the first run seeing it
+    def runs_seeing(self, name: str) -> list[int]: ...  # the runs that computed it (If branches: those taking it)
     def is_constant(self, name: str) -> bool: ...
     def same_as(self, new: str, original: str) -> None: ...  # a proven replacement reads as the original
-    def inputs(self, run: int = 0) -> Any: ...  # .feeds, .real (bool [B, S] or None)
+    def inputs(self, run: int) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
 
 @dataclass
@@ -38,13 +44,33 @@ class PassResult:
     fusions: list[Fusion]
 
 
+def prepare(model: ir.Model) -> ir.Model:
+    """The model in the spellings the matchers know (Einsum as MatMul), before it is probed; the
+    model itself when nothing changes. A copy shares the weights."""
+    copy = model.clone()
+    return copy if lower_einsums(copy) else model
+
+
 def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str] = frozenset()) -> PassResult:
     """Rewrite `model` in place. Sites and fusions named in `exclude` are left as they are
     (the optimizer rolls a rewrite back by running again without it)."""
+    with speaking_opset(opset(model.graph)):
+        return _run_passes(model, probe, config, exclude)
+
+
+def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str]) -> PassResult:
     graph = model.graph
-    canonicalize(graph, probe)
-    sites = fuse_attention(graph, probe, exclude, modes.parse_attention(getattr(config, "attention", "exact")))
-    fusions = gelu.fuse(graph, probe, exclude) + embed.fuse(graph, probe, exclude) + layernorm.fuse(graph, probe, exclude)
+    mask = padding_free.find_mask(graph)
+    mode = modes.parse_attention(getattr(config, "attention", "exact"))
+    sites, fusions = already_fused(graph), []
+    for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
+        if in_loop and not _observed(subgraph, probe):
+            sites += _in_loop_body(subgraph)
+            continue
+        canonicalize(subgraph, probe)
+        sites += fuse_attention(subgraph, probe, exclude, mode, mask)
+        fusions += gelu.fuse(subgraph, probe, exclude) + embed.fuse(subgraph, probe, exclude) \
+            + layernorm.fuse(subgraph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
         why_not_branch = _why_no_unpadded_branch(config, exclude)
@@ -65,6 +91,30 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
     return PassResult(sites=sites, fusions=fusions)
 
 
+# ONNX Runtime's fused attention ops: a model optimized before (by attnfuse or ONNX Runtime) has them.
+FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
+                             "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
+
+
+def already_fused(graph: ir.Graph) -> list[AttentionSite]:
+    """The fused attention the model came with, once per attention a run takes: kept, and counted."""
+    return [AttentionSite(name=node.name, fused=True, already_fused=True, num_heads=attr(node, "num_heads", 0),
+                          reason=f"already fused (com.microsoft.{node.op_type} in the input)")
+            for node in nodes_on_one_path(graph) if node.domain == MS_DOMAIN and node.op_type in FUSED_ATTENTION]
+
+
+def _observed(graph: ir.Graph, probe: Probe) -> bool:
+    """Whether the probe saw the graph's values (a Loop body's, in its first iteration)."""
+    return any(probe.runs_seeing(out.name) for node in graph for out in node.outputs if out.name)
+
+
+def _in_loop_body(graph: ir.Graph) -> list[AttentionSite]:
+    """A loop body whose values the probe could not see (they change shape between iterations,
+    or it is a Scan's): its attention is reported, not fused."""
+    return [AttentionSite(name=node.name, reason="inside a Loop or Scan body whose values were not observed "
+                          "(they change shape between iterations)") for node in graph if node.op_type == "Softmax"]
+
+
 def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
     """A fused site whose softmax is still computed was not really replaced: say so."""
     alive = {node.name for node in graph.all_nodes() if node.op_type == "Softmax"}
@@ -81,7 +131,8 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
     masked = {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")}
     target = getattr(config, "target", "ort-cpu")
     try:
-        padding_free.apply(graph, probe, masked, _key_padding_only(sites), target)
+        padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
+                           verified=getattr(config, "verify", True))
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why))
     return Fusion(name, "PaddingFree", True)

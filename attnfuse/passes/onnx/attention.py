@@ -17,18 +17,21 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import NoMatch, attr, constant, consumers, observed, scalar
+from attnfuse.passes.onnx import heads
+from attnfuse.passes.onnx.graph import NoMatch, attr, constant, consumers, observed, runs_seeing, scalar
+from attnfuse.passes.onnx.heads import Heads
 from attnfuse.passes.onnx.masks import MASKED
 from attnfuse.passes.site import AttentionSite
 
 LAYOUT_OPS = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Dropout"}
+HEAD_REPEATS = {"Expand", "Tile"}  # grouped-query attention repeats k and v heads; heads.recognise checks it
 
 
 @dataclass
 class ScoreStep:
     """One op between the q @ k^T MatMul and the Softmax, in the order applied."""
 
-    kind: str  # "scale" | "add" | "sub" | "where" | "reshape"
+    kind: str  # "scale" | "add" | "sub" | "where" | "reshape" | "tanh"
     value: ir.Value | None = None  # the term added, the scale factor, or the Where condition
     factor: float = 1.0  # "scale": the number the scores are multiplied by
     divide: bool = False  # "scale": the graph divides by `value`
@@ -43,6 +46,9 @@ class Candidate:
     softmax: ir.Node
     steps: list[ScoreStep] = field(default_factory=list)
     output_node: ir.Node | None = None  # produces site.output
+    operands: tuple[Heads, Heads, Heads] | None = None  # q, k, v as the graph holds them
+    nan_guard: bool = False  # rows whose keys are all masked come out zero (SDPA), not NaN
+    value_size: int = 0  # v's head size (q and k have site.head_size)
 
 
 def find_sites(graph: ir.Graph, probe, exclude=frozenset()) -> list[Candidate | AttentionSite]:
@@ -72,33 +78,76 @@ def match(softmax: ir.Node, site: AttentionSite, probe) -> Candidate:
         raise NoMatch(f"softmax over axis {axis} of a rank-{rank} tensor is not over the keys")
 
     qk, steps = walk_scores(logits, probe)
-    q, q_scale = walk_to_root(qk.inputs[0], probe)
-    k, k_scale = walk_to_root(qk.inputs[1], probe)
-    pv = probabilities_consumer(softmax.outputs[0])
-    v, v_scale = walk_to_root(pv.inputs[1], probe)
-    if v_scale != 1.0:
+    pv, guarded = probabilities_consumer(softmax.outputs[0])
+    runs = runs_seeing([logits], probe)
+    # What attention reads, per run, as [B, H, L, D]: q, k (from k^T) and v.
+    wanted = [[_heads_first(observed(x, probe, run), observed(logits, probe, run), probe, run, transposed)
+               for run in runs] for x, transposed in ((qk.inputs[0], False), (qk.inputs[1], True), (pv.inputs[1], False))]
+    q, k, v = (_source(x, w, probe, runs, name) for x, w, name in zip((qk.inputs[0], qk.inputs[1], pv.inputs[1]), wanted,
+                                                                       ("q", "k", "v")))
+    if v.factor != 1.0:
         raise NoMatch("the values are scaled")
+    batch, heads, seqlen, head_size = wanted[0][0].shape
+    if q.heads != heads or k.heads != v.heads:
+        raise NoMatch(f"q has {q.heads} of {heads} heads, k {k.heads} and v {v.heads}")
+    v_size = int(wanted[2][0].shape[-1])
+    output = walk_head_merge(pv.outputs[0], (batch, seqlen, heads * v_size), probe)
+    site.q, site.k, site.v, site.output = q.value, k.value, v.value, output
+    site.num_heads, site.head_size = int(heads), int(head_size)
+    site.softcap, scale = _softcap(steps)
+    site.scale = float(q.factor * k.factor * scale)
+    return Candidate(site=site, softmax=softmax, steps=steps, output_node=output.producer(), operands=(q, k, v),
+                     nan_guard=guarded, value_size=v_size)
 
-    scores = observed(logits, probe)
-    q_value, k_value, v_value = (observed(x, probe) for x in (q, k, v))
-    if not {q_value.ndim, k_value.ndim, v_value.ndim} <= {3, 4}:
-        raise NoMatch(f"q/k/v before the head split have ranks {q_value.ndim}/{k_value.ndim}/{v_value.ndim}")
-    # [batch, seq, hidden], or [batch, seq, heads, head_size] where the exporter split heads first.
-    batch, seqlen = q_value.shape[:2]
-    hidden = int(np.prod(q_value.shape[2:]))
-    heads = scores.shape[1] if scores.ndim == 4 else scores.shape[0] // max(batch, 1)
-    if heads <= 0 or hidden % heads:
-        raise NoMatch(f"hidden size {hidden} does not split into {heads} heads")
-    if scores.shape[-2:] != (seqlen, k_value.shape[1]):
-        raise NoMatch("the scores are not [query, key] of q and k")
 
-    v_hidden = v_value.size // (batch * v_value.shape[1])
-    output = walk_head_merge(pv.outputs[0], (batch, seqlen, v_hidden), probe)
-    site.q, site.k, site.v, site.output = q, k, v, output
-    site.num_heads = int(heads)
-    site.head_size = hidden // heads
-    site.scale = float(q_scale * k_scale * np.prod([s.factor for s in steps if s.kind == "scale"]))
-    return Candidate(site=site, softmax=softmax, steps=steps, output_node=output.producer())
+def _softcap(steps: list[ScoreStep]) -> tuple[float, float]:
+    """(c, the scale) for scores c * tanh(scale * q.k / c) before any mask; (0, the scale) without Tanh."""
+    tanhs = [i for i, step in enumerate(steps) if step.kind == "tanh"]
+    if not tanhs:
+        return 0.0, float(np.prod([step.factor for step in steps if step.kind == "scale"]))
+    if len(tanhs) > 1:
+        raise NoMatch("the scores go through Tanh more than once")
+    i = tanhs[0]
+    after = [step for step in steps[i + 1:] if step.kind != "reshape"]
+    if any(step.kind != "scale" for step in steps[:i] if step.kind != "reshape") or not after \
+            or after[0].kind != "scale" or any(step.kind == "scale" for step in after[1:]):
+        raise NoMatch("Tanh on the scores is not c * tanh(scores / c) ahead of the mask")
+    cap = after[0].factor
+    before = float(np.prod([step.factor for step in steps[:i] if step.kind == "scale"]))
+    return float(cap), before * cap
+
+
+def _heads_first(x: np.ndarray, scores: np.ndarray, probe, run: int, transposed: bool) -> np.ndarray:
+    """A MatMul operand of attention as [B, H, L, D] (k^T transposed back)."""
+    if x.ndim == 3:  # [B*H, L, D]: the batch from the scores, or the run's inputs
+        batch = scores.shape[0] if scores.ndim == 4 else probe.inputs(run).batch
+        if not batch or x.shape[0] % batch:
+            raise NoMatch("cannot tell batch from heads in 3-D attention")
+        x = x.reshape(batch, -1, *x.shape[1:])
+    if x.ndim != 4:
+        raise NoMatch(f"attention reads a rank-{x.ndim} tensor")
+    return x.transpose(0, 1, 3, 2) if transposed else x
+
+
+def _source(operand: ir.Value, wanted: list[np.ndarray], probe, runs: list[int], name: str) -> Heads:
+    """The farthest tensor up the layout ops, head repeats and scalar factors that holds
+    `operand`'s heads in a known layout."""
+    path, value, factor = [(operand, 1.0)], operand, 1.0
+    while (node := value.producer()) is not None:
+        if node.op_type in LAYOUT_OPS or node.op_type in HEAD_REPEATS:
+            value = node.inputs[0]
+        elif node.op_type in ("Mul", "Div") and (found := scalar_operand(node, probe)):
+            value, step, _ = found
+            factor *= step
+        else:
+            break
+        path.append((value, factor))
+    for value, factor in reversed(path):
+        if all(probe.get(value.name, run) is not None for run in runs):
+            found = heads.recognise(value, factor, wanted, lambda x, run: observed(x, probe, run), runs)
+            if found is not None:
+                return found
+    raise NoMatch(f"cannot find {name} in a known layout of heads")
 
 
 def walk_scores(logits: ir.Value, probe) -> tuple[ir.Node, list[ScoreStep]]:
@@ -115,6 +164,9 @@ def walk_scores(logits: ir.Value, probe) -> tuple[ir.Node, list[ScoreStep]]:
             steps.reverse()
             return node, steps
         if op in ("Cast", "Identity", "Dropout"):
+            value = node.inputs[0]
+        elif op == "Tanh":  # logit soft-capping: c * tanh(s / c)
+            steps.append(ScoreStep("tanh", rank=rank))
             value = node.inputs[0]
         elif op in ("Reshape", "Unsqueeze", "Squeeze"):
             steps.append(ScoreStep("reshape", rank=rank))
@@ -182,7 +234,7 @@ def _reaches_scores(value: ir.Value, probe, depth: int = 0) -> bool:
         return False
     if node.op_type == "MatMul":
         return not _is_projection(node, probe)
-    if node.op_type in ("Cast", "Identity", "Dropout", "Reshape", "Unsqueeze", "Squeeze"):
+    if node.op_type in ("Cast", "Identity", "Dropout", "Reshape", "Unsqueeze", "Squeeze", "Tanh"):
         return _reaches_scores(node.inputs[0], probe, depth + 1)
     if node.op_type in ("Mul", "Div", "Add", "Sub"):
         return any(_reaches_scores(x, probe, depth + 1) for x in node.inputs[:2])
@@ -191,24 +243,10 @@ def _reaches_scores(value: ir.Value, probe, depth: int = 0) -> bool:
     return False
 
 
-def walk_to_root(value: ir.Value, probe) -> tuple[ir.Value, float]:
-    """Back through layout ops and scalar factors to the [batch, seq, hidden] tensor."""
-    scale = 1.0
-    while True:
-        node = value.producer()
-        if node is None:
-            return value, scale
-        if node.op_type in LAYOUT_OPS:
-            value = node.inputs[0]
-        elif node.op_type in ("Mul", "Div") and (found := scalar_operand(node, probe)):
-            value, factor, _ = found
-            scale *= factor
-        else:
-            return value, scale
-
-
-def probabilities_consumer(probs: ir.Value) -> ir.Node:
-    """The MatMul that weights v by the probabilities, past casts and NaN guards."""
+def probabilities_consumer(probs: ir.Value) -> tuple[ir.Node, bool]:
+    """The MatMul that weights v by the probabilities, past casts and NaN guards; and whether a
+    guard zeroes the rows that mask every key (which softmax leaves NaN)."""
+    guarded = False
     while True:
         users = [node for node in consumers(probs) if node.op_type != "Shape"]
         if probs.is_graph_output():
@@ -216,9 +254,10 @@ def probabilities_consumer(probs: ir.Value) -> ir.Node:
         ops = sorted(u.op_type for u in users)
         if ops == ["IsNaN", "Where"]:  # SDPA's guard: Where(IsNaN(p), 0, p)
             where = next(u for u in users if u.op_type == "Where")
-            if where.inputs[2] is not probs:
+            fill = constant(where.inputs[1])
+            if where.inputs[2] is not probs or fill is None or np.any(fill != 0):
                 raise NoMatch("unexpected Where on the probabilities")
-            probs = where.outputs[0]
+            probs, guarded = where.outputs[0], True
             continue
         if len(users) != 1:
             raise NoMatch("the attention probabilities are used elsewhere")
@@ -226,7 +265,7 @@ def probabilities_consumer(probs: ir.Value) -> ir.Node:
         if node.op_type in ("Cast", "Identity", "Dropout", "Reshape", "Unsqueeze", "Squeeze"):
             probs = node.outputs[0]
         elif node.op_type == "MatMul" and node.inputs[0] is probs:
-            return node
+            return node, guarded
         else:
             raise NoMatch(f"the probabilities go into {node.op_type}, not a MatMul with v")
 

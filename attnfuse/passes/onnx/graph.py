@@ -1,7 +1,10 @@
 """Small helpers over onnx_ir graphs: reading constants, following uses, building nodes."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
+from collections.abc import Iterator
 from typing import Sequence
 
 import numpy as np
@@ -62,18 +65,50 @@ def scalar(value: ir.Value | None, probe=None) -> float | None:
     return float(array.reshape(()))
 
 
-def observed(value: ir.Value, probe, run: int = 0) -> np.ndarray:
+def observed(value: ir.Value, probe, run: int | None = None) -> np.ndarray:
+    """The value in probe run `run`, or in the first run that computed it."""
     array = probe.get(value.name, run) if value.name else None
     if array is None:
         raise NoMatch(f"no value was observed for {value.name!r}")
     return array
 
 
+def runs_seeing(values: Sequence[ir.Value], probe) -> list[int]:
+    """The probe runs that computed every one of `values` (an If branch: the runs that take it)."""
+    runs = None
+    for value in values:
+        seen = set(probe.runs_seeing(value.name)) if value.name else set()
+        if not seen:
+            raise NoMatch(f"no value was observed for {value.name!r}")
+        runs = seen if runs is None else runs & seen
+    if not runs:
+        raise NoMatch(f"no run observed all of {', '.join(repr(v.name) for v in values)}")
+    return sorted(runs)
+
+
+# The ONNX opset of the graph being rewritten: builders spell ops as it defines them.
+_OPSET = contextvars.ContextVar("attnfuse_onnx_opset", default=20)
+# Ops whose axes (or split sizes) were attributes before they became inputs, and the opset of the change.
+_AXES_BECAME_INPUT = {"Squeeze": 13, "Unsqueeze": 13, "ReduceSum": 13, "Split": 13, "ReduceMin": 18,
+                      "ReduceMax": 18, "ReduceProd": 18, "ReduceMean": 18}
+
+
+@contextlib.contextmanager
+def speaking_opset(version: int) -> Iterator[None]:
+    """Within the block, Builders write nodes valid in `version` of the default ONNX domain."""
+    token = _OPSET.set(version)
+    try:
+        yield
+    finally:
+        _OPSET.reset(token)
+
+
 class Builder:
     """Makes the nodes of one rewrite. Nothing touches the graph until `commit`.
 
     New values get names under a prefix so that a rewrite can be evaluated on its
-    own (see `proof.py`) and read in the output graph.
+    own (see `proof.py`) and read in the output graph. Ops are written in their newest
+    form (axes as inputs, Shape with start/end) and spelled for the graph's opset.
     """
 
     _counter = itertools.count()
@@ -82,24 +117,59 @@ class Builder:
         self.prefix = prefix
         self.nodes: list[ir.Node] = []
         self._constants: dict[tuple, ir.Value] = {}
+        self._values: dict[int, np.ndarray] = {}  # the arrays of this builder's constants
 
     def _name(self, hint: str) -> str:
         return f"{self.prefix}/{hint}_{next(self._counter)}"
 
     def op(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None,
            *, domain: str = "", num_outputs: int = 1, name: str | None = None):
+        inputs, attributes = list(inputs), dict(attributes or {})
+        if domain == "":
+            respelled = self._for_opset(op_type, inputs, attributes, _OPSET.get())
+            if respelled is not None:
+                return respelled
         outputs = [ir.Value(name=self._name(f"{op_type}_out{i}" if num_outputs > 1 else op_type))
                    for i in range(num_outputs)]
-        node = ir.Node(domain, op_type, list(inputs), _attributes(attributes or {}),
+        node = ir.Node(domain, op_type, inputs, _attributes(attributes),
                        outputs=outputs, name=name or self._name(op_type))
         self.nodes.append(node)
         return outputs[0] if num_outputs == 1 else outputs
+
+    def _for_opset(self, op_type: str, inputs: list, attributes: dict, version: int):
+        """Rewrite the op's arguments in place for an older opset; or build it another way and
+        return its output (None: build it as it is)."""
+        since = _AXES_BECAME_INPUT.get(op_type)
+        if since is not None and version < since and len(inputs) > 1 and inputs[1] is not None:
+            attributes["split" if op_type == "Split" else "axes"] = [int(a) for a in self._known(inputs[1]).reshape(-1)]
+            del inputs[1:]
+        if op_type == "Shape" and version < 15 and ("start" in attributes or "end" in attributes):
+            start, end = attributes.pop("start", 0), attributes.pop("end", None)
+            shape = self.op("Shape", inputs)
+            ends = [end if end is not None else np.iinfo(np.int64).max]
+            return self.op("Slice", [shape, self.const([start], np.int64), self.const(ends, np.int64)])
+        if op_type == "CastLike" and version < 15:
+            if inputs[1].dtype is None:
+                raise NoMatch(f"opset {version} has no CastLike, and the type to cast to is not known")
+            return self.op("Cast", inputs[:1], {"to": inputs[1].dtype})
+        if op_type in ("GreaterOrEqual", "LessOrEqual") and version < 12:
+            return self.op("Not", [self.op("Less" if op_type == "GreaterOrEqual" else "Greater", inputs)])
+        return None
+
+    def _known(self, value: ir.Value) -> np.ndarray:
+        array = self._values.get(id(value))
+        if array is None:
+            array = constant(value)
+        if array is None:
+            raise NoMatch(f"opset {_OPSET.get()} needs constant axes")
+        return array
 
     def const(self, array, dtype=None) -> ir.Value:
         array = np.asarray(array, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
             self._constants[key] = self.op("Constant", [], {"value": ir.tensor(array)})
+            self._values[id(self._constants[key])] = array
         return self._constants[key]
 
     def commit(self, graph: ir.Graph, after: ir.Node) -> None:
@@ -140,7 +210,8 @@ def replace_uses(old: ir.Value, new: ir.Value) -> None:
 def remove_unused(model: ir.Model) -> None:
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-    _forget_abandoned_readers(model.graph)
+    for graph in model.graphs():
+        _forget_abandoned_readers(graph)
     RemoveUnusedNodesPass()(model)
 
 
@@ -152,6 +223,35 @@ def _forget_abandoned_readers(graph: ir.Graph) -> None:
         for node, index in value.uses():
             if node.graph is None:
                 node.replace_input_with(index, None)
+
+
+LOOPS = frozenset({"Loop", "Scan"})
+
+
+def nodes_on_one_path(graph: ir.Graph) -> list[ir.Node]:
+    """The nodes one run takes: an If's else branch only (padding-free's packed graph, what a
+    padded batch runs), a Loop's body once."""
+    nodes = []
+    for node in graph:
+        nodes.append(node)
+        for name, attribute in node.attributes.items():
+            if attribute.type == ir.AttributeType.GRAPH and (node.op_type != "If" or name == "else_branch"):
+                nodes.extend(nodes_on_one_path(attribute.value))
+    return nodes
+
+
+def graphs_in_order(graph: ir.Graph, in_loop: bool = False) -> list[tuple[ir.Graph, bool]]:
+    """`graph` and every graph nested in it, outer first, each with whether it runs in a loop body."""
+    found = [(graph, in_loop)]
+    for node in graph:
+        for attribute in node.attributes.values():
+            inner = in_loop or node.op_type in LOOPS
+            if attribute.type == ir.AttributeType.GRAPH:
+                found.extend(graphs_in_order(attribute.value, inner))
+            elif attribute.type == ir.AttributeType.GRAPHS:
+                for subgraph in attribute.value:
+                    found.extend(graphs_in_order(subgraph, inner))
+    return found
 
 
 def opset(graph: ir.Graph) -> int:

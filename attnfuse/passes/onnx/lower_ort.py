@@ -7,48 +7,182 @@ spelled the mask, the fused op sees the same numbers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.attention import Candidate, ScoreStep
 from attnfuse.passes.onnx.gelu import split_bias
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, constant, observed
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed
+from attnfuse.passes.onnx.heads import HEADS_FIRST, TOKENS, TOKENS_HEADS, Heads, as_heads_first, as_tokens, repeated
 
 
 def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Value, ir.Value | None]:
     """Build MultiHeadAttention for `candidate`; returns (output, attention_bias or None)."""
-    site = candidate.site
+    inputs = attention_inputs(candidate, probe, builder)
+    bias = score_bias(candidate, probe, builder, inputs.lengths)
+    output = multi_head_attention(candidate, probe, builder, inputs, attention_bias=bias)
+    return _guarded(candidate, probe, builder, output, bias), bias
+
+
+def score_bias(candidate: Candidate, probe, b: Builder, lengths: ir.Value) -> ir.Value | None:
+    """What the graph adds to the scores, as a [b or 1, heads or 1, S, T] attention_bias (`lengths`: [S, T]).
+    The very numbers the graph adds: two masks of finfo.min add up to -inf, which weighs a key less
+    than one of finfo.min in a row that masks every key, as in the original."""
     dtype = observed(candidate.softmax.inputs[0], probe).dtype
-    bias = additive_bias(candidate.steps, site.num_heads, probe, builder, dtype)
-    if bias is not None:
-        # Two masks of finfo.min add up to -inf, and a row of -inf makes NaN.
-        bias = builder.op("Max", [bias, builder.const(np.finfo(dtype).min, dtype)])
-        bias = builder.op("Expand", [bias, _query_key_shape(site, builder)])
-    return multi_head_attention(site, probe, builder, attention_bias=bias), bias
+    bias = additive_bias(candidate.steps, candidate.site.num_heads, probe, b, dtype)
+    if bias is None:
+        return None
+    return b.op("Expand", [bias, b.op("Concat", [b.const([1, 1], np.int64), lengths], {"axis": 0})])
 
 
-def multi_head_attention(site, probe, builder: Builder, *, attention_bias=None, key_padding_mask=None) -> ir.Value:
+def _guarded(candidate: Candidate, probe, b: Builder, output: ir.Value, bias: ir.Value | None) -> ir.Value:
+    """A row of -inf scores gives NaN; where the original guards it (SDPA), zeros."""
+    if bias is None or not candidate.nan_guard:
+        return output
+    dtype = observed(candidate.site.output, probe).dtype
+    return b.op("Where", [b.op("IsNaN", [output]), b.const(np.zeros((), dtype)), output])
+
+
+@dataclass
+class AttentionInputs:
+    """MultiHeadAttention's q, k, v (3-D, or k and v heads first), projection bias, and [S, T]."""
+
+    q: ir.Value
+    k: ir.Value
+    v: ir.Value
+    bias: ir.Value | None
+    lengths: ir.Value  # int64 [2]: queries, keys
+
+
+def attention_inputs(candidate: Candidate, probe, b: Builder) -> AttentionInputs:
+    """q as [B, S, hidden]; k and v as [B, T, hidden] when the graph holds them so (with their
+    projection biases folded into one bias, which MHA adds while it lays out the heads), else
+    heads first [B, H, T, D], repeated up to q's heads (grouped-query attention)."""
+    site = candidate.site
+    q, k, v = candidate.operands
+    sizes = (site.head_size, site.head_size, candidate.value_size)
+    q_tokens = as_tokens(b, q, sizes[0])
+    seq_q = b.op("Shape", [q_tokens], {"start": 1, "end": 2})
+    if all(x.layout in (TOKENS, TOKENS_HEADS) and x.heads == site.num_heads for x in (k, v)):
+        qkv = [q_tokens, as_tokens(b, k, sizes[1]), as_tokens(b, v, sizes[2])]
+        seq_k = b.op("Shape", [qkv[1]], {"start": 1, "end": 2})
+        (qkv, bias) = _projection_bias(qkv, sizes, site.num_heads, probe, b)
+        return AttentionInputs(*qkv, bias, b.op("Concat", [seq_q, seq_k], {"axis": 0}))
+    groups = site.num_heads // k.heads
+    k4, v4 = (repeated(b, as_heads_first(b, x, size), groups) for x, size in ((k, sizes[1]), (v, sizes[2])))
+    seq_k = b.op("Shape", [k4], {"start": 2, "end": 3})
+    return AttentionInputs(q_tokens, k4, v4, None, b.op("Concat", [seq_q, seq_k], {"axis": 0}))
+
+
+def cache_concat(x: Heads) -> ir.Node | None:
+    """The Concat(past, new) along the length of heads-first k or v (a KV cache), or None."""
+    node = x.value.producer()
+    if x.layout != HEADS_FIRST or node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return None
+    return node if attr(node, "axis") in (2, -2) else None
+
+
+def group_query_attention(candidate: Candidate, probe, b: Builder
+                          ) -> tuple[list[tuple[ir.Value, ir.Value]], ir.Value | None]:
+    """GroupQueryAttention for self-attention whose k and v hold fewer heads than q, or come with a
+    KV cache: k and v are not repeated, the cache is appended inside, and the graph's own mask is the
+    attention_bias (every cached position counts, so left padding is masked by the bias).
+    Returns the claims to prove (the output, and the caches' Concat outputs: present k and v) and
+    the attention_bias."""
+    site = candidate.site
+    q, k, v = candidate.operands
+    size, v_size = site.head_size, candidate.value_size
+    if v_size != size:
+        raise NoMatch("GroupQueryAttention needs one head size for q, k and v")
+    concats = [cache_concat(x) for x in (k, v)]
+    if any(concats) and not all(concats):
+        raise NoMatch("only one of k and v comes with a cache")
+    q_tokens = as_tokens(b, q, size)
+    if all(concats):
+        (past_k, new_k), (past_v, new_v) = (node.inputs for node in concats)
+        new = [Heads(value, HEADS_FIRST, k.heads) for value in (new_k, new_v)]
+        past_length = b.op("Shape", [past_k], {"start": 2, "end": 3})
+    else:
+        past_k = past_v = None
+        new = [k, v]
+        past_length = b.const([0], np.int64)
+    key, value = (as_tokens(b, x, size) for x in new)
+    batch = b.op("Shape", [q_tokens], {"end": 1})
+    length = b.op("Shape", [q_tokens], {"start": 1, "end": 2})
+    total = b.op("Add", [past_length, length])
+    as_int32 = lambda x: b.op("Cast", [x], {"to": ir.DataType.INT32})  # noqa: E731
+    per_row = lambda x: as_int32(b.op("Expand", [x, batch]))  # noqa: E731
+    seqlens_k = per_row(b.op("Sub", [total, b.const([1], np.int64)]))
+    total_length = as_int32(b.op("Squeeze", [total, b.const([0], np.int64)]))
+    attention_bias = score_bias(candidate, probe, b, b.op("Concat", [length, total], {"axis": 0}))
+    inputs = [q_tokens, key, value, past_k, past_v, seqlens_k, total_length, None, None, None, attention_bias]
+    if past_k is not None:  # every new token is real here: the bias masks what is not
+        inputs += [None, None, None, None, None, per_row(length)]
+    # With a cache, query_seqlens needs causal=1 (bottom-right, as a cache is): the bias masks the rest.
+    attributes = {"num_heads": site.num_heads, "kv_num_heads": k.heads, "scale": site.scale,
+                  "causal": int(site.causal or past_k is not None)}
+    if site.softcap:
+        attributes["softcap"] = site.softcap
+    output, present_k, present_v = b.op("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, num_outputs=3,
+                                        name=f"{site.name}/GroupQueryAttention")
+    output = _guarded(candidate, probe, b, like_merged(site, probe, b, output), attention_bias)
+    claims = [(site.output, output)]
+    if all(concats):
+        claims += [(concats[0].outputs[0], present_k), (concats[1].outputs[0], present_v), *_shapes_without(concats, b)]
+    return claims, attention_bias
+
+
+def _shapes_without(concats: list[ir.Node], b: Builder) -> list[tuple[ir.Value, ir.Value]]:
+    """Graphs read the total length off the cache's Concat (Shape(present)) to build their masks,
+    which this op now reads: claims that the shape is the same computed from the Concat's inputs,
+    so that the Concat can go (and no cycle is made)."""
+    claims = []
+    for concat in concats:
+        for reader in [use.node for use in concat.outputs[0].uses()
+                       if use.node.op_type == "Shape" and use.node.graph is not None]:  # not another rewrite's
+            past, new = concat.inputs
+            axis = b.const([attr(concat, "axis")], np.int64)
+            shape = b.op("Shape", [past])
+            length = b.op("Add", [b.op("Gather", [shape, axis]), b.op("Gather", [b.op("Shape", [new]), axis])])
+            total = b.op("ScatterElements", [shape, axis, length])
+            start, end = attr(reader, "start", 0), attr(reader, "end", None)
+            if start or end is not None:
+                ends = [end if end is not None else np.iinfo(np.int64).max]
+                total = b.op("Slice", [total, b.const([start], np.int64), b.const(ends, np.int64)])
+            claims.append((reader.outputs[0], total))
+    return claims
+
+
+def multi_head_attention(candidate: Candidate, probe, builder: Builder, inputs: AttentionInputs | None = None, *,
+                         attention_bias=None, key_padding_mask=None) -> ir.Value:
     """MultiHeadAttention on the site's q, k, v, shaped like the output it replaces."""
-    (q, k, v), bias = _projection_bias(site, probe, builder)
+    site = candidate.site
+    inputs = inputs or attention_inputs(candidate, probe, builder)
     output = builder.op(
         "MultiHeadAttention",
-        [q, k, v, bias, key_padding_mask, attention_bias],
+        [inputs.q, inputs.k, inputs.v, inputs.bias, key_padding_mask, attention_bias],
         {"num_heads": site.num_heads, "scale": site.scale},
         domain=MS_DOMAIN,
         name=f"{site.name}/MultiHeadAttention",
     )
+    return like_merged(site, probe, builder, output)
+
+
+def like_merged(site, probe, b: Builder, output: ir.Value) -> ir.Value:
+    """A fused op's [B, S, hidden] output in the shape of the merged output it replaces."""
     merged = observed(site.output, probe)
-    if merged.ndim != 3:
-        output = builder.op("Reshape", [output, builder.const([-1, *merged.shape[1:]], np.int64)])
-    return output
+    if merged.ndim == 3:
+        return output
+    return b.op("Reshape", [output, b.const([-1, *merged.shape[1:]], np.int64)])
 
 
-def _projection_bias(site, probe, builder: Builder) -> tuple[list[ir.Value], ir.Value | None]:
-    """q, k, v as [batch, seq, hidden]; when they are h + b with constant vectors b, the h's and
-    one [3 * hidden] bias, which MHA adds while it lays out the heads (three passes fewer)."""
-    qkv = [_as_3d(x, probe, builder) for x in (site.q, site.k, site.v)]
+def _projection_bias(qkv: list[ir.Value], sizes, heads: int, probe, builder: Builder
+                     ) -> tuple[list[ir.Value], ir.Value | None]:
+    """When q, k, v are h + b with constant vectors b: the h's and one [3 * hidden] bias."""
     split = [split_bias(x, probe) for x in qkv]
-    widths = [int(np.prod(observed(x, probe).shape[2:])) for x in (site.q, site.k, site.v)]
+    widths = [heads * size for size in sizes]
     vectors = [None if b is None else constant(b, probe) for _, b in split]
     if all(b is None for b in vectors) or any(b is not None and b.shape != (w,) for b, w in zip(vectors, widths)):
         return qkv, None
@@ -86,19 +220,3 @@ def _as_4d(value: ir.Value, rank: int, heads: int, probe, builder: Builder) -> i
     tail = builder.op("Shape", [value], {"start": 1})
     new_shape = builder.op("Concat", [builder.const([-1, heads], np.int64), tail], {"axis": 0})
     return builder.op("Reshape", [value, new_shape])
-
-
-def _as_3d(value: ir.Value, probe, builder: Builder) -> ir.Value:
-    """[batch, seq, heads, head_size] -> [batch, seq, hidden]; rank 3 stays. The hidden size is
-    spelled out: a -1 cannot be inferred when there is no token (a packed batch with none real)."""
-    shape = observed(value, probe).shape
-    if len(shape) == 3:
-        return value
-    return builder.op("Reshape", [value, builder.const([0, 0, int(np.prod(shape[2:]))], np.int64)])
-
-
-def _query_key_shape(site, builder: Builder) -> ir.Value:
-    """[1, 1, S, T], read from q and k at run time."""
-    seq_q = builder.op("Shape", [site.q], {"start": 1, "end": 2})
-    seq_k = builder.op("Shape", [site.k], {"start": 1, "end": 2})
-    return builder.op("Concat", [builder.const([1, 1], np.int64), seq_q, seq_k], {"axis": 0})

@@ -5,7 +5,9 @@ import numpy as np
 
 from attnfuse.passes import site as kinds
 
-MASKED = -1e4  # scores pushed this low are masked out
+# Scores pushed this low are masked out: masks add -10000 (or finfo.min, -inf), and a bias on top
+# (ALiBi) may lift a masked score by some thousands on long sequences.
+MASKED = -5e3
 
 
 def describe(bias: np.ndarray | None, site) -> None:

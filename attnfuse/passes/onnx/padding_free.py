@@ -23,9 +23,10 @@ from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, consta
 NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
 
-_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity"}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
+_UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "IsNaN"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
+ATTENTION_OPS = {"MultiHeadAttention", "GroupQueryAttention"}
 _FUSED_TOKEN_WISE = {"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
 
 
@@ -43,18 +44,42 @@ class Form:
 
 
 def find_mask(graph: ir.Graph) -> ir.Value | None:
-    """The padding mask input: rank 2, integer or bool, named as a mask."""
+    """The padding mask input of the tokens the graph computes: rank 2, integer or bool, named as a
+    mask, and not an encoder's (a decoder's cross-attention mask covers other tokens)."""
     for value in graph.inputs:
-        dtype = value.dtype
-        if "mask" in (value.name or "").lower() and value.shape is not None and len(value.shape) == 2 \
-                and dtype is not None and (dtype.is_integer() or dtype == ir.DataType.BOOL):
+        dtype, name = value.dtype, (value.name or "").lower()
+        if "mask" in name and not any(word in name for word in ("encoder", "cross")) and value.shape is not None \
+                and len(value.shape) == 2 and dtype is not None and (dtype.is_integer() or dtype == ir.DataType.BOOL):
             return value
     return None
 
 
+def find_tokens(graph: ir.Graph, mask: ir.Value) -> ir.Value | None:
+    """The token ids input: with a KV cache the mask also covers cached tokens, and the ids count the new ones."""
+    for value in graph.inputs:
+        if value is not mask and "ids" in (value.name or "").lower() and value.shape is not None \
+                and len(value.shape) == 2 and value.dtype is not None and value.dtype.is_integer():
+            return value
+    return None
+
+
+def new_tokens_mask(b: Builder, mask: ir.Value, tokens: ir.Value | None) -> ir.Value:
+    """The mask's columns of the new tokens: its last S, S the tokens' length (all of it without a cache)."""
+    if tokens is None:
+        return mask
+    length = b.op("Shape", [tokens], {"start": 1, "end": 2})
+    return b.op("Slice", [mask, b.op("Neg", [length]), b.const([np.iinfo(np.int64).max], np.int64),
+                          b.const([1], np.int64)])
+
+
 def real_tokens(b: Builder, mask: ir.Value) -> ir.Value:
     """bool, True where `mask` marks a real token (nonzero)."""
-    return b.op("Not", [b.op("Equal", [mask, b.op("CastLike", [b.const(0, np.int64), mask])])])
+    return b.op("Cast", [mask], {"to": ir.DataType.BOOL})
+
+
+def _new_tokens(inputs, mask: ir.Value) -> tuple[int, ...]:
+    real = getattr(inputs, "real", None)
+    return tuple(real.shape) if real is not None else tuple(inputs.feeds[mask.name].shape)
 
 
 class Layout:
@@ -62,7 +87,10 @@ class Layout:
 
     def __init__(self, probe, mask: ir.Value):
         self.probe = probe
-        self.sizes = [tuple(probe.inputs(run).feeds[mask.name].shape) for run in (0, 1)]
+        self.runs = range(probe.run_count)
+        # [batch, new tokens] of each run (with a KV cache the mask is wider: it covers cached tokens too)
+        self.sizes = [_new_tokens(probe.inputs(run), mask) for run in self.runs]
+        self.cached = any(size != probe.inputs(run).feeds[mask.name].shape for run, size in zip(self.runs, self.sizes))
         self._forms: dict[int, Form | None] = {}
 
     def form(self, value: ir.Value | None) -> Form | None:
@@ -76,13 +104,13 @@ class Layout:
         self._forms[id(value)] = form
 
     def seen(self, value: ir.Value) -> bool:
-        return bool(value.name) and all(self.probe.get(value.name, run) is not None for run in (0, 1))
+        return bool(value.name) and all(self.probe.get(value.name, run) is not None for run in self.runs)
 
     def shapes(self, value: ir.Value) -> list[tuple[int, ...]]:
-        return [self.probe.get(value.name, run).shape for run in (0, 1)]
+        return [self.probe.get(value.name, run).shape for run in self.runs]
 
     def observed(self, value: ir.Value) -> Form | None:
-        arrays = [self.probe.get(value.name, run) for run in (0, 1)]
+        arrays = [self.probe.get(value.name, run) for run in self.runs]
         if any(a.dtype.kind != "f" for a in arrays):
             return None
         if all(a.ndim >= 3 and a.shape[:2] == size for a, size in zip(arrays, self.sizes)):
@@ -98,7 +126,7 @@ class Layout:
             return None
         if node.op_type == "EmbedLayerNormalization":
             return Form(TOKENS, 3) if value.index() in (0, 2) else None
-        if node.op_type == "MultiHeadAttention":
+        if node.op_type in ("MultiHeadAttention", "GroupQueryAttention"):
             return self.form(node.inputs[0]) if value.index() == 0 else None
         forms = token_wise_forms(node, self)
         return forms[value.index()] if forms else None
@@ -118,7 +146,7 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
         return None
     (form,) = forms
     same = [form] * len(node.outputs)
-    per_token = all(layout.form(x) == form or _same_for_every_token(x, probe) for x in inputs)
+    per_token = all(layout.form(x) == form or _same_for_every_token(x, probe, form) for x in inputs)
     if op in _UNARY or op in _ELEMENTWISE:
         return same if per_token else None
     first = layout.form(node.inputs[0])
@@ -130,7 +158,7 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
     if op == "Gemm":
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         ok = first == Form(ROWS, 2) and not attr(node, "transA", 0) and constant(node.inputs[1], probe) is not None
-        return same if ok and (bias is None or _same_for_every_token(bias, probe)) else None
+        return same if ok and (bias is None or _same_for_every_token(bias, probe, form)) else None
     if op == "LayerNormalization":
         return same if attr(node, "axis", -1) in (-1, first.rank - 1) and per_token else None
     if op in ("Split", "Gather", "Transpose", "Reshape"):
@@ -168,10 +196,13 @@ def _layout_forms(node: ir.Node, form: Form, layout: Layout) -> list[Form] | Non
     return None
 
 
-def _same_for_every_token(value: ir.Value, probe) -> bool:
-    """A constant that broadcasts along the token dims only (shape [H], [1, 1, H], ...)."""
+def _same_for_every_token(value: ir.Value, probe, form: Form) -> bool:
+    """A constant that broadcasts along the token dims only: [H], [heads, size], [1, 1, H], ..."""
     array = constant(value, probe)
-    return array is not None and (array.ndim <= 1 or all(d == 1 for d in array.shape[:-1]))
+    if array is None:
+        return False
+    per_token = form.rank - form.lead  # the dims of one token
+    return all(d == 1 for d in array.shape[:max(array.ndim - per_token, 0)])
 
 
 class Packer:
@@ -182,6 +213,7 @@ class Packer:
         self._packed: dict[int, ir.Value] = {}
         self._padded: dict[int, ir.Value] = {}
         b = Builder(NAME)
+        mask = new_tokens_mask(b, mask, find_tokens(graph, mask) if layout.cached else None)
         flat = b.op("Reshape", [mask, b.const([-1], np.int64)])
         real = self.real = real_tokens(b, flat)
         self.index = b.op("Reshape", [b.op("NonZero", [real]), b.const([-1], np.int64)])  # [n]
@@ -311,13 +343,15 @@ class Packer:
 
 
 def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: set[str] = frozenset(),
-          target: str = "ort-cpu") -> None:
+          target: str = "ort-cpu", verified: bool = True) -> None:
     """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch.
 
-    Exact only if nothing but token-wise ops, Shape readers, graph outputs (compared
-    on real tokens) and attention that masks every padded key (`masked_attention`,
-    by node name) reads an activation: padded positions of a restored tensor are
-    zeros, not what the original computed there. Checked before anything changes.
+    Padded positions of a restored tensor are zeros, not what the original computed
+    there. That is exact when nothing but token-wise ops, Shape readers, graph outputs
+    (compared on real tokens) and attention that masks every padded key
+    (`masked_attention`, by node name) reads an activation; any other reader (rotary
+    embeddings, a pooler, a cache) gets the padded layout restored only when the result
+    is `verified` against the original, and makes the rewrite refused when it is not.
     Attention named in `packed_attention` (plain key padding, no other bias) runs on
     the packed tokens: as PackedMultiHeadAttention for ONNX Runtime's CUDA provider,
     as MultiHeadAttention on one sequence at a time for its CPU provider.
@@ -325,8 +359,10 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
     mask = find_mask(graph)
     if mask is None:
         raise NoMatch("the model has no attention-mask input")
+    if any(node.name.startswith(f"{NAME}/") for node in graph.all_nodes()):
+        raise NoMatch("the model runs padding-free already")
     layout = Layout(probe, mask)
-    _check_padding_is_ignored(graph, layout, masked_attention)
+    _check_padding_is_ignored(graph, layout, masked_attention, verified)
     packer = Packer(graph, mask, layout)
     packed_ops = 0
     for node in list(graph):
@@ -456,11 +492,17 @@ def _replace_attention(node: ir.Node, b: Builder, packed: ir.Value, packer: Pack
     packer.graph.remove(node, safe=True)
 
 
-def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str]) -> None:
+def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str], verified: bool) -> None:
+    """Fused attention that does not mask every padded key would read the zeros a restore writes
+    there: refuse. Any other reader of the padded layout gets it restored when verification will
+    check that the zeros at padded positions change nothing real; without verification, refuse."""
     for node in graph:
-        if token_wise_forms(node, layout) is not None or node.op_type == "Shape":
+        if token_wise_forms(node, layout) is not None or node.op_type == "Shape" \
+                or not any(layout.form(x) for x in node.inputs if x is not None):
             continue
-        if node.op_type == "MultiHeadAttention" and node.name in masked_attention:
-            continue
-        if any(layout.form(x) for x in node.inputs if x is not None):
-            raise NoMatch(f"{node.op_type} {node.name} reads activations at padded positions")
+        fused_attention = node.domain == MS_DOMAIN and node.op_type in ATTENTION_OPS
+        if fused_attention and node.name not in masked_attention:
+            raise NoMatch(f"{node.op_type} {node.name} reads padded keys that its mask does not hide")
+        if not fused_attention and not verified:
+            raise NoMatch(f"{node.op_type} {node.name} reads activations at padded positions "
+                          "(allowed only when the result is verified)")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.graph import Builder
-from attnfuse.passes.onnx.padding_free import real_tokens
+from attnfuse.passes.onnx.padding_free import find_tokens, new_tokens_mask, real_tokens
 
 NAME = "unpadded-branch"
 UNPADDED, PADDED = "unpadded", "padding_free"  # the branches' graph names
@@ -39,7 +39,8 @@ def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[
     graph.outputs.clear()
 
     b = Builder(NAME)
-    every_real = b.op("ReduceMin", [b.op("Cast", [real_tokens(b, mask)], {"to": ir.DataType.INT32})], {"keepdims": 0})
+    new = new_tokens_mask(b, mask, find_tokens(graph, mask))  # with a KV cache, the cached tokens do not count
+    every_real = b.op("ReduceMin", [b.op("Cast", [real_tokens(b, new)], {"to": ir.DataType.INT32})], {"keepdims": 0})
     full = b.op("Cast", [every_real], {"to": ir.DataType.BOOL})
     outputs = b.op("If", [full], {"then_branch": ir.AttrGraph("then_branch", then_branch),
                                   "else_branch": ir.AttrGraph("else_branch", else_branch)},
