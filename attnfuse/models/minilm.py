@@ -4,6 +4,7 @@ Nothing is fetched: transformers reads the package's folder with the hub switche
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pathlib
@@ -85,22 +86,47 @@ def _offline() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
-def load_torch(attention: str = "sdpa") -> torch.nn.Module:
-    """The BERT encoder (no pooler) wrapped as forward(input_ids, attention_mask, token_type_ids) -> last_hidden_state."""
-    from transformers import BertModel
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' load report and progress bar off (the pooler weights that load_torch leaves out are expected)."""
     from transformers.utils import logging as hf_logging
 
     _offline()
     verbosity, progress_bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()  # the checkpoint's pooler weights, unused here, are expected
+    hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        model = BertModel.from_pretrained(str(model_dir()), attn_implementation=attention, add_pooling_layer=False)
+        yield
     finally:
         hf_logging.set_verbosity(verbosity)
         if progress_bar:
             hf_logging.enable_progress_bar()
+
+
+def load_torch(attention: str = "sdpa") -> torch.nn.Module:
+    """The BERT encoder (no pooler) wrapped as forward(input_ids, attention_mask, token_type_ids) -> last_hidden_state."""
+    from transformers import BertModel
+
+    with _quiet_loading():
+        model = BertModel.from_pretrained(str(model_dir()), attn_implementation=attention, add_pooling_layer=False)
     return wrappers.TextModelWithTokenTypes(model).float().eval()
+
+
+def load_auto_model() -> torch.nn.Module:
+    """The model as `transformers.AutoModel.from_pretrained` gives it: BertModel with its pooler, default attention."""
+    from transformers import AutoModel
+
+    with _quiet_loading():
+        return AutoModel.from_pretrained(str(model_dir())).eval()
+
+
+def load_sentence_transformer():
+    """The model as sentence-transformers users load it (transformer, mean pooling, normalize), from the
+    package's folder, which is a sentence-transformers folder."""
+    from sentence_transformers import SentenceTransformer
+
+    with _quiet_loading():
+        return SentenceTransformer(str(model_dir()), device="cpu").eval()
 
 
 @functools.lru_cache(maxsize=1)

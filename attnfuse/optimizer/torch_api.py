@@ -9,21 +9,22 @@ from __future__ import annotations
 import copy
 import inspect
 import time
+import warnings
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import torch
 import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, for captures with a cache)
-import torch.utils._pytree as pytree
 
 from attnfuse.kernels import ops
+from attnfuse.optimizer import torch_cache, torch_sentence
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report, VerifyResult
-from attnfuse.optimizer import torch_cache
-from attnfuse.optimizer.torch_inputs import Signature, new_tokens, real_mask
-from attnfuse.optimizer.verify import compare
+from attnfuse.optimizer.torch_inputs import Call, Signature
+from attnfuse.optimizer.torch_verify import check
 from attnfuse.passes.fx import PassResult, run_passes
+from attnfuse.passes.fx import padding_free as padding_free_pass
+from attnfuse.passes.site import Fusion
 
 TARGETS = ("cpu", "cuda")
 FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
@@ -31,35 +32,90 @@ FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention
              ops.rms_norm: "rms_norm", ops.skip_rms_norm: "skip_rms_norm", ops.rotary: "rotary"}
 
 
-class OptimizedModule(torch.nn.Module):
-    """The rewritten graph, called like the original model. `report` says what was fused."""
+class Graphs(torch.nn.Module):
+    """The rewritten graph, called with the captured tensors by name. Where the padding-free
+    graph reads sequence positions by index (a pooler's first token), a batch in which one of
+    them is padded runs `padded`, the fused graph without padding-free, instead."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, signature: inspect.Signature, report: Report,
-                 inputs: Signature | None = None):
+    def __init__(self, graph_module: torch.fx.GraphModule, passes: PassResult, mask: str | None):
         super().__init__()
         self.graph_module = graph_module
+        self.padded = passes.padded
+        self.mask, self.real_positions = mask, list(passes.real_positions)
+
+    def forward(self, **tensors):
+        if self.padded is None:
+            return self.graph_module(**tensors)
+        # torch.export cannot branch on values: an exported module takes the fused graph.
+        if torch.compiler.is_exporting() or not bool((tensors[self.mask][:, self.real_positions] != 0).all()):
+            return self.padded(**tensors)
+        return self.graph_module(**tensors)
+
+
+class OptimizedModule(torch.nn.Module):
+    """The rewritten graph, called like the original model. `report` says what was fused;
+    `config` is the original's (transformers models have one). A call with other inputs than
+    the capture's (another set of tensors, another value of a flag) runs the original model."""
+
+    def __init__(self, graphs: Graphs, signature: inspect.Signature, call: Call, inputs: Signature,
+                 original: torch.nn.Module, report: Report | None = None):
+        super().__init__()
+        self.graphs = graphs
         self.report = report
-        as_captured = torch_cache.as_captured(inputs.example[inputs.cache]) if inputs and inputs.cache else None
+        self.config = getattr(original, "config", None)
+        self.__dict__["original"] = original  # not a submodule: its weights are the graphs' already
+        self.training = False
+        as_captured = torch_cache.as_captured(inputs.example[inputs.cache]) if inputs.cache else None
+        warned = []
 
         def forward(*args, **kwargs):
-            named = by_name(signature, args, kwargs)
-            if as_captured is not None:
-                named[inputs.cache] = as_captured(named[inputs.cache])
-            return self.graph_module(**named)
+            traced = call.traced_of(by_name(signature, args, kwargs))
+            if traced is not None:
+                if as_captured is not None:
+                    traced[inputs.cache] = as_captured(traced[inputs.cache])
+                return self.graphs(**traced)
+            if not warned:
+                warned.append(True)
+                warnings.warn(f"attnfuse: this module was optimized for calls with {call}; other inputs run "
+                              "the original model", stacklevel=2)
+            return original(*args, **kwargs)
 
         # The original's parameter names, so that torch.export and torch.onnx.export can bind inputs by name.
         forward.__signature__ = signature
         self.forward = forward
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        return self.graphs.graph_module
+
+    def train(self, mode: bool = True) -> OptimizedModule:
+        """eval() is a no-op (torch.export's graphs refuse train() and eval()); training is not supported."""
+        if mode:
+            raise UserError("an attnfuse-optimized module runs inference only; train the original model")
+        self.training = False
+        return self
 
 
 def optimize(
     model: torch.nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
     target: str = "cpu", padding_free: bool = True, attention: str = "exact", verify: bool = True,
     tolerance: float = 1e-4, seed: int = 0,
-) -> OptimizedModule:
+):
     """Capture `model` with torch.export, fuse its attention, layernorms and gelus, and run it
-    padding-free on real batches. Raises UserError for unusable input and VerificationError
-    when even the unfused capture differs from the model."""
+    padding-free on real batches. A sentence-transformers model comes back as one, its
+    transformer optimized (see `torch_sentence`). Raises UserError for unusable input and
+    VerificationError when even the unfused capture differs from the model."""
+    options = dict(target=target, padding_free=padding_free, attention=attention, verify=verify,
+                   tolerance=tolerance, seed=seed)
+    if torch_sentence.is_sentence_transformer(model):
+        return torch_sentence.optimize(model, example_inputs, example_kwargs, optimize_module, **options)
+    return optimize_module(model, example_inputs, example_kwargs, **options)
+
+
+def optimize_module(
+    model: torch.nn.Module, example_inputs: tuple | None, example_kwargs: dict | None, *,
+    target: str, padding_free: bool, attention: str, verify: bool, tolerance: float, seed: int,
+) -> OptimizedModule:
     start = time.perf_counter()
     if target not in TARGETS:
         raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
@@ -78,7 +134,8 @@ def optimize(
     for name, value in example.items():
         if (reason := torch_cache.unsupported(name, value)) is not None:
             raise UserError(reason)
-    inputs = Signature.of(example)
+    call = Call.of(example)
+    inputs = Signature.of(example, pad_ids={"input_ids": getattr(getattr(model, "config", None), "pad_token_id", None)})
     model = model.eval()
     probe_runs = [((), run) for run in inputs.runs(seed)]
     check_runs = inputs.runs(seed + 100, count=3)
@@ -88,39 +145,44 @@ def optimize(
     # Captured on a made-up batch of 2 rows like the example: torch.export fixes a dim of size 1.
     capture_example = inputs.make(2, 1.0, "right", seed)
 
-    def attempt(exclude: frozenset[str], packed: bool) -> tuple[torch.fx.GraphModule, PassResult, VerifyResult]:
-        graph_module = capture(model, capture_example, inputs)
+    def attempt(exclude: frozenset[str], packed: bool) -> tuple[OptimizedModule, PassResult, VerifyResult]:
+        graph_module = capture(model, call, capture_example, inputs)
         try:
             passes = run_passes(graph_module, probe_runs, packed, exclude)
         except Exception as e:  # the capture does not run on other batch sizes or lengths
             raise UserError(f"the captured model does not run on other batches: {first_line(e)}") from None
-        return graph_module, passes, check(graph_module, check_runs, expected, inputs, tolerance)
+        optimized = OptimizedModule(Graphs(graph_module, passes, inputs.mask), signature, call, inputs, model)
+        return optimized, passes, check(optimized, check_runs, expected, inputs, tolerance)
 
-    graph_module, passes, verdict = attempt(frozenset(), padding_free)
+    optimized, passes, verdict = attempt(frozenset(), padding_free)
     rolled_back: list[str] = []
     if verify and not verdict.ok:
-        graph_module, passes, verdict, rolled_back = _roll_back(attempt, passes, padding_free)
-    report = Report(
+        optimized, passes, verdict, rolled_back = _roll_back(attempt, passes, verdict, padding_free)
+    optimized.report = Report(
         model=type(model).__name__, target=f"torch-{target}", attention_mode=attention, sites=passes.sites,
-        fusions=passes.fusions, fused_ops=count_fused(graph_module), verify=verdict if verify else None,
+        fusions=passes.fusions, fused_ops=count_fused(optimized.graph_module), verify=verdict if verify else None,
         rolled_back=rolled_back, seconds=time.perf_counter() - start,
     )
     if verify and not verdict.ok:
-        raise VerificationError(f"verification failed: {verdict.message}", report)
-    return OptimizedModule(graph_module, signature, report, inputs)
+        raise VerificationError(f"verification failed: {verdict.message}", optimized.report)
+    return optimized
 
 
-def _roll_back(attempt, first: PassResult, padding_free: bool):
-    """Give up padding-free first, then the other fusions, then attention fusion, until the check passes."""
-    fusions = frozenset(f.name for f in first.fusions if f.name != "padding-free")
+def _roll_back(attempt, first: PassResult, failed: VerifyResult, padding_free: bool):
+    """Give up padding-free first, then the other fusions, then attention fusion, until the check passes.
+    The report keeps padding-free, unfused, with the check that failed."""
+    fusions = frozenset(f.name for f in first.fusions if f.name != padding_free_pass.NAME)
     sites = frozenset(s.name for s in first.sites if s.fused)
     ladder = [frozenset(), fusions, fusions | sites][0 if padding_free else 1:]
     for exclude in ladder:
-        graph_module, passes, verdict = attempt(exclude, False)
-        rolled_back = (["padding-free"] if padding_free else []) + sorted(exclude)
+        optimized, passes, verdict = attempt(exclude, False)
+        rolled_back = ([padding_free_pass.NAME] if padding_free else []) + sorted(exclude)
         if verdict.ok:
             break
-    return graph_module, passes, verdict, rolled_back
+    if padding_free:
+        passes.fusions.append(Fusion(padding_free_pass.NAME, "packed tokens", fused=False,
+                                     reason=f"rolled back: with it, {failed.message}"))
+    return optimized, passes, verdict, rolled_back
 
 
 def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -142,66 +204,37 @@ def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str
     return named
 
 
-def capture(model: torch.nn.Module, example: dict[str, Any], inputs: Signature) -> torch.fx.GraphModule:
+def capture(model: torch.nn.Module, call: Call, example: dict[str, Any], inputs: Signature) -> torch.fx.GraphModule:
+    """torch.export's graph of `model` on the example's tensors and caches, batch and sequence dynamic."""
+    traced = {name: example[name] for name in call.traced}
+    shapes = {name: shape for name, shape in inputs.dynamic_shapes().items() if name in call.traced}
+    named = set(inspect.signature(model.forward).parameters)
+    exported = model if not call.constants and set(call.traced) <= named else _TracedOnly(model, call)
     # With a cache, sizes 0 and 1 (no past, one row) must stay dynamic, not be specialised away.
     oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=inputs.cache is not None)
     try:
         with oblivious:
-            program = torch.export.export(_by_keyword(model, example), (), copy.deepcopy(example),
-                                          dynamic_shapes=inputs.dynamic_shapes(), strict=False)
+            program = torch.export.export(exported, (), copy.deepcopy(traced), dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the first line
         raise UserError(f"torch.export could not capture the model: {first_line(e)}") from None
     return program.module()
 
 
-def _by_keyword(model: torch.nn.Module, example: dict[str, Any]) -> torch.nn.Module:
-    """The model itself, or, when an input goes through its **kwargs (transformers' past_key_values),
-    a module whose forward names every input: torch.export binds dynamic shapes by parameter name."""
-    parameters = inspect.signature(model.forward).parameters
-    if all(name in parameters for name in example):
-        return model
-    return _Keywords(model, list(example))
+class _TracedOnly(torch.nn.Module):
+    """The model called with its tensors and caches by name, its other inputs (flags) fixed at the
+    example's: what torch.export can capture whatever the forward's signature (**kwargs included,
+    as transformers' past_key_values): it binds dynamic shapes by parameter name."""
 
-
-class _Keywords(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, names: list[str]):
+    def __init__(self, model: torch.nn.Module, call: Call):
         super().__init__()
         self.model = model
 
-        def forward(**kwargs):
-            return self.model(**kwargs)
+        def forward(**traced):
+            return model(**traced, **call.constants)
 
-        forward.__signature__ = inspect.Signature(
-            [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in names])
+        kind = inspect.Parameter.KEYWORD_ONLY
+        forward.__signature__ = inspect.Signature([inspect.Parameter(name, kind) for name in call.traced])
         self.forward = forward
-
-
-def check(graph_module, runs: list[dict], expected: list, inputs: Signature, tolerance: float) -> VerifyResult:
-    """The rewritten graph against the model's own outputs on the check inputs, at real tokens."""
-    worst_abs = worst_rel = 0.0
-    message = ""
-    try:
-        with torch.no_grad():
-            for run, want in zip(runs, expected):
-                got = graph_module(**run)
-                real, new = real_mask(run, inputs), new_tokens(run, inputs)
-                abs_error, rel_error = compare(_arrays(want, real, new), _arrays(got, real, new), None)
-                worst_abs, worst_rel = max(worst_abs, abs_error), max(worst_rel, rel_error)
-    except Exception as e:  # a rewrite that crashes is a failed check, reported, never raised
-        worst_abs = worst_rel = float("inf")
-        message = f"the optimized graph failed: {first_line(e)}"
-    ok = worst_rel <= tolerance
-    if not ok and not message:
-        message = f"max relative error {worst_rel:.2e} > tolerance {tolerance:.0e}"
-    shapes = [{name: list(v.shape) for name, v in run.items() if isinstance(v, torch.Tensor)} for run in runs]
-    return VerifyResult(ok, worst_abs, worst_rel, tolerance, shapes, message)
-
-
-def _arrays(outputs, real: torch.Tensor | None, new: int | None) -> dict[str, np.ndarray]:
-    """Every output tensor at its real positions (padded ones are zero in a padding-free module)."""
-    leaves = pytree.tree_leaves(outputs)
-    return {str(i): torch_cache.real_values(leaf.detach(), real, new).float().cpu().numpy()
-            for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)}
 
 
 def count_fused(graph_module: torch.fx.GraphModule) -> dict[str, int]:

@@ -8,7 +8,7 @@ cache's positions and the new tokens, and position ids follow the mask.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,15 +30,19 @@ class Signature:
     mask: str | None
     cache: str | None = None
     positions: str | None = None
+    # The value at padded positions of an input, for an example without padding to show it
+    # (a transformers model's config.pad_token_id for its input_ids).
+    pad_ids: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, example: dict[str, object]) -> Signature:
+    def of(cls, example: dict[str, object], pad_ids: dict[str, int | None] | None = None) -> Signature:
         names = [name for name, value in example.items() if _is_mask(name, value)]
         caches = [name for name, value in example.items() if torch_cache.is_cache(value)]
         positions = [name for name, value in example.items() if "position" in name and isinstance(value, torch.Tensor)
                      and value.dim() == 2 and not value.dtype.is_floating_point]
+        known = {name: value for name, value in (pad_ids or {}).items() if isinstance(value, int)}
         return cls(example, names[0] if names else None, caches[0] if caches else None,
-                   positions[0] if positions and names and caches else None)
+                   positions[0] if positions and names and caches else None, known)
 
     def dynamic_shapes(self) -> dict[str, object]:
         """Batch dynamic for every batched tensor; sequence too for [B, S] integer inputs (ids, masks);
@@ -76,7 +80,7 @@ class Signature:
             elif name == self.mask:
                 out[name] = real.to(device=value.device, dtype=value.dtype)
             elif value.dim() == 2 and not value.dtype.is_floating_point and length:
-                out[name] = self._ids(value, batch, length, real, generator)
+                out[name] = self._ids(name, batch, length, real, generator)
             elif value.dtype.is_floating_point:
                 shape = (batch, length, *value.shape[2:]) if _is_sequence(value) and length else (batch, *value.shape[1:])
                 out[name] = torch.randn(shape, generator=generator, dtype=value.dtype).to(value.device)
@@ -107,7 +111,7 @@ class Signature:
                 positions = (real.long().cumsum(-1) - 1).clamp_min(0)[:, -new:]
                 out[name] = positions.to(device=value.device, dtype=value.dtype)
             elif isinstance(value, torch.Tensor) and value.dim() == 2 and not value.dtype.is_floating_point:
-                out[name] = self._ids(value, batch, new, real[:, -new:], generator)
+                out[name] = self._ids(name, batch, new, real[:, -new:], generator)
             elif isinstance(value, torch.Tensor) and value.dim() > 0:
                 shape = (batch, new, *value.shape[2:]) if _is_sequence(value) else (batch, *value.shape[1:])
                 out[name] = torch.randn(shape, generator=generator, dtype=value.dtype).to(value.device) \
@@ -131,17 +135,50 @@ class Signature:
                 return value.shape[1]
         return None
 
-    def _ids(self, example: torch.Tensor, batch: int, length: int, real: torch.Tensor, generator) -> torch.Tensor:
-        """Values drawn from the example's own real positions; padded positions get its pad value."""
+    def _ids(self, name: str, batch: int, length: int, real: torch.Tensor, generator) -> torch.Tensor:
+        """Values drawn from the example's own real positions; padded positions get its pad value
+        (the example's, else the one known for the input, else real values)."""
+        example = self.example[name]
         mask = self.example.get(self.mask) if self.mask else None
         mask = mask[:, -example.shape[1]:] if mask is not None else None  # a cache's positions come first
         seen = example[mask != 0] if mask is not None else example.flatten()
-        padded_values = example[mask == 0] if mask is not None else example.new_empty(0)
+        padded_values = example[mask == 0].flatten().tolist() if mask is not None else []
         picks = torch.randint(len(seen), (batch, length), generator=generator)
         ids = seen.cpu()[picks]
-        if padded_values.numel():
-            ids = torch.where(real.bool(), ids, padded_values.flatten()[0].cpu())
+        pad = padded_values[0] if padded_values else self.pad_ids.get(name)
+        if pad is not None:
+            ids = torch.where(real.bool(), ids, torch.tensor(pad, dtype=ids.dtype))
         return ids.to(example.device)
+
+
+@dataclass
+class Call:
+    """The inputs a model was captured with: what the graph takes (tensors, and KV caches as
+    trees of tensors) by name, and the other values (flags such as return_dict), which the
+    graph holds fixed."""
+
+    traced: tuple[str, ...]
+    constants: dict[str, object]
+
+    @classmethod
+    def of(cls, named: dict[str, object]) -> Call:
+        traced = tuple(name for name, value in named.items() if _traced(value))
+        return cls(traced, {name: value for name, value in named.items() if name not in traced})
+
+    def traced_of(self, named: dict[str, object]) -> dict[str, object] | None:
+        """A call's traced inputs, or None if it is not the captured call (None for an input the
+        capture did not have counts as leaving it out)."""
+        given = {name: value for name, value in named.items() if value is not None or name in self.constants}
+        traced = {name: value for name, value in given.items() if _traced(value)}
+        others = {name: value for name, value in given.items() if name not in traced}
+        return traced if set(traced) == set(self.traced) and others == self.constants else None
+
+    def __str__(self) -> str:
+        return ", ".join([*self.traced, *(f"{name}={value!r}" for name, value in self.constants.items())])
+
+
+def _traced(value: object) -> bool:
+    return isinstance(value, torch.Tensor) or torch_cache.is_cache(value)
 
 
 def real_mask(inputs: dict[str, object], signature: Signature) -> torch.Tensor | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,10 @@ import numpy as np
 import attnfuse
 from attnfuse.optimizer import io
 from attnfuse.optimizer.errors import UserError
-from attnfuse.tools.timing import interleaved_medians, ort_session, table, time_modules
+from attnfuse.optimizer.report import Report
+from attnfuse.tools.timing import interleaved_medians, ort_session, table
+
+EAGER, ATTNFUSE, COMPILE = "torch eager (SDPA)", "attnfuse.optimize(model)", "torch.compile(dynamic=True)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each model (median is shown)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("ATTNFUSE_CACHE", Path.home() / ".cache" / "attnfuse")) / "demo")
     args = parser.parse_args(argv)
+    if "OMP_WAIT_POLICY" not in os.environ:
+        # Timed torch runs let OpenMP's idle threads wait passively, as the ONNX Runtime sessions stop
+        # spinning: spinning threads take the cores of the working one on a shared machine. OpenMP read
+        # the policy when torch loaded, in this process already: run the demo again with it set.
+        command = [sys.executable, "-m", "attnfuse.tools.demo", *(sys.argv[1:] if argv is None else argv)]
+        os.execvpe(sys.executable, command, dict(os.environ, OMP_WAIT_POLICY="PASSIVE"))
 
     try:
         from attnfuse.models import minilm
@@ -64,20 +74,86 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def torch_path(minilm, feeds: dict[str, np.ndarray], repeats: int) -> bool:
-    """The same batch through the PyTorch front-end: attnfuse.optimize(model) against eager."""
+    """The PyTorch front-end the way people run MiniLM: AutoModel (with its pooler) on the same
+    batch, and SentenceTransformer.encode on the demo's sentences, against eager and torch.compile."""
     import torch
 
-    say("PyTorch: attnfuse.optimize(model), captured with torch.export, verified")
-    model, optimized = torch_minilm(minilm)
+    say("PyTorch: attnfuse.optimize on AutoModel (with its pooler) and on a SentenceTransformer, "
+        "against eager and torch.compile (its first call builds the graphs: a minute or two)")
     batch = {name: torch.from_numpy(a) for name, a in feeds.items()}
-    modules = {"torch eager (SDPA)": model, "attnfuse.optimize(model)": optimized}
-    times, errors = time_modules(modules, batch, batch["attention_mask"].bool(), repeats, desc="PyTorch")
-    error = errors["attnfuse.optimize(model)"]
-    report = optimized.report
-    print()
-    print(f"PyTorch: {fused_summary(report)}; max relative error on the timed batch {error:.1e}")
-    print(speedup_table("module", times))
-    return report.verify.ok and error <= report.verify.tolerance
+    comparisons = [auto_model_comparison(minilm, batch, repeats), sentence_transformer_comparison(minilm, repeats)]
+    for comparison in comparisons:
+        print()
+        print(comparison.summary())
+        print(speedup_table("module", comparison.times, comparison.agreement))
+    return all(comparison.ok for comparison in comparisons)
+
+
+@dataclass
+class TorchComparison:
+    """One workload timed on torch eager, attnfuse.optimize and torch.compile (median of interleaved runs)."""
+
+    title: str
+    times: dict[str, float]  # median seconds, eager first
+    agreement: dict[str, str]  # how close each output is to eager's
+    report: Report
+    ok: bool  # verified, and as close to eager on the timed inputs as verification demands
+
+    def summary(self) -> str:
+        return f"{self.title}: {fused_summary(self.report)}; {padding_free_summary(self.report)}"
+
+
+def auto_model_comparison(minilm, batch: dict, repeats: int, with_compile: bool = True) -> TorchComparison:
+    """AutoModel.from_pretrained(MiniLM), pooler included, optimized from one sentence (no padding)."""
+    import torch
+
+    model = minilm.load_auto_model()
+    example = {name: torch.from_numpy(a) for name, a in minilm.tokenize(minilm.SENTENCES[:1]).items()}
+    optimized = attnfuse.optimize(model, example_kwargs=example)
+    contenders = {EAGER: model, ATTNFUSE: optimized}
+    if with_compile:
+        contenders[COMPILE] = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        outputs = {name: module(**batch) for name, module in contenders.items()}  # torch.compile builds here
+        times = interleaved_medians({name: (lambda m=m: m(**batch)) for name, m in contenders.items()}, repeats)
+    real, want = batch["attention_mask"].bool(), outputs[EAGER]
+    errors = {name: max(relative_error(out.last_hidden_state[real], want.last_hidden_state[real]),
+                        relative_error(out.pooler_output, want.pooler_output)) for name, out in outputs.items()}
+    agreement = {name: f"max relative error {error:.1e}" for name, error in errors.items()}
+    real_tokens = f"{int(real.sum())} real tokens of {real.numel()}"
+    title = f"AutoModel (BertModel with its pooler), batch {real.shape[0]} x {real.shape[1]}, {real_tokens}"
+    return TorchComparison(title, times, agreement, optimized.report,
+                           optimized.report.verify.ok and errors[ATTNFUSE] <= optimized.report.verify.tolerance)
+
+
+def sentence_transformer_comparison(minilm, repeats: int, with_compile: bool = True, batch_size: int = 32
+                                    ) -> TorchComparison:
+    """SentenceTransformer(MiniLM).encode(the demo's sentences): sentence-transformers' own batching,
+    padding and pooling; torch.compile applied to its transformer's model, as attnfuse is."""
+    import torch
+
+    from attnfuse.optimizer.torch_sentence import with_model
+
+    model = minilm.load_sentence_transformer()
+    optimized = attnfuse.optimize(model)
+    contenders = {EAGER: model, ATTNFUSE: optimized}
+    if with_compile:
+        contenders[COMPILE] = with_model(model, torch.compile(model[0].auto_model, dynamic=True))
+
+    def encode(m):
+        return m.encode(minilm.SENTENCES, batch_size=batch_size, show_progress_bar=False)
+
+    embeddings = {name: encode(m) for name, m in contenders.items()}  # torch.compile builds here
+    times = interleaved_medians({name: (lambda m=m: encode(m)) for name, m in contenders.items()}, repeats)
+    cosines = {name: float(cosine_similarity(e, embeddings[EAGER]).min()) for name, e in embeddings.items()}
+    agreement = {name: f"min cosine {c:.7f}" for name, c in cosines.items()}
+    title = f"SentenceTransformer.encode({len(minilm.SENTENCES)} sentences, batch_size={batch_size})"
+    return TorchComparison(title, times, agreement, optimized.report,
+                           optimized.report.verify.ok and cosines[ATTNFUSE] > 0.99999)
+
+
+def relative_error(got, want) -> float:
+    return float((got - want).abs().max() / want.abs().max())
 
 
 def fused_summary(report) -> str:
@@ -85,19 +161,19 @@ def fused_summary(report) -> str:
     return f"attention fused {report.attention_fused}/{report.attention_total}; fused ops {ops}"
 
 
-def speedup_table(kind: str, times: dict[str, float]) -> str:
-    """Median ms of each contender and its speedup over the first."""
+def padding_free_summary(report) -> str:
+    fusion = next((f for f in report.fusions if f.name == "padding-free"), None)
+    if fusion is None or not fusion.fused:
+        return f"padding-free: no ({fusion.reason if fusion else 'not tried'})"
+    return f"padding-free: {fusion.op}"
+
+
+def speedup_table(kind: str, times: dict[str, float], notes: dict[str, str] | None = None) -> str:
+    """Median ms of each contender and its speedup over the first (and a note on each, if given)."""
     first = next(iter(times.values()))
-    return table([kind, "median ms", "speedup"], [[name, f"{t * 1e3:.1f}", f"{first / t:.2f}x"] for name, t in times.items()])
-
-
-def torch_minilm(minilm):
-    """The real MiniLM in torch (SDPA attention) and attnfuse.optimize's module of it."""
-    import torch
-
-    model = minilm.load_torch("sdpa")
-    example = {name: torch.from_numpy(a) for name, a in minilm.padded_batch(2, 16, seed=1).items()}
-    return model, attnfuse.optimize(model, example_kwargs=example)
+    header = [kind, "median ms", "speedup"] + (["output vs the first"] if notes else [])
+    rows = [[name, f"{t * 1e3:.1f}", f"{first / t:.2f}x"] + ([notes[name]] if notes else []) for name, t in times.items()]
+    return table(header, rows)
 
 
 def cosine_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -48,22 +48,6 @@ def interleaved_medians(runners: dict[str, Callable[[], object]], repeats: int =
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def time_modules(modules: dict[str, Callable], inputs: dict, real, repeats: int, desc: str = "timing"
-                 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Median seconds of each torch module called on `inputs` (interleaved, no grad), and the
-    max error of its output relative to the first module's, at the `real` [B, S] positions.
-    The checking call is a first warm-up (and torch.compile's build); one more follows."""
-    import torch
-
-    with torch.no_grad():
-        outputs = {name: module(**inputs) for name, module in modules.items()}
-        expected = next(iter(outputs.values()))[real]
-        errors = {name: float((out[real] - expected).abs().max() / expected.abs().max()) for name, out in outputs.items()}
-        times = interleaved_medians({name: (lambda m=m: m(**inputs)) for name, m in modules.items()},
-                                    repeats, warmup=1, desc=desc)
-    return times, errors
-
-
 def table(header: list[str], rows: list[list[object]]) -> str:
     cells = [header, *([str(c) for c in row] for row in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]

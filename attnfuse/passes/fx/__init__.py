@@ -19,6 +19,10 @@ from attnfuse.passes.site import AttentionSite, Fusion
 class PassResult:
     sites: list[AttentionSite]
     fusions: list[Fusion]
+    # Sequence positions the padding-free graph reads by index, and the fused graph without
+    # padding-free, for batches in which one of them is padded.
+    real_positions: tuple[int, ...] = ()
+    padded: fx.GraphModule | None = None
 
 
 def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_free_on: bool,
@@ -33,12 +37,14 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     sites = fuse_attention(graph, probe, mask, exclude)
     found = turned + fusions.fuse(graph, probe, exclude)
     module.recompile()
+    result = PassResult(sites, found)
     if padding_free_on:
-        found.append(_padding_free(module, runs, mask, exclude))
-    return PassResult(sites, found)
+        found.append(_padding_free(module, runs, mask, exclude, result))
+    return result
 
 
-def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, exclude: frozenset[str]) -> Fusion:
+def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, exclude: frozenset[str],
+                  result: PassResult) -> Fusion:
     fusion = Fusion(padding_free.NAME, "packed tokens", fused=False)
     saved = copy.deepcopy(module.graph)  # the pass changes the graph as it goes: keep a way back
     try:
@@ -48,8 +54,9 @@ def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, exclude: f
             raise NoMatch("excluded (rolled back)")
         # Probe again: the fused ops just added are what padding-free must see.
         packed = padding_free.apply(module.graph, FxProbe(module, runs), mask)
-        fusion.fused, fusion.reason = True, None
-        fusion.op = f"packed tokens ({packed} ops)"
+        fusion.fused, fusion.reason, fusion.op = True, None, packed.describe()
+        if packed.real_positions:
+            result.real_positions, result.padded = packed.real_positions, fx.GraphModule(module, saved)
     except NoMatch as e:
         fusion.reason = str(e)
         module.graph = saved

@@ -6,21 +6,26 @@ gathered once, where the first token-wise op reads it, into [1, T, ...] or
 [T, ...], so every op keeps its rank and its dim arguments. Token-wise ops
 (linear, elementwise, layernorm, the fused ops, and layout ops that leave the
 token dims alone) then run on those rows; fused attention becomes
-attnfuse::packed_attention. Padding is restored (zeros) only at the graph's
-outputs. Any other reader of a packed activation would see zeros where the
-original saw padded values, so the pass refuses instead (NoMatch).
+attnfuse::packed_attention. Padding is restored (zeros at padded positions, one
+gather per activation) at the graph's outputs and before any other reader: a
+pooler, a classifier on the first token, a masked mean. Such a reader then sees
+zeros where the original saw padded values; verification proves that it never
+reads them. A reader that takes constant sequence positions ([:, 0]) reads
+padding whenever those positions are padded (the first token under left
+padding): `Packed.real_positions` names them, and the optimizer runs the packed
+graph only for batches in which they are real.
 """
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 
 from attnfuse.kernels import ops, reference
 from attnfuse.passes.fx.attention import HIDDEN
-from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, remove_dead
+from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, is_op, remove_dead
 
 NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
@@ -42,6 +47,25 @@ DIM_OPS = {
     aten.flatten.using_ints: ((1, 0), (2, -1)), aten.unflatten.int: ((1, None),), aten.chunk.default: ((2, 0),),
     aten.slice.Tensor: ((1, 0),),
 }
+
+
+@dataclass
+class Packed:
+    """What the pass did: the ops now on packed rows, the readers given the padded layout back,
+    and the sequence positions those readers take by index (the packed graph is exact only
+    for batches in which they are real)."""
+
+    ops: int = 0
+    restored_for: list[str] = field(default_factory=list)
+    real_positions: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        text = f"packed tokens ({self.ops} ops)"
+        if self.restored_for:
+            text += f"; padding restored for {', '.join(self.restored_for)}"
+        if self.real_positions:
+            text += f"; batches with padding at positions {list(self.real_positions)} run the fused graph"
+        return text
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class Packer:
         self.sizes = [tuple(probe.tensor(mask, r).shape) for r in range(probe.runs)]
         self.packed: dict[fx.Node, Form] = {}
         self._packed_copy: dict[fx.Node, fx.Node] = {}
+        self._restored: dict[fx.Node, fx.Node] = {}
         self.added: set[fx.Node] = set()
         # The flat positions of the real tokens, once, right after the inputs.
         last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -121,12 +146,14 @@ class Packer:
         return self.pack(full, form)
 
     def restore(self, node: fx.Node, before: fx.Node) -> fx.Node:
-        """The padded layout back, zeros at padded positions."""
-        form = self.packed[node]
-        with self.graph.inserting_before(before):
-            rows = self._add(aten.squeeze.dim, node, 0) if form.kind == TOKENS else node
-            padded = self._add(reference.unpack, rows, self.indices, self.batch, self.length)
-            return padded if form.kind == TOKENS else self._add(aten.flatten.using_ints, padded, 0, 1)
+        """The padded layout back, zeros at padded positions (restored once, before its first reader)."""
+        if node not in self._restored:
+            form = self.packed[node]
+            with self.graph.inserting_before(before):
+                rows = self._add(aten.squeeze.dim, node, 0) if form.kind == TOKENS else node
+                padded = self._add(reference.unpack, rows, self.indices, self.batch, self.length)
+                self._restored[node] = padded if form.kind == TOKENS else self._add(aten.flatten.using_ints, padded, 0, 1)
+        return self._restored[node]
 
     def padded_size(self, form: Form, dim: int) -> fx.Node:
         """A token dim's size in the padded layout, from the mask."""
@@ -136,25 +163,30 @@ class Packer:
             return self._add(operator.mul, self.batch, self.length)
 
 
-def apply(graph: fx.Graph, probe: FxProbe, mask: fx.Node) -> int:
-    """Rewrite `graph` to run its token-wise ops on real tokens; returns how many. Raises NoMatch."""
+def apply(graph: fx.Graph, probe: FxProbe, mask: fx.Node) -> Packed:
+    """Rewrite `graph` to run its token-wise ops on real tokens. Raises NoMatch."""
     packer = Packer(graph, mask, probe)
-    count = 0
+    done = Packed()
+    positions: set[int] = set()
     for node in list(graph.nodes):
         if node in packer.added:
             continue
         if node.op == "output":
             _restore_outputs(node, packer)
         elif node.target is ops.attention and _attend_packed(node, packer):
-            count += 1
+            done.ops += 1
         elif _run_packed(node, packer):
-            count += 1
+            done.ops += 1
         else:
-            _check_no_packed_reader(node, packer)
-    if count == 0:
+            read = _restore_for_reader(node, packer)
+            if read is not None:
+                done.restored_for.append(node.name)
+                positions |= read
+    if done.ops == 0:
         raise NoMatch("no token-wise op reads a [batch, seq, ...] activation")
     remove_dead(graph)
-    return count
+    done.real_positions = tuple(sorted(positions))
+    return done
 
 
 def _tensor_args(node: fx.Node) -> list[tuple[int, fx.Node]]:
@@ -300,11 +332,41 @@ def _restore_outputs(output: fx.Node, packer: Packer) -> None:
     output.args = restored(output.args)
 
 
-def _check_no_packed_reader(node: fx.Node, packer: Packer) -> None:
-    for _, a in _tensor_args(node):
+def _restore_for_reader(node: fx.Node, packer: Packer) -> set[int] | None:
+    """A node that is not token-wise reads the padded layout, restored. Returns the sequence
+    positions it takes by index, or None when it read no packed activation. The size of a
+    token dim comes from the mask; a trailing dim's is the packed one's."""
+    positions = None
+    for i, a in _tensor_args(node):
         if a not in packer.packed:
             continue
-        if node.target == aten.sym_size.int and node.args[1] < packer.packed[a].lead:
-            node.replace_all_uses_with(packer.padded_size(packer.packed[a], node.args[1]))
+        form = packer.packed[a]
+        if node.target == aten.sym_size.int:
+            if node.args[1] < form.lead:
+                node.replace_all_uses_with(packer.padded_size(form, node.args[1]))
             continue
-        raise NoMatch(f"{node.name} ({node.target}) would read padded positions")
+        node.update_arg(i, packer.restore(a, before=node))
+        positions = (positions or set()) | (_positions_read(node) if form.kind == TOKENS and i == 0 else set())
+    return positions
+
+
+def _positions_read(reader: fx.Node) -> set[int]:
+    """The sequence positions a reader of a [B, S, ...] tensor (its first argument) takes by
+    constant index: x[:, i] or x[:, a:b], through whole slices of the batch dim (x[:, 0] is
+    slice + select)."""
+    bounds = _slice_bounds(reader) if is_op(reader, aten.slice.Tensor) else None
+    if bounds == (0, 0, None):
+        return set().union(*(_positions_read(user) for user in reader.users if user.args[0] is reader))
+    if is_op(reader, aten.select.int) and reader.args[1] == 1 and isinstance(reader.args[2], int):
+        return {reader.args[2]}
+    if bounds is not None and bounds[0] == 1 and bounds[2] is not None and 0 <= bounds[1] < bounds[2] <= 8:
+        return set(range(bounds[1], bounds[2]))
+    return set()
+
+
+def _slice_bounds(node: fx.Node) -> tuple[int, int, int | None] | None:
+    """(dim, start, end) of a step-1 slice with constant bounds; end None when it runs to the end."""
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    if step != 1 or not all(isinstance(x, int) or x is None for x in (dim, start, end)):
+        return None
+    return dim, start or 0, None if end is None or end >= 2 ** 62 else end
