@@ -25,7 +25,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 18
 BASE = 10000.0
-MAX_POSITIONS = 64  # rows of the "table" spelling's cos and sin tables
 
 
 class _Graph:
@@ -138,6 +137,8 @@ class RotarySpelling:
     # by position_ids; "arange": positions 0..S-1 from the shape, shared by the rows of the batch
     negate: str = "neg"  # "neg": Neg; "mul": Mul by -1
     defect: str = "none"  # one of ROTARY_DEFECTS
+    table_rows: int = 64  # positions the "table" spelling's cos and sin tables hold
+    scaling: float | None = None  # cos and sin times this (transformers' attention_scaling: YaRN, LongRoPE)
 
     def inv_freq(self) -> np.ndarray:
         return (1.0 / BASE ** (np.arange(0, self.rotary, 2) / self.rotary)).astype(np.float32)
@@ -157,9 +158,8 @@ def rotary_model(spec: RotarySpelling) -> onnx.ModelProto:
 def _angles(g: _Graph, spec: RotarySpelling) -> tuple[str, str]:
     """cos and sin, [B or 1, S, rotary], duplicated as the form reads them."""
     if spec.angles == "table":
-        angles = np.arange(MAX_POSITIONS)[:, None] * spec.inv_freq()[None, :]
-        table = _duplicated(angles, spec.form)
-        return tuple(g.op("Gather", g.const(f(table)), "position_ids", axis=0) for f in (np.cos, np.sin))
+        table = _duplicated(table_angles(spec), spec.form)
+        return tuple(_scaled(g, spec, g.op("Gather", g.const(f(table)), "position_ids", axis=0)) for f in (np.cos, np.sin))
     if spec.angles == "arange":
         length = g.op("Gather", g.op("Shape", "q"), g.const(1, np.int64))
         positions = g.op("Unsqueeze", g.op("Range", g.const(0, np.int64), length, g.const(1, np.int64)),
@@ -173,7 +173,16 @@ def _angles(g: _Graph, spec: RotarySpelling) -> tuple[str, str]:
         angles = g.op("Reshape", pairs, g.const([0, 0, spec.rotary], np.int64))
     else:
         angles = g.op("Concat", freqs, freqs, axis=-1)
-    return g.op("Cos", angles), g.op("Sin", angles)
+    return _scaled(g, spec, g.op("Cos", angles)), _scaled(g, spec, g.op("Sin", angles))
+
+
+def _scaled(g: _Graph, spec: RotarySpelling, value: str) -> str:
+    return value if spec.scaling is None else g.op("Mul", value, g.const(spec.scaling))
+
+
+def table_angles(spec: RotarySpelling) -> np.ndarray:
+    """[table_rows, rotary / 2]: each position's angles, as a precomputed table holds them."""
+    return np.arange(spec.table_rows)[:, None] * spec.inv_freq()[None, :]
 
 
 def _duplicated(angles: np.ndarray, form: str) -> np.ndarray:
@@ -240,7 +249,8 @@ def rotary_reference(spec: RotarySpelling, x: np.ndarray, heads: int, positions:
     else:
         half = spec.rotary // 2
         turned = np.concatenate([-part[..., half:], part[..., :half]], axis=-1)
-    out = np.concatenate([part * np.cos(angles) + turned * np.sin(angles), rest], axis=-1)
+    scaling = 1.0 if spec.scaling is None else spec.scaling
+    out = np.concatenate([(part * np.cos(angles) + turned * np.sin(angles)) * scaling, rest], axis=-1)
     if spec.layout == "flat":
         return out.reshape(batch, length, -1)
     return out if spec.layout == "bshd" else out.transpose(0, 2, 1, 3)

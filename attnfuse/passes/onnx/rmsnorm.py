@@ -32,7 +32,9 @@ from attnfuse.passes.site import Fusion
 PLAIN, SKIP = "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"
 REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2"})
 OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Cast"}) | REDUCTIONS
-_SCALES = (100.0, 1000.0)  # random rows at two scales where eps is negligible: a normalization gives both the same
+# A random row at two scales where eps is negligible (their squares within float16's range in
+# float16): a normalization gives both the same.
+_SCALES = {4: (100.0, 1000.0), 2: (4.0, 16.0)}
 
 
 @dataclass
@@ -104,7 +106,7 @@ def read_norm(nodes: list[ir.Node], x: ir.Value, y: ir.Value, probe, version: in
         return None, None
     dtype, hidden = seen.dtype, seen.shape[-1]
     tiny = 1e-5 if dtype.itemsize >= 4 else 1e-2  # tiny rows: mean(x^2) near eps (1e-10 in float32)
-    rows = _rows(hidden, tiny)
+    rows = _rows(hidden, tiny, _SCALES[min(dtype.itemsize, 4)])
     points = rows.reshape((1,) * (seen.ndim - 2) + rows.shape).astype(dtype)
     try:
         (got,) = evaluate(nodes, [y], lambda value: points if value is x else observed(value, probe), version)
@@ -114,7 +116,7 @@ def read_norm(nodes: list[ir.Node], x: ir.Value, y: ir.Value, probe, version: in
         return None, None
     got = got.reshape(rows.shape).astype(np.float64)
     tolerance = precision.tolerance(dtype)
-    if not _close(got[-2], got[-1], tolerance) or not np.abs(got[-1]).max() > 0:
+    if not _row_error(got[-2], got[-1]) <= tolerance or not np.abs(got[-1]).max() > 0:
         return None, None  # not scale-invariant: not a normalization
     eps = _own_constant(_epsilon(got, tiny), nodes, probe)
     if not eps > tiny * tiny * 1e-3:
@@ -128,17 +130,13 @@ def read_norm(nodes: list[ir.Node], x: ir.Value, y: ir.Value, probe, version: in
     return eps, scale
 
 
-def _rows(hidden: int, tiny: float) -> np.ndarray:
-    """Ones, tiny ones, random rows at ordinary and tiny scale, a zero row, then random rows
-    at the two _SCALES (last, for the scale-invariance test)."""
+def _rows(hidden: int, tiny: float, scales: tuple[float, float]) -> np.ndarray:
+    """Ones, tiny ones, random rows at ordinary and tiny scale, a zero row, then a random row
+    at the two `scales` (last, for the scale-invariance test)."""
     rng = np.random.default_rng(0)
     normal = rng.standard_normal((3, hidden))
     return np.concatenate([np.ones((1, hidden)), np.full((1, hidden), tiny), normal, normal * 1e-3, normal[:1] * tiny,
-                           np.zeros((1, hidden)), normal[:1] * _SCALES[0], normal[:1] * _SCALES[1]])
-
-
-def _close(a: np.ndarray, b: np.ndarray, tolerance: float) -> bool:
-    return _row_error(a, b) <= tolerance
+                           np.zeros((1, hidden)), normal[:1] * scales[0], normal[:1] * scales[1]])
 
 
 def _row_error(expected: np.ndarray, got: np.ndarray) -> float:

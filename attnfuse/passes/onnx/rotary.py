@@ -14,8 +14,10 @@ the probe's values like every rewrite.
 The fused op takes the graph's own cos and sin as its caches, one row per token
 ([B*S, r/2]; [S, r/2] when every row of the batch shares them), with position ids that
 pick each token's own row (arange(B*S) as [B, S]; the offset 0): exact for any positions,
-with no table of a guessed maximum length. The caches and position ids are built once per
-cos/sin pair and shared by every q and k that reads it.
+with no table of a guessed maximum length. Where the graph gathers cos and sin from constant
+tables by position ids, the op reads those tables and ids instead (cheaper: no per-token
+rows to build). The caches and position ids are built once per cos/sin pair and shared by
+every q and k that reads it.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import onnx_ir as ir
 
 from attnfuse.passes import precision
 from attnfuse.passes.onnx import regions
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, constant, observed, opset, runs_seeing
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed, opset, runs_seeing
 from attnfuse.passes.onnx.proof import evaluate, prove, relative_error, substitute
 from attnfuse.passes.site import Fusion
 
@@ -85,6 +87,7 @@ def fuse(graph: ir.Graph, probe, exclude) -> list[Fusion]:
             found = find_rotary(node.outputs[0], probe)
             if found is None:
                 continue
+            claimed.update(id(n) for n in found.nodes)  # excluded or not, no narrower rotary inside it
             if found.name in exclude:
                 fusions.append(Fusion(found.name, OP, False, "excluded (rolled back)"))
                 continue
@@ -92,7 +95,6 @@ def fuse(graph: ir.Graph, probe, exclude) -> list[Fusion]:
         except NoMatch as why:
             failures.append((node, str(why), {id(n) for n in _walk(node.outputs[0], probe)[0]}))
             continue
-        claimed.update(id(n) for n in found.nodes)
         fusions.append(Fusion(found.name, OP, True))
     # A region that looked like a rotary and holds none that was fused: say why it was not.
     fusions += [Fusion(node.name, OP, False, why) for node, why, walked in failures if not walked & claimed]
@@ -243,8 +245,13 @@ def _cache_rows(cos: np.ndarray, sin: np.ndarray, rows: str, batch: int, tokens:
         return None
     if rows != WHOLE and width % 2:
         return None
-    pick = {HALF: slice(0, width // 2), EVEN: slice(0, width, 2), WHOLE: slice(0, width)}[rows]
+    pick = _pick(rows, width)
     return (cos.reshape(lead, tokens, width)[..., pick], sin.reshape(lead, tokens, width)[..., pick], batch_shared)
+
+
+def _pick(rows: str, width: int) -> slice:
+    """The entries of a cos row (of `width`) that are the cache row."""
+    return {HALF: slice(0, width // 2, 1), EVEN: slice(0, width, 2), WHOLE: slice(0, width, 1)}[rows]
 
 
 def rotary_reference(x: np.ndarray, layout: Layout, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
@@ -299,18 +306,26 @@ class _Caches:
         substitute(claims, self.probe)
 
     def _build(self, rotary: Rotary, cos: ir.Value, sin: ir.Value):
-        """The caches ([tokens, r/2]) and position ids from `cos` and `sin`, the tensors (or views of
-        the tensors) the region multiplies by."""
+        """The caches and position ids from `cos` and `sin`, the tensors (or views of the tensors)
+        the region multiplies by: the constant tables and their indices when cos and sin are rows
+        gathered from tables (measured cheaper on ONNX Runtime's CPU provider, see
+        benchmarks/decoder_fusions.py), else one row per token."""
         b = Builder(f"{rotary.name}/caches")
         width = self.probe.get(cos.name).shape[-1]
-        ends, steps = {HALF: (width // 2, 1), EVEN: (width, 2), WHOLE: (width, 1)}[rotary.cache_rows]
+        pick = _pick(rotary.cache_rows, width)
+        tables = None if rotary.batch_shared else _tables(cos, sin, self.probe)
+        if tables is not None:
+            indices = tables[2]
+            positions = indices if self.probe.get(indices.name).dtype == np.int64 else \
+                b.op("Cast", [indices], {"to": ir.DataType.INT64})
+            return b.nodes, (b.const(tables[0][:, pick]), b.const(tables[1][:, pick]), positions)
 
         def rows(value: ir.Value) -> ir.Value:
             flat = b.op("Reshape", [value, b.const([-1, width], np.int64)])
             if rotary.cache_rows == WHOLE:
                 return flat
-            return b.op("Slice", [flat, b.const([0], np.int64), b.const([ends], np.int64), b.const([1], np.int64),
-                                  b.const([steps], np.int64)])
+            return b.op("Slice", [flat, b.const([pick.start], np.int64), b.const([pick.stop], np.int64),
+                                  b.const([1], np.int64), b.const([pick.step], np.int64)])
 
         cos_cache, sin_cache = rows(cos), rows(sin)
         if rotary.batch_shared:
@@ -342,6 +357,21 @@ def _view_source(value: ir.Value, probe) -> ir.Value:
             break
         value = source
     return value
+
+
+def _tables(cos: ir.Value, sin: ir.Value, probe):
+    """(cos table, sin table, indices) when cos and sin are rows of constant tables gathered by the
+    same [B, S] indices (the position ids); else None."""
+    gathers = [v.producer() for v in (cos, sin)]
+    if any(g is None or g.op_type != "Gather" or attr(g, "axis", 0) != 0 for g in gathers) \
+            or gathers[0].inputs[1] is not gathers[1].inputs[1]:
+        return None
+    tables = [constant(g.inputs[0], probe) for g in gathers]
+    indices = gathers[0].inputs[1]
+    seen = probe.get(indices.name) if indices.name else None
+    if any(t is None or t.ndim != 2 for t in tables) or seen is None or seen.ndim != 2 or seen.dtype.kind not in "iu":
+        return None
+    return tables[0], tables[1], indices
 
 
 def _token_axes(cos: ir.Value, probe) -> list[int]:
