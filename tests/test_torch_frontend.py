@@ -121,7 +121,7 @@ class NotQuiteAttention(torch.nn.Module):
 
 
 @pytest.mark.parametrize("spelling, reason", [
-    ("softcap", "not a function of one q @ k^T product"), ("gated", "not scale * q.k + bias"),
+    ("softcap", "soft-capped"), ("gated", "not scale * q.k + bias"),
 ])
 def test_scores_that_are_not_scaled_dot_products_are_not_fused(spelling, reason):
     torch.manual_seed(0)

@@ -9,7 +9,10 @@ ops instead, so an optimized module exports with its fusions in place.
 
 Layouts: q, k, v and outputs keep the heads merged, [..., heads * head_size], with
 the tokens in the leading dims: [batch, seq, hidden] padded, or the packed rows of
-padding-free execution ([1, tokens, hidden] or [tokens, hidden]).
+padding-free execution ([1, tokens, hidden] or [tokens, hidden]). Attention also takes
+q, k and v already split as [batch, heads, seq, head_size] (a KV cache is kept that
+way), and k and v with fewer heads than q (grouped-query attention: the head counts
+are read from the shapes, as SDPA's enable_gqa does).
 """
 from __future__ import annotations
 
@@ -28,8 +31,28 @@ MS_DOMAIN = "com.microsoft"
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[B, S, H*D] -> [B, H, S, D]."""
-    return x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+    """[B, S, H*D] -> [B, H, S, D]; a rank-4 x is already [B, H, S, D]."""
+    return x if x.dim() == 4 else x.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+
+def kv_heads(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> int:
+    """How many heads k (and v) have: fewer than q's under grouped-query attention."""
+    if k.dim() == 4:
+        return k.shape[1]
+    head_size = q.shape[-1] if q.dim() == 4 else q.shape[-1] // num_heads
+    return k.shape[-1] // head_size
+
+
+def _value_width(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> int:
+    """The merged width of the output, num_heads * v's head size."""
+    groups = kv_heads(q, k, num_heads)
+    return num_heads * (v.shape[-1] if v.dim() == 4 else v.shape[-1] // groups)
+
+
+def _output_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> tuple:
+    """[B, S, num_heads * Dv] for merged or [B, H, S, D] queries; packed rows keep their leading dims."""
+    lead = (q.shape[0], q.shape[2]) if q.dim() == 4 else tuple(q.shape[:-1])
+    return (*lead, _value_width(q, k, v, num_heads))
 
 
 def merge_heads(x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +71,8 @@ def additive_mask(
     hidden = None
     if key_padding_mask is not None:
         hidden = (key_padding_mask == 0)[:, None, None, :]
-    if causal:
-        upper = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(1)
+    if causal:  # bottom-right aligned: the queries are the last of the keys' positions
+        upper = torch.ones(queries, keys, dtype=torch.bool, device=device).triu(1 + keys - queries)
         hidden = upper if hidden is None else hidden | upper
     lowest = torch.finfo(dtype).min
     mask = None
@@ -64,10 +87,10 @@ def additive_mask(
 
 
 def _padded_attention(q, k, v, key_padding_mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
-    mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], k.shape[1], q.dtype, q.device)
-    out = F.scaled_dot_product_attention(
-        split_heads(q, num_heads), split_heads(k, num_heads), split_heads(v, num_heads), attn_mask=mask, scale=scale
-    )
+    groups = kv_heads(q, k, num_heads)
+    q, k, v = split_heads(q, num_heads), split_heads(k, groups), split_heads(v, groups)
+    mask = additive_mask(key_padding_mask, bias, causal, q.shape[2], k.shape[2], q.dtype, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups != num_heads)
     return merge_heads(out)
 
 
@@ -96,7 +119,7 @@ def attention_op(
 
 @attention_op.register_fake
 def _(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return q.new_empty(_output_shape(q, k, v, num_heads))
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +132,7 @@ def _through_padding(attend, q, k, v, indices, mask, bias, num_heads: int, scale
     Without `bias`, the mask hides the padded keys."""
     padded = [_unpack(_rows(x), indices, mask) for x in (q, k, v)]
     out = attend(*padded, None if bias is not None else mask, bias, num_heads, scale, causal)
-    return out.flatten(0, 1).index_select(0, indices).reshape(*q.shape[:-1], v.shape[-1])
+    return out.flatten(0, 1).index_select(0, indices).reshape(_output_shape(q, k, v, num_heads))
 
 
 def _packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
@@ -122,8 +145,9 @@ def _packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float
         _padded_attention(*(x[None, start:end] for x in rows), None, None, num_heads, scale, causal)[0]
         for start, end in reference.sequence_bounds(cu_seqlens) if end > start
     ]
-    out = torch.cat(pieces) if pieces else rows[2].new_empty(0, rows[2].shape[-1])
-    return out.reshape(*q.shape[:-1], v.shape[-1])
+    width = _value_width(q, k, v, num_heads)
+    out = torch.cat(pieces) if pieces else rows[2].new_empty(0, width)
+    return out.reshape(_output_shape(q, k, v, num_heads))
 
 
 @torch.library.custom_op("attnfuse::packed_attention", mutates_args=())
@@ -149,14 +173,17 @@ def _(q, k, v, indices, mask, bias, num_heads, scale, causal):
     from attnfuse.kernels.triton import varlen_attention
 
     cu_seqlens, max_seqlen = reference.sequence_offsets(mask)
-    rows = [_rows(x).unflatten(-1, (num_heads, -1)) for x in (q, k, v)]
+    groups = kv_heads(q, k, num_heads)
+    rows = [_rows(x).unflatten(-1, (heads, -1)) for x, heads in ((q, num_heads), (k, groups), (v, groups))]
+    # The kernel takes as many k/v heads as q heads.
+    rows[1:] = [x.repeat_interleave(num_heads // groups, dim=1) for x in rows[1:]]
     out = varlen_attention(*rows, cu_seqlens, max_seqlen, scale=scale, causal=causal)
-    return out.reshape(*q.shape[:-1], v.shape[-1])
+    return out.reshape(_output_shape(q, k, v, num_heads))
 
 
 @packed_attention_op.register_fake
 def _(q, k, v, indices, mask, bias, num_heads, scale, causal):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    return q.new_empty(_output_shape(q, k, v, num_heads))
 
 
 # ---------------------------------------------------------------------------
@@ -205,6 +232,53 @@ def _(x, bias, approximate):
 
 
 # ---------------------------------------------------------------------------
+# attnfuse::rms_norm, attnfuse::skip_rms_norm and attnfuse::rotary (decoders)
+# ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("attnfuse::rms_norm", mutates_args=())
+def rms_norm_op(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim."""
+    return reference.rms_norm(x, weight, eps)
+
+
+@rms_norm_op.register_fake
+def _(x, weight, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("attnfuse::skip_rms_norm", mutates_args=())
+def skip_rms_norm_op(
+    x: torch.Tensor, skip: torch.Tensor, weight: Optional[torch.Tensor], eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + skip), x + skip)."""
+    return reference.skip_rms_norm(x, skip, weight, eps)
+
+
+@skip_rms_norm_op.register_fake
+def _(x, skip, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _rotate_heads(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, interleaved: bool):
+    """reference.rotary on merged heads: x [..., heads * D], cos and sin [..., rd / 2] per token."""
+    heads = x.unflatten(-1, (num_heads, -1))
+    return reference.rotary(heads, cos.unsqueeze(-2), sin.unsqueeze(-2), interleaved).flatten(-2)
+
+
+@torch.library.custom_op("attnfuse::rotary", mutates_args=())
+def rotary_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of each head of x [..., num_heads * D] (reference.rotary); cos and sin
+    [..., rd / 2] hold one row per token, broadcast over x's leading dims."""
+    return _rotate_heads(x, cos, sin, num_heads, interleaved).contiguous()
+
+
+@rotary_op.register_fake
+def _(x, cos, sin, num_heads, interleaved):
+    return torch.empty_like(x)
+
+
+# ---------------------------------------------------------------------------
 # What graphs call: the ops, or their ONNX form under torch.onnx.export
 # ---------------------------------------------------------------------------
 
@@ -239,18 +313,67 @@ def bias_gelu(x, bias, approximate: str):
     return bias_gelu_op(x, bias, approximate)
 
 
+def rms_norm(x, weight, eps: float):
+    if _exporting():
+        scale = weight if weight is not None else x.new_ones(x.shape[-1])
+        attrs = {"axis": -1, "epsilon": float(eps), "stash_type": 1}
+        return _symbolic("SimplifiedLayerNormalization", (x, scale), attrs, x, domain="")
+    return rms_norm_op(x, weight, eps)
+
+
+def skip_rms_norm(x, skip, weight, eps: float):
+    if _exporting():
+        scale = weight if weight is not None else x.new_ones(x.shape[-1])
+        statistics = (*x.shape[:-1], 1)
+        # Outputs: the norm, its mean and inverse deviation (unused), and x + skip.
+        out, _, _, total = torch.onnx.ops.symbolic_multi_out(
+            f"{MS_DOMAIN}::SkipSimplifiedLayerNormalization", (x, skip, scale), {"epsilon": float(eps)},
+            dtypes=(x.dtype, torch.float32, torch.float32, x.dtype), shapes=(x.shape, statistics, statistics, x.shape),
+            version=1,
+        )
+        return out, total
+    return skip_rms_norm_op(x, skip, weight, eps)
+
+
+def rotary(x, cos, sin, num_heads: int, interleaved: bool):
+    if _exporting():
+        if x.dim() == 2:  # packed rows: RotaryEmbedding takes [batch, seq, hidden]
+            return rotary(x[None], cos[None], sin[None], num_heads, interleaved)[0]
+        # RotaryEmbedding reads cos and sin rows by position id: each token's own row is its position.
+        tables = [t.reshape(-1, t.shape[-1]) for t in (cos, sin)]
+        positions = torch.arange(tables[0].shape[0], device=x.device).reshape(cos.shape[:-1]).expand(x.shape[:-1])
+        attrs = {"num_heads": num_heads, "rotary_embedding_dim": 2 * cos.shape[-1], "interleaved": int(interleaved)}
+        return _symbolic("RotaryEmbedding", (x, positions, *tables), attrs, x)
+    return rotary_op(x, cos, sin, num_heads, interleaved)
+
+
 def _onnx_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
-    mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], k.shape[1], q.dtype, q.device)
+    groups = kv_heads(q, k, num_heads)
+    shape = _output_shape(q, k, v, num_heads)
+    if q.dim() == 4:  # MultiHeadAttention's query is [B, S, hidden]
+        q = merge_heads(q)
+    if groups != num_heads:  # MultiHeadAttention has as many k/v heads as q heads: repeat them
+        k, v = (_repeat_heads(x, groups, num_heads) for x in (k, v))
+    mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], k.shape[2 if k.dim() == 4 else 1], q.dtype, q.device)
     if mask is not None:
         # MultiHeadAttention's attention_bias is [B or 1, H or 1, S, T]: no broadcast over S or T.
-        mask = mask.expand(*mask.shape[:2], q.shape[1], k.shape[1])
+        mask = mask.expand(*mask.shape[:2], q.shape[1], k.shape[2 if k.dim() == 4 else 1])
     return _symbolic(
         "MultiHeadAttention", (q, k, v, None, None, mask), {"num_heads": num_heads, "scale": float(scale)}, q,
-        shape=(*q.shape[:-1], v.shape[-1]),
+        shape=shape,
     )
 
 
-def _symbolic(op_type: str, inputs, attrs: dict, like: torch.Tensor, shape=None) -> torch.Tensor:
+def _repeat_heads(x: torch.Tensor, groups: int, num_heads: int) -> torch.Tensor:
+    """k or v with its `groups` heads each repeated num_heads / groups times, as Expand + Reshape."""
+    repeats = num_heads // groups
+    if x.dim() == 4:  # [B, G, T, D] -> [B, H, T, D]
+        return x[:, :, None].expand(-1, -1, repeats, -1, -1).flatten(1, 2)
+    heads = x.unflatten(-1, (groups, -1))  # [B, T, G, D] -> [B, T, H * D]
+    return heads[:, :, :, None].expand(-1, -1, -1, repeats, -1).flatten(2)
+
+
+def _symbolic(op_type: str, inputs, attrs: dict, like: torch.Tensor, shape=None, domain: str = MS_DOMAIN) -> torch.Tensor:
     return torch.onnx.ops.symbolic(
-        f"{MS_DOMAIN}::{op_type}", inputs, attrs, dtype=like.dtype, shape=like.shape if shape is None else shape, version=1
+        f"{domain}::{op_type}", inputs, attrs, dtype=like.dtype, shape=like.shape if shape is None else shape, version=1
     )

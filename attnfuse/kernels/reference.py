@@ -99,11 +99,15 @@ def attention(
 ) -> torch.Tensor:
     """softmax(q @ k^T * scale + bias, masked) @ v on [B, H, S, D] tensors.
 
+    k and v may have fewer heads than q (grouped-query attention, [B, G, T, D] with H a
+    multiple of G): query head h reads key/value head h // (H / G).
     bias: additive, broadcastable to [B, H, S, T] (-inf entries hide a key).
     key_padding_mask: bool [B, T], True for a real key.
-    causal: query i sees key j <= i (top-left aligned, as SDPA's is_causal).
-    A query row that sees no key outputs zeros.
+    causal: query i sees key j <= i + T - S (bottom-right aligned, as FlashAttention's:
+    the queries are the last S of the T positions, as with a KV cache; with S == T this is
+    SDPA's is_causal). A query row that sees no key outputs zeros.
     """
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if bias is not None:
         scores = scores + bias.float()
@@ -111,13 +115,21 @@ def attention(
         scores = scores.masked_fill(~key_padding_mask.bool()[:, None, None, :], -math.inf)
     if causal:
         s, t = scores.shape[-2:]
-        hidden = torch.ones(s, t, dtype=torch.bool, device=q.device).triu(1)
+        hidden = torch.ones(s, t, dtype=torch.bool, device=q.device).triu(1 + t - s)
         scores = scores.masked_fill(hidden, -math.inf)
     probs = torch.softmax(scores, dim=-1)
     # softmax of an all -inf row is NaN; such a row sees nothing and outputs zeros.
     sees_nothing = scores.amax(dim=-1, keepdim=True) == -math.inf
     probs = probs.masked_fill(sees_nothing, 0.0)
     return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """[B, G, T, D] k or v heads repeated to [B, num_heads, T, D]: head h is x's head h // (num_heads / G)."""
+    groups = x.shape[1]
+    if num_heads % groups:
+        raise ValueError(f"{num_heads} query heads cannot share {groups} key/value heads evenly")
+    return x.repeat_interleave(num_heads // groups, dim=1)
 
 
 def visible(
@@ -339,6 +351,43 @@ def skip_layernorm(
     if beta is not None:
         y = y + beta.float()
     return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim, fp32 statistics, x's dtype out."""
+    h = x.float()
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(x.dtype)
+
+
+def skip_rms_norm(
+    x: torch.Tensor, skip: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + skip), x + skip): the residual sum is an output too, as decoders read it again."""
+    total = x + skip
+    return rms_norm(total, weight, eps), total
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Rotary position embedding of x's last dim (FlashAttention's and ONNX Runtime's convention).
+
+    The first rd = 2 * cos.shape[-1] dims turn in pairs; the rest pass unchanged (partial
+    rotary, as Phi's). Pair i is (x[i], x[i + rd/2]) ("rotate-half", GPT-NeoX and Llama) or
+    (x[2i], x[2i+1]) (interleaved, GPT-J), and turns by the angle whose cosine and sine are
+    cos[..., i] and sin[..., i]; cos and sin broadcast against x[..., :rd/2].
+    """
+    half = cos.shape[-1]
+    turned, rest = x[..., : 2 * half].float(), x[..., 2 * half :]
+    if interleaved:
+        a, b = turned[..., 0::2], turned[..., 1::2]
+    else:
+        a, b = turned[..., :half], turned[..., half:]
+    c, s = cos.float(), sin.float()
+    a, b = a * c - b * s, b * c + a * s
+    turned = torch.stack((a, b), -1).flatten(-2) if interleaved else torch.cat((a, b), -1)
+    return torch.cat((turned.to(x.dtype), rest), -1)
 
 
 def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:

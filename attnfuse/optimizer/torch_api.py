@@ -6,6 +6,7 @@ result is an nn.Module called like the original, returning the same structure.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from collections import Counter
@@ -13,30 +14,38 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, for captures with a cache)
 import torch.utils._pytree as pytree
 
 from attnfuse.kernels import ops
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report, VerifyResult
-from attnfuse.optimizer.torch_inputs import Signature, real_mask
+from attnfuse.optimizer import torch_cache
+from attnfuse.optimizer.torch_inputs import Signature, new_tokens, real_mask
 from attnfuse.optimizer.verify import compare
 from attnfuse.passes.fx import PassResult, run_passes
 
 TARGETS = ("cpu", "cuda")
 FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
-             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu"}
+             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu",
+             ops.rms_norm: "rms_norm", ops.skip_rms_norm: "skip_rms_norm", ops.rotary: "rotary"}
 
 
 class OptimizedModule(torch.nn.Module):
     """The rewritten graph, called like the original model. `report` says what was fused."""
 
-    def __init__(self, graph_module: torch.fx.GraphModule, signature: inspect.Signature, report: Report):
+    def __init__(self, graph_module: torch.fx.GraphModule, signature: inspect.Signature, report: Report,
+                 inputs: Signature | None = None):
         super().__init__()
         self.graph_module = graph_module
         self.report = report
+        as_captured = torch_cache.as_captured(inputs.example[inputs.cache]) if inputs and inputs.cache else None
 
         def forward(*args, **kwargs):
-            return self.graph_module(**by_name(signature, args, kwargs))
+            named = by_name(signature, args, kwargs)
+            if as_captured is not None:
+                named[inputs.cache] = as_captured(named[inputs.cache])
+            return self.graph_module(**named)
 
         # The original's parameter names, so that torch.export and torch.onnx.export can bind inputs by name.
         forward.__signature__ = signature
@@ -65,12 +74,16 @@ def optimize(
         raise UserError("give example_inputs or example_kwargs: attnfuse captures the model by running it")
     signature = inspect.signature(model.forward)
     example = by_name(signature, tuple(example_inputs or ()), dict(example_kwargs or {}))
+    torch_cache.register_caches(model)
+    for name, value in example.items():
+        if (reason := torch_cache.unsupported(name, value)) is not None:
+            raise UserError(reason)
     inputs = Signature.of(example)
     model = model.eval()
     probe_runs = [((), run) for run in inputs.runs(seed)]
     check_runs = inputs.runs(seed + 100, count=3)
-    with torch.no_grad():
-        expected = [model(**run) for run in check_runs]
+    with torch.no_grad():  # on copies: a model appends to the cache it is given
+        expected = [model(**copy.deepcopy(run)) for run in check_runs]
 
     # Captured on a made-up batch of 2 rows like the example: torch.export fixes a dim of size 1.
     capture_example = inputs.make(2, 1.0, "right", seed)
@@ -94,7 +107,7 @@ def optimize(
     )
     if verify and not verdict.ok:
         raise VerificationError(f"verification failed: {verdict.message}", report)
-    return OptimizedModule(graph_module, signature, report)
+    return OptimizedModule(graph_module, signature, report, inputs)
 
 
 def _roll_back(attempt, first: PassResult, padding_free: bool):
@@ -130,11 +143,37 @@ def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str
 
 
 def capture(model: torch.nn.Module, example: dict[str, Any], inputs: Signature) -> torch.fx.GraphModule:
+    # With a cache, sizes 0 and 1 (no past, one row) must stay dynamic, not be specialised away.
+    oblivious = torch.fx.experimental._config.patch(backed_size_oblivious=inputs.cache is not None)
     try:
-        program = torch.export.export(model, (), example, dynamic_shapes=inputs.dynamic_shapes(), strict=False)
+        with oblivious:
+            program = torch.export.export(_by_keyword(model, example), (), copy.deepcopy(example),
+                                          dynamic_shapes=inputs.dynamic_shapes(), strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the first line
         raise UserError(f"torch.export could not capture the model: {first_line(e)}") from None
     return program.module()
+
+
+def _by_keyword(model: torch.nn.Module, example: dict[str, Any]) -> torch.nn.Module:
+    """The model itself, or, when an input goes through its **kwargs (transformers' past_key_values),
+    a module whose forward names every input: torch.export binds dynamic shapes by parameter name."""
+    parameters = inspect.signature(model.forward).parameters
+    if all(name in parameters for name in example):
+        return model
+    return _Keywords(model, list(example))
+
+
+class _Keywords(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.model = model
+
+        def forward(**kwargs):
+            return self.model(**kwargs)
+
+        forward.__signature__ = inspect.Signature(
+            [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY) for name in names])
+        self.forward = forward
 
 
 def check(graph_module, runs: list[dict], expected: list, inputs: Signature, tolerance: float) -> VerifyResult:
@@ -145,8 +184,8 @@ def check(graph_module, runs: list[dict], expected: list, inputs: Signature, tol
         with torch.no_grad():
             for run, want in zip(runs, expected):
                 got = graph_module(**run)
-                real = real_mask(run, inputs)
-                abs_error, rel_error = compare(_arrays(want), _arrays(got), None if real is None else real.cpu().numpy())
+                real, new = real_mask(run, inputs), new_tokens(run, inputs)
+                abs_error, rel_error = compare(_arrays(want, real, new), _arrays(got, real, new), None)
                 worst_abs, worst_rel = max(worst_abs, abs_error), max(worst_rel, rel_error)
     except Exception as e:  # a rewrite that crashes is a failed check, reported, never raised
         worst_abs = worst_rel = float("inf")
@@ -158,9 +197,11 @@ def check(graph_module, runs: list[dict], expected: list, inputs: Signature, tol
     return VerifyResult(ok, worst_abs, worst_rel, tolerance, shapes, message)
 
 
-def _arrays(outputs) -> dict[str, np.ndarray]:
+def _arrays(outputs, real: torch.Tensor | None, new: int | None) -> dict[str, np.ndarray]:
+    """Every output tensor at its real positions (padded ones are zero in a padding-free module)."""
     leaves = pytree.tree_leaves(outputs)
-    return {str(i): leaf.detach().float().cpu().numpy() for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)}
+    return {str(i): torch_cache.real_values(leaf.detach(), real, new).float().cpu().numpy()
+            for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)}
 
 
 def count_fused(graph_module: torch.fx.GraphModule) -> dict[str, int]:

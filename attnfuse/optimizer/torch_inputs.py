@@ -2,7 +2,9 @@
 
 The example fixes names, dtypes and value ranges; the check inputs vary batch and
 sequence length and pad rows on the right, on the left and down to one token, so
-that probing and verification see what real batches do.
+that probing and verification see what real batches do. With a KV cache among the
+inputs, they vary the cache's length too (down to none): the mask then covers the
+cache's positions and the new tokens, and position ids follow the mask.
 """
 from __future__ import annotations
 
@@ -11,41 +13,57 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from attnfuse.optimizer import torch_cache
 from attnfuse.optimizer.inputs import real_positions, row_lengths
 
 # (batch, sequence length as a fraction of the example's, padding side) of each check input.
+# With a KV cache the fraction is of the cache's length, and the checks add an empty cache.
 RUNS = ((3, 1.0, "right"), (2, 0.6, "left"), (4, 0.8, "right"))
+EMPTY_CACHE = (2, 0.0, "left")
 
 
 @dataclass
 class Signature:
-    """The example inputs by name, and which of them is the padding mask."""
+    """The example inputs by name, and which of them is the padding mask, a KV cache, position ids."""
 
     example: dict[str, object]
     mask: str | None
+    cache: str | None = None
+    positions: str | None = None
 
     @classmethod
     def of(cls, example: dict[str, object]) -> Signature:
         names = [name for name, value in example.items() if _is_mask(name, value)]
-        return cls(example, names[0] if names else None)
+        caches = [name for name, value in example.items() if torch_cache.is_cache(value)]
+        positions = [name for name, value in example.items() if "position" in name and isinstance(value, torch.Tensor)
+                     and value.dim() == 2 and not value.dtype.is_floating_point]
+        return cls(example, names[0] if names else None, caches[0] if caches else None,
+                   positions[0] if positions and names and caches else None)
 
     def dynamic_shapes(self) -> dict[str, object]:
-        """Batch dynamic for every batched tensor; sequence too for [B, S] integer inputs (ids, masks)."""
+        """Batch dynamic for every batched tensor; sequence too for [B, S] integer inputs (ids, masks);
+        a cache's length too. A decode step (one new token) stays one token: a capture from two would
+        take the branches models take for prompts."""
         auto = torch.export.Dim.AUTO
         shapes = {}
         for name, value in self.example.items():
-            if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            if name == self.cache:
+                shapes[name] = torch_cache.dynamic_shapes(value)
+            elif not isinstance(value, torch.Tensor) or value.dim() == 0:
                 shapes[name] = None
-            elif _is_sequence(value):
+            elif _is_sequence(value) and (self.cache is None or name == self.mask or self._new_tokens() != 1):
                 shapes[name] = {0: auto, 1: auto}
             else:
                 shapes[name] = {0: auto}
         return shapes
 
     def runs(self, seed: int, count: int = 2) -> list[dict[str, object]]:
-        return [self.make(batch, fraction, side, seed + i) for i, (batch, fraction, side) in enumerate(RUNS[:count])]
+        specs = RUNS[:count] + ((EMPTY_CACHE,) if self.cache is not None and count > 2 else ())
+        return [self.make(batch, fraction, side, seed + i) for i, (batch, fraction, side) in enumerate(specs)]
 
     def make(self, batch: int, fraction: float, side: str, seed: int) -> dict[str, object]:
+        if self.cache is not None:
+            return self._make_cached(batch, fraction, side, seed)
         generator = torch.Generator().manual_seed(seed)
         width = self._width()
         length = max(2, round(width * fraction)) if width else None
@@ -66,6 +84,45 @@ class Signature:
                 out[name] = value[:1].expand(batch, *value.shape[1:]).clone()
         return out
 
+    def _make_cached(self, batch: int, fraction: float, side: str, seed: int) -> dict[str, object]:
+        """A step with a cache of the example's length times `fraction`: the mask pads the start of
+        the rows ("left") or the end of the cache's part ("right", holes before the new tokens)."""
+        generator = torch.Generator().manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        past = round(torch_cache.past_length(self.example[self.cache]) * fraction)
+        new = self._new_tokens() or 1
+        if side == "left":
+            real = real_positions(row_lengths(batch, past + new, rng), past + new, "left")
+        else:
+            real = np.concatenate([real_positions(row_lengths(batch, past, rng), past, "right") if past else
+                                   np.zeros((batch, 0), bool), np.ones((batch, new), bool)], axis=1)
+        real = torch.from_numpy(real)
+        out = {}
+        for name, value in self.example.items():
+            if name == self.cache:
+                out[name] = torch_cache.cache_like(value, batch, past, generator)
+            elif name == self.mask:
+                out[name] = real.to(device=value.device, dtype=value.dtype)
+            elif name == self.positions:  # counted over the real tokens, as generation does
+                positions = (real.long().cumsum(-1) - 1).clamp_min(0)[:, -new:]
+                out[name] = positions.to(device=value.device, dtype=value.dtype)
+            elif isinstance(value, torch.Tensor) and value.dim() == 2 and not value.dtype.is_floating_point:
+                out[name] = self._ids(value, batch, new, real[:, -new:], generator)
+            elif isinstance(value, torch.Tensor) and value.dim() > 0:
+                shape = (batch, new, *value.shape[2:]) if _is_sequence(value) else (batch, *value.shape[1:])
+                out[name] = torch.randn(shape, generator=generator, dtype=value.dtype).to(value.device) \
+                    if value.dtype.is_floating_point else value[:1].expand(*shape).clone()
+            else:
+                out[name] = value
+        return out
+
+    def _new_tokens(self) -> int | None:
+        """The new tokens of a step with a cache: the width of its [B, S] inputs besides the mask."""
+        for name, value in self.example.items():
+            if name != self.mask and isinstance(value, torch.Tensor) and _is_sequence(value):
+                return value.shape[1]
+        return None
+
     def _width(self) -> int | None:
         if self.mask is not None:
             return self.example[self.mask].shape[1]
@@ -77,6 +134,7 @@ class Signature:
     def _ids(self, example: torch.Tensor, batch: int, length: int, real: torch.Tensor, generator) -> torch.Tensor:
         """Values drawn from the example's own real positions; padded positions get its pad value."""
         mask = self.example.get(self.mask) if self.mask else None
+        mask = mask[:, -example.shape[1]:] if mask is not None else None  # a cache's positions come first
         seen = example[mask != 0] if mask is not None else example.flatten()
         padded_values = example[mask == 0] if mask is not None else example.new_empty(0)
         picks = torch.randint(len(seen), (batch, length), generator=generator)
@@ -88,6 +146,14 @@ class Signature:
 
 def real_mask(inputs: dict[str, object], signature: Signature) -> torch.Tensor | None:
     return inputs[signature.mask] != 0 if signature.mask else None
+
+
+def new_tokens(inputs: dict[str, object], signature: Signature) -> int | None:
+    """How many of the mask's last positions are this step's tokens, for a step with a cache."""
+    if signature.cache is None:
+        return None
+    return next(v.shape[1] for name, v in inputs.items()
+                if name != signature.mask and isinstance(v, torch.Tensor) and _is_sequence(v))
 
 
 def _is_sequence(value: torch.Tensor) -> bool:

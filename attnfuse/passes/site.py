@@ -21,6 +21,20 @@ BIAS_NONE = "none"
 BIAS_ALIBI = "alibi"
 BIAS_ADDITIVE = "additive"
 
+# Where k and v come from besides this step's projections.
+CACHE_NONE = "none"
+CACHE_PAST = "past"  # concatenated with a past k/v input (a KV cache)
+CACHE_CROSS = "cross"  # read directly from inputs (cross-attention)
+
+
+@dataclass
+class Rotary:
+    """Rotary position embedding applied to q and k before attention."""
+
+    kind: str  # "half" (rotate-half, GPT-NeoX / Llama) or "interleaved" (GPT-J)
+    dim: int  # rotated dims per head (head_size for full rotary)
+    base: float | None = None
+
 
 @dataclass
 class AttentionSite:
@@ -40,6 +54,10 @@ class AttentionSite:
     bias: str = BIAS_NONE
     window: tuple[int, int] = (-1, -1)
     alibi_slopes: list[float] | None = None
+    kv_heads: int = 0  # heads of k and v (grouped-query); 0 means num_heads
+    rotary: Rotary | None = None
+    cache: str = CACHE_NONE
+    softcap: float = 0.0  # scores soft-capped as softcap * tanh(scores / softcap); 0 means none
     fused: bool = False
     reason: str | None = None
     already_fused: bool = False  # a fused op the input model came with (kept as it is)
@@ -68,6 +86,13 @@ class AttentionSite:
             out["window"] = list(self.window)
         if self.alibi_slopes:
             out["alibi_slopes"] = [round(s, 6) for s in self.alibi_slopes]
+        out["kv_heads"] = self.kv_heads or self.num_heads
+        if self.rotary is not None:
+            fraction = self.rotary.dim / self.head_size if self.head_size else 1.0
+            out["rotary"] = {"kind": self.rotary.kind, "dim": self.rotary.dim, "fraction": round(fraction, 6)}
+        out["cache"] = self.cache
+        if self.softcap:
+            out["softcap"] = self.softcap
         if "approximation" in self.extras:
             out["approximation"] = self.extras["approximation"]
         return out

@@ -233,14 +233,27 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _inspect_tables(report: Report) -> str:
     sites = _table(
-        ["attention site", "heads", "head size", "mask", "causal", "bias", "fused"],
+        ["attention site", "heads", "kv heads", "head size", "mask", "causal", "window", "bias", "cache", "softcap",
+         "rotary", "fused"],
         [
-            [s.name, s.num_heads, s.head_size, s.mask, "yes" if s.causal else "no", s.bias, _fused(s.fused, s.reason)]
+            [s.name, s.num_heads, s.kv_heads or s.num_heads, s.head_size, s.mask, "yes" if s.causal else "no",
+             _window(s.window), s.bias, s.cache, f"{s.softcap:g}" if s.softcap else "-", _rotary(s),
+             _fused(s.fused, s.reason)]
             for s in report.sites
         ],
     )
     fusions = _table(["fusion", "op", "fused"], [[f.name, f.op, _fused(f.fused, f.reason)] for f in report.fusions])
     return f"{sites}\n\n{fusions}"
+
+
+def _window(window: tuple[int, int]) -> str:
+    return "-" if tuple(window) == (-1, -1) else f"{window[0]},{window[1]}"
+
+
+def _rotary(site) -> str:
+    if site.rotary is None:
+        return "-"
+    return f"{site.rotary.kind} {site.rotary.dim}/{site.head_size}"
 
 
 def _fused(fused: bool, reason: str | None) -> str:

@@ -1,4 +1,4 @@
-"""Rewrites of torch.export graphs: attention, skip+layernorm, bias+gelu, padding-free.
+"""Rewrites of torch.export graphs: rotary, attention, skip+layernorm, RMSNorm, bias+gelu, padding-free.
 
 The one entry point the optimizer calls is `run_passes`.
 """
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from attnfuse.passes.fx import fusions, padding_free
+from attnfuse.passes.fx import fusions, padding_free, rotary
 from attnfuse.passes.fx.attention import fuse_attention
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, remove_no_ops
 from attnfuse.passes.site import AttentionSite, Fusion
@@ -29,8 +29,9 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     probe = FxProbe(module, runs)
     remove_no_ops(graph)
     mask = find_mask(graph, probe)
+    turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
     sites = fuse_attention(graph, probe, mask, exclude)
-    found = fusions.fuse(graph, probe, exclude)
+    found = turned + fusions.fuse(graph, probe, exclude)
     module.recompile()
     if padding_free_on:
         found.append(_padding_free(module, runs, mask, exclude))

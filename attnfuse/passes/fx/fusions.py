@@ -1,20 +1,23 @@
-"""Residual + bias + layernorm -> attnfuse::skip_layernorm; bias + gelu -> attnfuse::bias_gelu.
+"""Residual + bias + layernorm -> attnfuse::skip_layernorm; bias + gelu -> attnfuse::bias_gelu;
+(residual +) RMSNorm -> attnfuse::rms_norm / skip_rms_norm (the rules in `rmsnorm.py`).
 
 Each rule is a pattern that reads like the math it matches, a check, and a
 replacement; every replacement is evaluated on the probe and kept only if it
-gives the original values.
+gives the original values. A rule that finds its construct but cannot use it
+raises NoMatch, and the fusion is reported with that reason.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import operator
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from attnfuse.kernels import ops
+from attnfuse.passes.fx import rmsnorm
 from attnfuse.passes.fx.graph import (
-    FxProbe, NoMatch, aten, close_enough,
+    FxProbe, NoMatch, Rewrite, aten, close_enough,
     is_op, only_user, remove_dead, rewrite_unless_excluded,
 )
 from attnfuse.passes.site import Fusion
@@ -22,7 +25,7 @@ from attnfuse.passes.site import Fusion
 TOLERANCE = 1e-5
 
 
-def _skip_layernorm(node: fx.Node, probe: FxProbe) -> tuple[Callable, tuple] | None:
+def _skip_layernorm(node: fx.Node, probe: FxProbe) -> Rewrite | None:
     """layer_norm(x + skip, [N], weight, beta, eps) with x and skip of the output's shape."""
     if not is_op(node, aten.layer_norm.default) or not is_op(node.args[0], aten.add.Tensor):
         return None
@@ -36,10 +39,10 @@ def _skip_layernorm(node: fx.Node, probe: FxProbe) -> tuple[Callable, tuple] | N
         return None
     beta = node.args[3] if len(node.args) > 3 else None
     eps = node.args[4] if len(node.args) > 4 else 1e-5
-    return ops.skip_layernorm, (x, skip, None, weight, beta, eps)
+    return Rewrite(ops.skip_layernorm, (x, skip, None, weight, beta, eps))
 
 
-def _bias_gelu(node: fx.Node, probe: FxProbe) -> tuple[Callable, tuple] | None:
+def _bias_gelu(node: fx.Node, probe: FxProbe) -> Rewrite | None:
     """gelu(x + bias), the bias a vector over the last dim: a linear's own, or an add's."""
     if not is_op(node, aten.gelu.default):
         return None
@@ -49,47 +52,89 @@ def _bias_gelu(node: fx.Node, probe: FxProbe) -> tuple[Callable, tuple] | None:
         return None
     if is_op(source, aten.linear.default) and len(source.args) > 2 and source.args[2] is not None:
         x, weight, bias = source.args
-        return ops.bias_gelu, (("linear", x, weight), bias, approximate)
+        return Rewrite(ops.bias_gelu, (("linear", x, weight), bias, approximate))
     if is_op(source, aten.add.Tensor) and probe.tensor(source.args[1], 0) is not None \
             and probe.tensor(source.args[1], 0).dim() == 1:
-        return ops.bias_gelu, (source.args[0], source.args[1], approximate)
+        return Rewrite(ops.bias_gelu, (source.args[0], source.args[1], approximate))
     return None
-
-
-RULES = [("skip_layernorm", _skip_layernorm), ("bias_gelu", _bias_gelu)]
 
 
 def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusion]:
     fusions = []
     for node in list(graph.nodes):
-        for op_name, rule in RULES:
-            found = rule(node, probe)
+        for op_name, rule in [("skip_layernorm", _skip_layernorm), ("bias_gelu", _bias_gelu), *rmsnorm.RULES]:
+            fusion = Fusion(f"{op_name}:{node.name}", op_name, fused=False)
+            try:
+                found = rule(node, probe)
+            except NoMatch as e:
+                fusion.reason = str(e)
+                fusions.append(fusion)
+                continue
             if found is None:
                 continue
-            fusion = Fusion(f"{op_name}:{node.name}", op_name, fused=False)
-            rewrite_unless_excluded(fusion, exclude, lambda: _replace(graph, node, *found, probe))
+            if found.name:
+                fusion.name, fusion.op = f"{found.name}:{node.name}", found.name
+            rewrite_unless_excluded(fusion, exclude, lambda: _replace(graph, found.replaces or [node], found, probe))
             fusions.append(fusion)
     remove_dead(graph)
     return fusions
 
 
-def _replace(graph: fx.Graph, node: fx.Node, function: Callable, args: tuple, probe: FxProbe) -> None:
-    first, rest = args[0], args[1:]
+def _replace(graph: fx.Graph, replaced: list[fx.Node], rewrite: Rewrite, probe: FxProbe) -> None:
+    first, rest = rewrite.args[0], rewrite.args[1:]
     inputs = []
     for run in range(probe.runs):
         # ("linear", x, weight): the linear without its bias, which moves into the fused op.
         x = F.linear(probe.get(first[1], run), probe.get(first[2], run)) if isinstance(first, tuple) \
             else probe.get(first, run)
         with torch.no_grad():
-            got = function(x, *(probe.get(a, run) for a in rest))
-        if not close_enough(got, probe.tensor(node, run), TOLERANCE):
+            got = rewrite.function(x, *(probe.get(a, run) for a in rest))
+        outputs = got if isinstance(got, tuple) else (got,)
+        if not all(close_enough(out, probe.tensor(node, run), TOLERANCE) for out, node in zip(outputs, replaced)):
             raise NoMatch("the fused op does not reproduce the original")
         inputs.append(x)
-    with graph.inserting_before(node):
+    with _insertion_point(graph, replaced, rewrite.args):
         if isinstance(first, tuple):
             first = graph.call_function(aten.linear.default, first[1:])
             for values, x in zip(probe.values, inputs):
                 values[first] = x
-        fused = graph.call_function(function, (first, *rest))
-    node.replace_all_uses_with(fused)
-    probe.alias(fused, node)
+        fused = graph.call_function(rewrite.function, (first, *rest))
+        outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(replaced))] \
+            if len(replaced) > 1 else [fused]
+    for values in probe.values:  # a proven replacement reads as the original in the probe
+        values[fused] = tuple(values[node] for node in replaced) if len(replaced) > 1 else values[replaced[0]]
+    for out, node in zip(outputs, replaced):
+        node.replace_all_uses_with(out)
+        probe.alias(out, node)
+
+
+def _insertion_point(graph: fx.Graph, replaced: list[fx.Node], args: tuple):
+    """Before the first node replaced. An argument computed later from weights alone (Gemma
+    computes its norm's 1 + weight after the residual add) moves up there first."""
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    first = min(replaced, key=order.get)
+    moved: set[fx.Node] = set()
+
+    def hoist(node: fx.Node) -> None:
+        if order[node] < order[first] or node in moved:
+            return
+        if node in replaced or node.op == "placeholder":
+            raise NoMatch("an argument of the fused op depends on what it replaces")
+        for a in node.all_input_nodes:
+            hoist(a)
+        first.prepend(node)
+        moved.add(node)
+
+    for arg in _nodes_in(args):
+        hoist(arg)
+    return graph.inserting_before(first)
+
+
+def _nodes_in(args) -> list[fx.Node]:
+    found = []
+    for a in args:
+        if isinstance(a, fx.Node):
+            found.append(a)
+        elif isinstance(a, (tuple, list)):
+            found.extend(_nodes_in(a))
+    return found

@@ -6,6 +6,7 @@ values its nodes take on real inputs, not by which aten ops spell it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +18,17 @@ aten = torch.ops.aten
 
 class NoMatch(Exception):
     """A rewrite does not apply; the message says what did not fit."""
+
+
+@dataclass
+class Rewrite:
+    """What a fusion rule found: function(*args) replaces `replaces` (its outputs, in order;
+    by default the node the rule looked at). `name` overrides the rule's op name."""
+
+    function: Callable
+    args: tuple
+    replaces: list[fx.Node] = field(default_factory=list)
+    name: str = ""
 
 
 # Ops that only move or view data: walking through them keeps "the same tensor".
@@ -60,10 +72,78 @@ class FxProbe:
         value = self.get(node, run)
         return value if isinstance(value, torch.Tensor) else None
 
+    def record(self, *nodes: fx.Node) -> None:
+        """Evaluate nodes a rewrite just added (in order) on every run, so later passes see their values."""
+        for run, values in enumerate(self.values):
+            for node in nodes:
+                with torch.no_grad():
+                    values[node] = evaluate(node, {}, self, run)
+
 
 class _Recorder(fx.Interpreter):
     def __init__(self, module: fx.GraphModule):
         super().__init__(module, garbage_collect_values=False)
+
+
+def evaluate(node: fx.Node, env: dict[fx.Node, Any], probe: FxProbe, run: int) -> Any:
+    """`node`'s op on its arguments' values: from `env` where given, else from the probe."""
+
+    def value(a):
+        if isinstance(a, fx.Node):
+            return env[a] if a in env else probe.get(a, run)
+        if isinstance(a, (list, tuple)):
+            return type(a)(value(x) for x in a)
+        return a
+
+    return node.target(*value(node.args), **{k: value(v) for k, v in node.kwargs.items()})
+
+
+def between(source: fx.Node, output: fx.Node, limit: int = 64) -> list[fx.Node] | None:
+    """The nodes on the paths from `source` to `output` (output included, source not), in
+    graph order; None if `output` does not depend on `source` within `limit` nodes."""
+    ancestors, frontier = set(), [output]
+    while frontier and len(ancestors) <= limit:
+        node = frontier.pop()
+        if node in ancestors or node is source:
+            continue
+        ancestors.add(node)
+        frontier.extend(node.all_input_nodes)
+    region = {node for node in ancestors if _depends_on(node, source, ancestors)}
+    if output not in region:
+        return None
+    return [node for node in output.graph.nodes if node in region]
+
+
+def _depends_on(node: fx.Node, source: fx.Node, within: set[fx.Node]) -> bool:
+    seen, frontier = set(), [node]
+    while frontier:
+        current = frontier.pop()
+        if current is source:
+            return True
+        if current in seen or current not in within:
+            continue
+        seen.add(current)
+        frontier.extend(current.all_input_nodes)
+    return False
+
+
+def region_inputs(region: list[fx.Node], source: fx.Node) -> list[fx.Node]:
+    """What the region reads besides `source` and its own nodes, in first-read order."""
+    inside, found = set(region) | {source}, []
+    for node in region:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg not in found:
+                found.append(arg)
+    return found
+
+
+def evaluate_region(region: list[fx.Node], source: fx.Node, value: torch.Tensor, probe: FxProbe, run: int) -> Any:
+    """The region's output with `source` replaced by `value` (everything else as on the probe)."""
+    env = {source: value}
+    with torch.no_grad():
+        for node in region:
+            env[node] = evaluate(node, env, probe, run)
+    return env[region[-1]]
 
 
 def rewrite_unless_excluded(item, exclude: frozenset[str], rewrite: Callable[[], None]) -> None:

@@ -29,8 +29,10 @@ ELEMENTWISE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar, aten.neg.default,
     aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.silu.default,
     aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
-    aten.alias.default, ops.bias_gelu, ops.skip_layernorm,
+    aten.alias.default, ops.bias_gelu, ops.skip_layernorm, ops.rms_norm, ops.rotary, ops.skip_rms_norm,
 }
+# Token-wise ops with several outputs, each of their first argument's form (read through getitem).
+MULTI_OUTPUT = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, ops.skip_rms_norm}
 ROW_WISE = {aten.linear.default, aten.layer_norm.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # Layout ops, with (position, default) of each dim argument: they must not touch the token dims.
@@ -170,7 +172,7 @@ def _run_packed(node: fx.Node, packer: Packer) -> bool:
             return True
         return False
     out = packer.form(node)
-    if out is None and node.target not in (aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default):
+    if out is None and node.target not in MULTI_OUTPUT:
         return False
     plan = _operand_plan(node, out, packer)
     if plan is None:
@@ -201,6 +203,8 @@ def _operand_plan(node: fx.Node, out: Form | None, packer: Packer) -> list[tuple
         if form is None or (out is not None and out != form) or not _dims_clear(node, form, packer):
             return None
         return [(0, "pack")]
+    if out is None and target in ELEMENTWISE:  # several outputs, like its first argument
+        out = packer.form(node.args[0])
     if out is None:
         return None
     if target in ROW_WISE:
@@ -213,8 +217,9 @@ def _operand_plan(node: fx.Node, out: Form | None, packer: Packer) -> list[tuple
         return [(x_index, "pack")]
     if target in ELEMENTWISE:
         plan = []
+        rank = (packer.value(node) if node.target not in MULTI_OUTPUT else packer.value(node.args[0])).dim()
         for i, a in args:
-            how = _elementwise_operand(a, out, packer.value(node).dim(), packer)
+            how = _elementwise_operand(a, out, rank, packer)
             if how is None:
                 return None
             if how != "as is":

@@ -31,7 +31,7 @@ HEAD_REPEATS = {"Expand", "Tile"}  # grouped-query attention repeats k and v hea
 class ScoreStep:
     """One op between the q @ k^T MatMul and the Softmax, in the order applied."""
 
-    kind: str  # "scale" | "add" | "sub" | "where" | "reshape"
+    kind: str  # "scale" | "add" | "sub" | "where" | "reshape" | "tanh"
     value: ir.Value | None = None  # the term added, the scale factor, or the Where condition
     factor: float = 1.0  # "scale": the number the scores are multiplied by
     divide: bool = False  # "scale": the graph divides by `value`
@@ -48,6 +48,7 @@ class Candidate:
     output_node: ir.Node | None = None  # produces site.output
     operands: tuple[Heads, Heads, Heads] | None = None  # q, k, v as the graph holds them
     nan_guard: bool = False  # rows whose keys are all masked come out zero (SDPA), not NaN
+    value_size: int = 0  # v's head size (q and k have site.head_size)
 
 
 def find_sites(graph: ir.Graph, probe, exclude=frozenset()) -> list[Candidate | AttentionSite]:
@@ -89,13 +90,31 @@ def match(softmax: ir.Node, site: AttentionSite, probe) -> Candidate:
     batch, heads, seqlen, head_size = wanted[0][0].shape
     if q.heads != heads or k.heads != v.heads:
         raise NoMatch(f"q has {q.heads} of {heads} heads, k {k.heads} and v {v.heads}")
-    v_size = wanted[2][0].shape[-1]
+    v_size = int(wanted[2][0].shape[-1])
     output = walk_head_merge(pv.outputs[0], (batch, seqlen, heads * v_size), probe)
     site.q, site.k, site.v, site.output = q.value, k.value, v.value, output
     site.num_heads, site.head_size = int(heads), int(head_size)
-    site.scale = float(q.factor * k.factor * np.prod([s.factor for s in steps if s.kind == "scale"]))
+    site.softcap, scale = _softcap(steps)
+    site.scale = float(q.factor * k.factor * scale)
     return Candidate(site=site, softmax=softmax, steps=steps, output_node=output.producer(), operands=(q, k, v),
-                     nan_guard=guarded)
+                     nan_guard=guarded, value_size=v_size)
+
+
+def _softcap(steps: list[ScoreStep]) -> tuple[float, float]:
+    """(c, the scale) for scores c * tanh(scale * q.k / c) before any mask; (0, the scale) without Tanh."""
+    tanhs = [i for i, step in enumerate(steps) if step.kind == "tanh"]
+    if not tanhs:
+        return 0.0, float(np.prod([step.factor for step in steps if step.kind == "scale"]))
+    if len(tanhs) > 1:
+        raise NoMatch("the scores go through Tanh more than once")
+    i = tanhs[0]
+    after = [step for step in steps[i + 1:] if step.kind != "reshape"]
+    if any(step.kind != "scale" for step in steps[:i] if step.kind != "reshape") or not after \
+            or after[0].kind != "scale" or any(step.kind == "scale" for step in after[1:]):
+        raise NoMatch("Tanh on the scores is not c * tanh(scores / c) ahead of the mask")
+    cap = after[0].factor
+    before = float(np.prod([step.factor for step in steps[:i] if step.kind == "scale"]))
+    return float(cap), before * cap
 
 
 def _heads_first(x: np.ndarray, scores: np.ndarray, probe, run: int, transposed: bool) -> np.ndarray:
@@ -145,6 +164,9 @@ def walk_scores(logits: ir.Value, probe) -> tuple[ir.Node, list[ScoreStep]]:
             steps.reverse()
             return node, steps
         if op in ("Cast", "Identity", "Dropout"):
+            value = node.inputs[0]
+        elif op == "Tanh":  # logit soft-capping: c * tanh(s / c)
+            steps.append(ScoreStep("tanh", rank=rank))
             value = node.inputs[0]
         elif op in ("Reshape", "Unsqueeze", "Squeeze"):
             steps.append(ScoreStep("reshape", rank=rank))
@@ -212,7 +234,7 @@ def _reaches_scores(value: ir.Value, probe, depth: int = 0) -> bool:
         return False
     if node.op_type == "MatMul":
         return not _is_projection(node, probe)
-    if node.op_type in ("Cast", "Identity", "Dropout", "Reshape", "Unsqueeze", "Squeeze"):
+    if node.op_type in ("Cast", "Identity", "Dropout", "Reshape", "Unsqueeze", "Squeeze", "Tanh"):
         return _reaches_scores(node.inputs[0], probe, depth + 1)
     if node.op_type in ("Mul", "Div", "Add", "Sub"):
         return any(_reaches_scores(x, probe, depth + 1) for x in node.inputs[:2])

@@ -16,7 +16,7 @@ def canonicalize(graph: ir.Graph, probe) -> None:
 def _is_noop(node: ir.Node, probe) -> bool:
     if node.domain not in ("", "ai.onnx") or node.outputs[0].is_graph_output():
         return False
-    if node.op_type == "Identity":
+    if node.op_type == "Identity" or (node.op_type == "Concat" and len(node.inputs) == 1):
         return True
     if node.op_type == "Dropout":  # inference: Dropout is the identity
         return len(node.outputs) == 1 or not node.outputs[1].uses()

@@ -80,9 +80,11 @@ def runs_seeing(values: Sequence[ir.Value], probe) -> list[int]:
     runs = None
     for value in values:
         seen = set(probe.runs_seeing(value.name)) if value.name else set()
+        if not seen:
+            raise NoMatch(f"no value was observed for {value.name!r}")
         runs = seen if runs is None else runs & seen
     if not runs:
-        raise NoMatch(f"no value was observed for {values[0].name!r}" if values else "nothing to observe")
+        raise NoMatch(f"no run observed all of {', '.join(repr(v.name) for v in values)}")
     return sorted(runs)
 
 

@@ -14,25 +14,35 @@ import onnx_ir as ir
 
 from attnfuse.passes.onnx.attention import Candidate, ScoreStep
 from attnfuse.passes.onnx.gelu import split_bias
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, constant, observed
-from attnfuse.passes.onnx.heads import TOKENS, TOKENS_HEADS, as_heads_first, as_tokens, repeated
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed
+from attnfuse.passes.onnx.heads import HEADS_FIRST, TOKENS, TOKENS_HEADS, Heads, as_heads_first, as_tokens, repeated
 
 
 def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Value, ir.Value | None]:
     """Build MultiHeadAttention for `candidate`; returns (output, attention_bias or None)."""
-    site = candidate.site
-    dtype = observed(candidate.softmax.inputs[0], probe).dtype
     inputs = attention_inputs(candidate, probe, builder)
-    bias = additive_bias(candidate.steps, site.num_heads, probe, builder, dtype)
-    if bias is not None:
-        # The very numbers the graph adds: two masks of finfo.min add up to -inf, which weighs a
-        # key less than one of finfo.min in a row that masks every key, as in the original.
-        shape = builder.op("Concat", [builder.const([1, 1], np.int64), inputs.lengths], {"axis": 0})
-        bias = builder.op("Expand", [bias, shape])
+    bias = score_bias(candidate, probe, builder, inputs.lengths)
     output = multi_head_attention(candidate, probe, builder, inputs, attention_bias=bias)
-    if bias is not None and candidate.nan_guard:  # a row of -inf gives NaN; the original's guard gives 0
-        output = builder.op("Where", [builder.op("IsNaN", [output]), builder.const(np.zeros((), dtype)), output])
-    return output, bias
+    return _guarded(candidate, probe, builder, output, bias), bias
+
+
+def score_bias(candidate: Candidate, probe, b: Builder, lengths: ir.Value) -> ir.Value | None:
+    """What the graph adds to the scores, as a [b or 1, heads or 1, S, T] attention_bias (`lengths`: [S, T]).
+    The very numbers the graph adds: two masks of finfo.min add up to -inf, which weighs a key less
+    than one of finfo.min in a row that masks every key, as in the original."""
+    dtype = observed(candidate.softmax.inputs[0], probe).dtype
+    bias = additive_bias(candidate.steps, candidate.site.num_heads, probe, b, dtype)
+    if bias is None:
+        return None
+    return b.op("Expand", [bias, b.op("Concat", [b.const([1, 1], np.int64), lengths], {"axis": 0})])
+
+
+def _guarded(candidate: Candidate, probe, b: Builder, output: ir.Value, bias: ir.Value | None) -> ir.Value:
+    """A row of -inf scores gives NaN; where the original guards it (SDPA), zeros."""
+    if bias is None or not candidate.nan_guard:
+        return output
+    dtype = observed(candidate.site.output, probe).dtype
+    return b.op("Where", [b.op("IsNaN", [output]), b.const(np.zeros((), dtype)), output])
 
 
 @dataclass
@@ -52,7 +62,7 @@ def attention_inputs(candidate: Candidate, probe, b: Builder) -> AttentionInputs
     heads first [B, H, T, D], repeated up to q's heads (grouped-query attention)."""
     site = candidate.site
     q, k, v = candidate.operands
-    sizes = (site.head_size, site.head_size, _value_size(candidate, probe))
+    sizes = (site.head_size, site.head_size, candidate.value_size)
     q_tokens = as_tokens(b, q, sizes[0])
     seq_q = b.op("Shape", [q_tokens], {"start": 1, "end": 2})
     if all(x.layout in (TOKENS, TOKENS_HEADS) and x.heads == site.num_heads for x in (k, v)):
@@ -66,10 +76,83 @@ def attention_inputs(candidate: Candidate, probe, b: Builder) -> AttentionInputs
     return AttentionInputs(q_tokens, k4, v4, None, b.op("Concat", [seq_q, seq_k], {"axis": 0}))
 
 
-def _value_size(candidate: Candidate, probe) -> int:
-    """v's head size: the merged output's width ([B, S, H*Dv] or [B, S, H, Dv]) over the heads."""
+def cache_concat(x: Heads) -> ir.Node | None:
+    """The Concat(past, new) along the length of heads-first k or v (a KV cache), or None."""
+    node = x.value.producer()
+    if x.layout != HEADS_FIRST or node is None or node.op_type != "Concat" or len(node.inputs) != 2:
+        return None
+    return node if attr(node, "axis") in (2, -2) else None
+
+
+def group_query_attention(candidate: Candidate, probe, b: Builder
+                          ) -> tuple[list[tuple[ir.Value, ir.Value]], ir.Value | None]:
+    """GroupQueryAttention for self-attention whose k and v hold fewer heads than q, or come with a
+    KV cache: k and v are not repeated, the cache is appended inside, and the graph's own mask is the
+    attention_bias (every cached position counts, so left padding is masked by the bias).
+    Returns the claims to prove (the output, and the caches' Concat outputs: present k and v) and
+    the attention_bias."""
     site = candidate.site
-    return int(np.prod(observed(site.output, probe).shape[2:])) // site.num_heads
+    q, k, v = candidate.operands
+    size, v_size = site.head_size, candidate.value_size
+    if v_size != size:
+        raise NoMatch("GroupQueryAttention needs one head size for q, k and v")
+    concats = [cache_concat(x) for x in (k, v)]
+    if any(concats) and not all(concats):
+        raise NoMatch("only one of k and v comes with a cache")
+    q_tokens = as_tokens(b, q, size)
+    if all(concats):
+        (past_k, new_k), (past_v, new_v) = (node.inputs for node in concats)
+        new = [Heads(value, HEADS_FIRST, k.heads) for value in (new_k, new_v)]
+        past_length = b.op("Shape", [past_k], {"start": 2, "end": 3})
+    else:
+        past_k = past_v = None
+        new = [k, v]
+        past_length = b.const([0], np.int64)
+    key, value = (as_tokens(b, x, size) for x in new)
+    batch = b.op("Shape", [q_tokens], {"end": 1})
+    length = b.op("Shape", [q_tokens], {"start": 1, "end": 2})
+    total = b.op("Add", [past_length, length])
+    as_int32 = lambda x: b.op("Cast", [x], {"to": ir.DataType.INT32})  # noqa: E731
+    per_row = lambda x: as_int32(b.op("Expand", [x, batch]))  # noqa: E731
+    seqlens_k = per_row(b.op("Sub", [total, b.const([1], np.int64)]))
+    total_length = as_int32(b.op("Squeeze", [total, b.const([0], np.int64)]))
+    attention_bias = score_bias(candidate, probe, b, b.op("Concat", [length, total], {"axis": 0}))
+    inputs = [q_tokens, key, value, past_k, past_v, seqlens_k, total_length, None, None, None, attention_bias]
+    if past_k is not None:  # every new token is real here: the bias masks what is not
+        inputs += [None, None, None, None, None, per_row(length)]
+    # With a cache, query_seqlens needs causal=1 (bottom-right, as a cache is): the bias masks the rest.
+    attributes = {"num_heads": site.num_heads, "kv_num_heads": k.heads, "scale": site.scale,
+                  "causal": int(site.causal or past_k is not None)}
+    if site.softcap:
+        attributes["softcap"] = site.softcap
+    output, present_k, present_v = b.op("GroupQueryAttention", inputs, attributes, domain=MS_DOMAIN, num_outputs=3,
+                                        name=f"{site.name}/GroupQueryAttention")
+    output = _guarded(candidate, probe, b, like_merged(site, probe, b, output), attention_bias)
+    claims = [(site.output, output)]
+    if all(concats):
+        claims += [(concats[0].outputs[0], present_k), (concats[1].outputs[0], present_v), *_shapes_without(concats, b)]
+    return claims, attention_bias
+
+
+def _shapes_without(concats: list[ir.Node], b: Builder) -> list[tuple[ir.Value, ir.Value]]:
+    """Graphs read the total length off the cache's Concat (Shape(present)) to build their masks,
+    which this op now reads: claims that the shape is the same computed from the Concat's inputs,
+    so that the Concat can go (and no cycle is made)."""
+    claims = []
+    for concat in concats:
+        for reader in [use.node for use in concat.outputs[0].uses()
+                       if use.node.op_type == "Shape" and use.node.graph is not None]:  # not another rewrite's
+            past, new = concat.inputs
+            axis = b.const([attr(concat, "axis")], np.int64)
+            shape = b.op("Shape", [past])
+            length = b.op("Add", [b.op("Gather", [shape, axis]), b.op("Gather", [b.op("Shape", [new]), axis])])
+            total = b.op("ScatterElements", [shape, axis, length])
+            start, end = attr(reader, "start", 0), attr(reader, "end", None)
+            if start or end is not None:
+                ends = [end if end is not None else np.iinfo(np.int64).max]
+                total = b.op("Slice", [total, b.const([start], np.int64), b.const(ends, np.int64)])
+            claims.append((reader.outputs[0], total))
+    return claims
 
 
 def multi_head_attention(candidate: Candidate, probe, builder: Builder, inputs: AttentionInputs | None = None, *,
@@ -84,10 +167,15 @@ def multi_head_attention(candidate: Candidate, probe, builder: Builder, inputs: 
         domain=MS_DOMAIN,
         name=f"{site.name}/MultiHeadAttention",
     )
+    return like_merged(site, probe, builder, output)
+
+
+def like_merged(site, probe, b: Builder, output: ir.Value) -> ir.Value:
+    """A fused op's [B, S, hidden] output in the shape of the merged output it replaces."""
     merged = observed(site.output, probe)
-    if merged.ndim != 3:
-        output = builder.op("Reshape", [output, builder.const([-1, *merged.shape[1:]], np.int64)])
-    return output
+    if merged.ndim == 3:
+        return output
+    return b.op("Reshape", [output, b.const([-1, *merged.shape[1:]], np.int64)])
 
 
 def _projection_bias(qkv: list[ir.Value], sizes, heads: int, probe, builder: Builder

@@ -15,7 +15,9 @@ from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import attention, heads, lower_sparse, masks
 from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, runs_seeing
-from attnfuse.passes.onnx.lower_ort import lower_to_mha, multi_head_attention
+from attnfuse.passes.onnx.lower_ort import (
+    cache_concat, group_query_attention, like_merged, lower_to_mha, multi_head_attention,
+)
 from attnfuse.passes.onnx.padding_free import real_tokens
 from attnfuse.passes.onnx.proof import evaluate, first_run, prove, relative_error, substitute
 from attnfuse.passes.site import AttentionSite
@@ -30,32 +32,40 @@ def fuse_attention(graph: ir.Graph, probe, exclude, mode: modes.AttentionMode, m
             sites.append(found)
             continue
         try:
-            builder, output = lower(found, probe, graph, mask_input, mode)
+            builder, claims = lower(found, probe, graph, mask_input, mode)
         except NoMatch as why:
             found.site.reason = str(why)
             sites.append(found.site)
             continue
         builder.commit(graph, after=found.output_node)
-        substitute([(found.site.output, output)], probe)
+        substitute(claims, probe)
         found.site.fused = True
         sites.append(found.site)
     return sites
 
 
-def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) -> tuple[Builder, ir.Value]:
+def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) -> tuple[Builder, list]:
+    """The fused form of a matched site, proved; returns its builder and the claims (original value,
+    replacement) it proved."""
     site = found.site
+    q, k, v = found.operands
+    site.kv_heads = k.heads
+    site.cache = kinds.CACHE_PAST if cache_concat(k) else kinds.CACHE_CROSS if _from_inputs(k) else kinds.CACHE_NONE
+    if site.softcap:  # only GroupQueryAttention soft-caps
+        return _grouped(found, probe, graph)
     builder = Builder(site.name)
     output, bias = lower_to_mha(found, probe, builder)
     extras = prove(builder.nodes, [(site.output, output)], probe, [bias] if bias is not None else [], opset(graph))
-    bias_value = extras[0] if extras else None
-    masks.describe(bias_value, site)
+    _describe(site, extras[0] if extras else None, probe)
     site.extras["node"] = f"{site.name}/MultiHeadAttention"
-    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias_value, probe.inputs(first_run(site.output, probe)).real)
-    if site.bias == kinds.BIAS_ALIBI:
-        site.alibi_slopes = masks.alibi_slopes(bias_value)
     key_real = _key_real(site, mask_input)
     if mode.approximate:
         return _approximate(found, probe, graph, mode, key_real)
+    if site.cache == kinds.CACHE_PAST or k.heads < site.num_heads:
+        try:
+            return _grouped(found, probe, graph)
+        except NoMatch as why:  # MultiHeadAttention is exact too; keep it
+            site.extras["grouped_not_lowered"] = str(why)
     if site.mask == kinds.MASK_KEY_PADDING and site.bias == kinds.BIAS_NONE and key_real:
         return _key_padding(found, probe, graph, key_real)
     if site.mask == kinds.MASK_WINDOW and site.bias == kinds.BIAS_NONE:
@@ -63,10 +73,38 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
             return _exact_window(found, probe, graph, key_real)
         except NoMatch as why:  # MultiHeadAttention is exact too; keep it and say why
             site.extras["window_not_lowered"] = str(why)
-    return builder, output
+    return builder, [(site.output, output)]
 
 
-def _key_padding(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
+def _describe(site, bias: np.ndarray | None, probe) -> None:
+    """The site's mask and bias kinds, read from the values of the bias the fused op is given."""
+    masks.describe(bias, site)
+    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias, probe.inputs(first_run(site.output, probe)).real)
+    if site.bias == kinds.BIAS_ALIBI:
+        site.alibi_slopes = masks.alibi_slopes(bias)
+
+
+def _grouped(found, probe, graph) -> tuple[Builder, list]:
+    """GroupQueryAttention: k and v heads not repeated, the cache appended inside, soft-capping.
+    Proved, present k and v included."""
+    site = found.site
+    b = Builder(site.name)
+    claims, bias = group_query_attention(found, probe, b)
+    extras = prove(b.nodes, claims, probe, [bias] if bias is not None else [], opset=opset(graph))
+    _describe(site, extras[0] if extras else None, probe)
+    site.extras["node"] = f"{site.name}/GroupQueryAttention"
+    return b, claims
+
+
+def _from_inputs(x) -> bool:
+    """k or v read from a graph input, through layout ops at most (cross-attention over an encoder's cache)."""
+    value = x.value
+    while (node := value.producer()) is not None and node.op_type in attention.LAYOUT_OPS:
+        value = node.inputs[0]
+    return value.is_graph_input()
+
+
+def _key_padding(found, probe, graph, key_real) -> tuple[Builder, list]:
     """Plain key padding: the mask input itself as MultiHeadAttention's key_padding_mask, instead
     of a [B, 1, S, T] bias (which costs S x T memory and time on long sequences). Proved."""
     site = found.site
@@ -74,7 +112,7 @@ def _key_padding(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
     mask = b.op("Cast", [key_real(b)], {"to": ir.DataType.INT32})
     out = multi_head_attention(found, probe, b, key_padding_mask=mask)
     prove(b.nodes, [(site.output, out)], probe, opset=opset(graph))
-    return b, out
+    return b, [(site.output, out)]
 
 
 def _tokens_only(found) -> None:
@@ -84,7 +122,7 @@ def _tokens_only(found) -> None:
         raise NoMatch("q, k and v are not [batch, seq, hidden] with every head (a cache, or grouped heads)")
 
 
-def _exact_window(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
+def _exact_window(found, probe, graph, key_real) -> tuple[Builder, list]:
     """A banded mask: attention over each query's band only, proved like any rewrite."""
     _tokens_only(found)
     site = found.site
@@ -92,13 +130,13 @@ def _exact_window(found, probe, graph, key_real) -> tuple[Builder, ir.Value]:
     left, right = site.window
     out = lower_sparse.windowed(b, site.q, site.k, site.v, **_geometry(site, probe, found), left=left, right=right,
                                 causal=site.causal, global_tokens=0, key_real=key_real(b) if key_real else None)
-    out = _like_output(b, out, site, probe)
+    out = like_merged(site, probe, b, out)
     prove(b.nodes, [(site.output, out)], probe, opset=opset(graph))
     site.extras["node"] = None
-    return b, out
+    return b, [(site.output, out)]
 
 
-def _approximate(found, probe, graph, mode, key_real) -> tuple[Builder, ir.Value]:
+def _approximate(found, probe, graph, mode, key_real) -> tuple[Builder, list]:
     site = found.site
     allowed = {kinds.MASK_NONE, kinds.MASK_KEY_PADDING, kinds.MASK_CAUSAL, kinds.MASK_CAUSAL_PADDING}
     if site.mask not in allowed or site.bias != kinds.BIAS_NONE:
@@ -119,10 +157,10 @@ def _approximate(found, probe, graph, mode, key_real) -> tuple[Builder, ir.Value
         feature_map = "elu" if mode.kind == modes.ELU else "favor"
         out = lower_sparse.linear(b, site.q, site.k, site.v, feature_map=feature_map, features=mode.features,
                                   seed=mode.seed, causal=site.causal, **common)
-    out = _like_output(b, out, site, probe)
+    out = like_merged(site, probe, b, out)
     site.extras["node"] = None
     site.extras["approximation"] = _measure(b, out, site, probe, opset(graph), str(mode))
-    return b, out
+    return b, [(site.output, out)]
 
 
 def _measure(b: Builder, out: ir.Value, site, probe, version: int, mode: str) -> dict:
@@ -157,11 +195,3 @@ def _key_real(site, mask_input):
         return None
 
     return lambda b: real_tokens(b, mask_input)
-
-
-def _like_output(b: Builder, out: ir.Value, site, probe) -> ir.Value:
-    """The merged [B, S, hidden] result in the rank of the tensor it replaces."""
-    merged = observed(site.output, probe)
-    if merged.ndim == 3:
-        return out
-    return b.op("Reshape", [out, b.const([-1, *merged.shape[1:]], np.int64)])
