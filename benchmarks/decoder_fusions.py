@@ -8,11 +8,14 @@ and sin gathered from a constant table, the fused op reading the table and the p
 is also compared with the fused op reading one cos/sin row per token.
 
 `--model` adds the benchmark Llama (4 layers, attnfuse/models/decoders/bench.py) with its
-attention fused, then RMSNorm, rotary and both on top (padding-free off).
+attention fused, then RMSNorm, rotary and both on top (padding-free off), and the kernel time
+of each step outside the matmuls and attention (ONNX Runtime's profiler), where the fused
+ops' gain is not lost in the run-to-run spread of a whole model.
 
-ONNX Runtime with 2 threads and its own graph optimizations on, median of interleaved runs.
+ONNX Runtime with 2 threads and its own graph optimizations on, median of interleaved runs
+(2000 of them for a decode step's ops, which take microseconds; 100 of the model's decode step).
 
-    python -m benchmarks.decoder_fusions [--repeats 30] [--model] [--out results.json]
+    python -m benchmarks.decoder_fusions [--repeats 30] [--model [--model-repeats 7]] [--out results.json]
 
 (from the repository root).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import pathlib
 import sys
 
 import numpy as np
@@ -34,8 +38,10 @@ from attnfuse.optimizer.api import capture, make_config
 from attnfuse.passes.onnx import prepare, run_passes
 from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
+RESULTS = pathlib.Path(__file__).parent / "results"
 HIDDEN, HEADS, KV_HEADS, HEAD_SIZE = 1024, 16, 4, 64
 SHAPES = {"prefill 8x256": (8, 256, 0), "decode 8x1": (8, 1, 256)}  # batch, new tokens, position of the first
+DECODE_REPEATS = 2000  # a decode step's op takes some 20 us: many runs for a median that holds still
 NORM = spellings.NormSpelling(hidden=HIDDEN)
 ROTARY = spellings.RotarySpelling(heads=HEADS, kv_heads=KV_HEADS, head_size=HEAD_SIZE, rotary=HEAD_SIZE, table_rows=2048)
 
@@ -78,7 +84,8 @@ def measure_ops(repeats: int) -> list[dict]:
         sessions = {name: ort_session(model, threads=2) for name, model in contenders.items()}
         for shape_name, shape in SHAPES.items():
             feeds = op_feeds(contenders["decomposed"], *shape)
-            records += _timed(construct, shape_name, sessions, feeds, "decomposed", repeats)
+            runs = repeats if shape[1] > 1 else DECODE_REPEATS
+            records += _timed(construct, shape_name, sessions, feeds, "decomposed", runs)
     return records
 
 
@@ -96,6 +103,7 @@ def _timed(construct: str, shape_name: str, sessions: dict, feeds: dict, baselin
 NORMS = {"SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"}
 MODEL_VARIANTS = {"attention only": set(), "+ RMSNorm": NORMS, "+ rotary": {"RotaryEmbedding"},
                   "+ both": NORMS | {"RotaryEmbedding"}}
+DECODE_MODEL_REPEATS = 100  # a decode step of the 4-layer model takes some 50 ms
 MODEL_STEPS = {"prefill 8x256": inputs.Step(new=256, lengths=(256,) * 8),
                "decode 8x1": inputs.Step(new=1, past=256, lengths=(257,) * 8)}
 
@@ -121,7 +129,45 @@ def measure_model(repeats: int, vocab: int) -> list[dict]:
     records = []
     for step_name, step in MODEL_STEPS.items():
         feeds = {k: v.numpy() for k, v in bench.bench_inputs(step, vocab_size=vocab).items()}
-        records += _timed("Llama, 4 layers", step_name, sessions, feeds, "attention only", repeats)
+        runs = repeats if step.new > 1 else DECODE_MODEL_REPEATS
+        records += _timed("Llama, 4 layers", step_name, sessions, feeds, "attention only", runs)
+    return records
+
+
+def kernel_times(model: bytes, feeds: dict, runs: int = 3) -> dict[str, float]:
+    """ms per run spent in each op type's kernels (ONNX Runtime's profiler): within one model,
+    the time of the ops a fusion replaces stands out of the matmuls' noise."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.enable_profiling, options.log_severity_level = 2, True, 3
+    options.profile_file_prefix = str(RESULTS / "profile")
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for _ in range(runs):
+        session.run(None, feeds)
+    trace = pathlib.Path(session.end_profiling())
+    times: dict[str, float] = {}
+    for event in json.loads(trace.read_text()):
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event["args"]["op_name"]
+            times[op] = times.get(op, 0.0) + event["dur"] / 1e3 / runs
+    trace.unlink()
+    return times
+
+
+def measure_kernels(vocab: int) -> list[dict]:
+    """Each step's kernel time outside the matmuls and attention, attention-only against both fusions."""
+    path = bench.llama_bench_model(vocab_size=vocab)["past"]
+    models = model_variants(path)
+    records = []
+    for step_name, step in MODEL_STEPS.items():
+        feeds = {k: v.numpy() for k, v in bench.bench_inputs(step, vocab_size=vocab).items()}
+        for name in ("attention only", "+ both"):
+            times = kernel_times(models[name], feeds, runs=3 if step.new > 1 else 50)
+            rest = {op: round(t, 3) for op, t in sorted(times.items(), key=lambda item: -item[1])
+                    if op not in ("MatMul", "FusedMatMul", "GroupQueryAttention", "MultiHeadAttention")}
+            records.append({"step": step_name, "variant": name, "other_ops_ms": round(sum(rest.values()), 2),
+                            "by_op": {op: t for op, t in rest.items() if t >= 0.01 * sum(rest.values())}})
     return records
 
 
@@ -129,19 +175,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--model", action="store_true", help="also the 4-layer benchmark Llama (minutes)")
-    parser.add_argument("--model-repeats", type=int, default=7)
+    parser.add_argument("--model-repeats", type=int, default=7, help="of the model's prefill")
     parser.add_argument("--vocab", type=int, default=1024, help="the benchmark Llama's vocabulary (small: the "
                         "weight stays on the layers)")
     parser.add_argument("--out", help="write the records as JSON")
     args = parser.parse_args(argv)
     records = measure_ops(args.repeats)
+    kernels = []
     if args.model:
         records += measure_model(args.model_repeats, args.vocab)
+        kernels = measure_kernels(args.vocab)
     print(table(["construct", "shape", "contender", "median ms", "speedup", "max rel error"],
                 [[r["construct"], r["shape"], r["contender"], r["median_ms"], f"{r['speedup']:.2f}x",
                   f"{r['max_rel_error']:.1e}"] for r in records]))
+    for record in kernels:
+        print(f"{record['step']}, {record['variant']}: kernels besides matmuls and attention {record['other_ops_ms']} ms "
+              f"{record['by_op']}")
     if args.out:
-        io.write_text(args.out, json.dumps(records, indent=2))
+        io.write_text(args.out, json.dumps({"timings": records, "kernels": kernels}, indent=2))
     return 0
 
 

@@ -38,6 +38,7 @@ OPS = frozenset({"Mul", "Add", "Sub", "Neg", "Slice", "Split", "Concat", "Reshap
                  "Transpose", "Gather", "Cast"})
 _WALK_LIMIT = 64  # nodes: a rotary with its layout ops is some 10 to 20
 HALF, EVEN, WHOLE = "first half", "even entries", "whole"  # which part of a cos row is the cache row
+HEAD_TRANSPOSE = (0, 2, 1, 3)  # [B, S, H, D] <-> [B, H, S, D]
 
 
 @dataclass(frozen=True)
@@ -289,14 +290,24 @@ class _Caches:
         builder = Builder(rotary.name)
         layout, x = rotary.layout, rotary.x
         attributes = {"interleaved": int(rotary.interleaved)}
-        if rotary.width < layout.head_size or layout.rank == 3 or layout.token_axis == 1:
+        if rotary.width < layout.head_size or layout.rank == 3:
             attributes.update(rotary_embedding_dim=rotary.width, num_heads=layout.heads)
-        # [B, S, H, D] goes in as [B, S, H*D] (the op reads 4-D input as [B, H, S, D]).
-        given = x if layout.rank == 3 or layout.token_axis == 2 else \
-            builder.op("Reshape", [x, builder.const([0, 0, -1], np.int64)])
-        out = builder.op(OP, [given, positions, cos_cache, sin_cache], attributes, domain=MS_DOMAIN, name=f"{rotary.name}/{OP}")
-        if given is not x:
-            out = builder.op("Reshape", [out, builder.op("Shape", [x])])
+        heads_first = layout.rank == 4 and layout.token_axis == 2
+        tokens = _before_head_transpose(x) if heads_first else (x if layout.rank == 4 else None)
+        if tokens is not None:
+            # [B, S, H, D] goes in as [B, S, H*D] (the op reads 4-D input as [B, H, S, D]). Heads-first x
+            # is rotated before its head transpose, which then follows the op: ONNX Runtime cancels
+            # it against attention's transpose back, as it does around the decomposed rotary.
+            attributes.update(rotary_embedding_dim=rotary.width, num_heads=layout.heads)
+            given = builder.op("Reshape", [tokens, builder.const([0, 0, -1], np.int64)])
+        else:
+            given = x
+        out = builder.op(OP, [given, positions, cos_cache, sin_cache], attributes, domain=MS_DOMAIN,
+                         name=f"{rotary.name}/{OP}")
+        if tokens is not None:
+            out = builder.op("Reshape", [out, builder.op("Shape", [tokens])])
+            if heads_first:
+                out = builder.op("Transpose", [out], {"perm": list(HEAD_TRANSPOSE)})
         claims = [(rotary.y, out)]
         prove(shared + builder.nodes, claims, self.probe, opset=opset(self.graph))
         if not committed:
@@ -344,6 +355,14 @@ class _Caches:
             self.graph.insert_after(max(producers, key=lambda n: order[id(n)]), nodes)
         else:
             self.graph.insert_before(next(iter(self.graph)), nodes)
+
+
+def _before_head_transpose(x: ir.Value) -> ir.Value | None:
+    """The [B, S, H, D] tensor that heads-first x is the transpose of, or None."""
+    node = x.producer()
+    if node is None or node.op_type != "Transpose" or tuple(attr(node, "perm", ())) != HEAD_TRANSPOSE:
+        return None
+    return node.inputs[0]
 
 
 def _view_source(value: ir.Value, probe) -> ir.Value:
