@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
-from attnfuse.passes.onnx import embed, gelu, layernorm, padding_free, unpadded_branch
+from attnfuse.passes.onnx import embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
@@ -70,7 +70,8 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
         canonicalize(subgraph, probe)
         sites += fuse_attention(subgraph, probe, exclude, mode, mask)
         fusions += gelu.fuse(subgraph, probe, exclude) + embed.fuse(subgraph, probe, exclude) \
-            + layernorm.fuse(subgraph, probe, exclude)
+            + layernorm.fuse(subgraph, probe, exclude) + rmsnorm.fuse(subgraph, probe, exclude) \
+            + rotary.fuse(subgraph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
         why_not_branch = _why_no_unpadded_branch(config, exclude)

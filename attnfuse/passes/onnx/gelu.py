@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes import precision
+from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, opset
 from attnfuse.passes.site import Fusion
 from attnfuse.passes.onnx.proof import evaluate, prove, substitute
@@ -63,69 +64,15 @@ def find_gelus(graph: ir.Graph, probe):
 
 def _decomposed(core: ir.Node, graph: ir.Graph, probe):
     """The widest elementwise region around an Erf/Tanh that computes gelu."""
-    for y in reversed(_forward(core)):
-        for x in _backward(core, probe):
-            region = _region(x, y, probe)
+    for y in reversed(regions.forward(core.outputs[0], ELEMENTWISE, steps=5)):
+        for x in regions.backward(core, ELEMENTWISE, probe, depth=6):
+            region = regions.region(x, y, probe, ELEMENTWISE)
             if region is None:
                 continue
-            kind = _which_gelu(region, x, y, opset(graph), _dtype(x, probe))
+            kind = _which_gelu(region, x, y, opset(graph), regions.dtype(x, probe))
             if kind:
                 return x, y, kind
     return None
-
-
-def _forward(core: ir.Node, steps: int = 5) -> list[ir.Value]:
-    values, value = [], core.outputs[0]
-    for _ in range(steps):
-        users = [use.node for use in value.uses()]
-        if len(users) != 1 or users[0].op_type not in ELEMENTWISE:
-            break
-        value = users[0].outputs[0]
-        values.append(value)
-    return values
-
-
-def _backward(core: ir.Node, probe, depth: int = 6) -> list[ir.Value]:
-    """Non-constant tensors feeding the Erf/Tanh through elementwise ops, nearest first."""
-    found, frontier = [], [core.inputs[0]]
-    for _ in range(depth):
-        next_frontier = []
-        for value in frontier:
-            if value is None or constant(value, probe) is not None or value in found:
-                continue
-            found.append(value)
-            node = value.producer()
-            if node is not None and node.op_type in ELEMENTWISE:
-                next_frontier.extend(node.inputs)
-        frontier = next_frontier
-    return found
-
-
-def _region(x: ir.Value, y: ir.Value, probe) -> list[ir.Node] | None:
-    """The nodes computing y from x and constants alone, or None if y reads anything else."""
-    nodes, stack, seen = [], [y], set()
-    while stack:
-        value = stack.pop()
-        if value is x or constant(value, probe) is not None or id(value) in seen:
-            continue
-        seen.add(id(value))
-        node = value.producer()
-        if node is None or node.op_type not in ELEMENTWISE:
-            return None
-        nodes.append(node)
-        stack.extend(node.inputs)
-    inside = {id(n) for n in nodes}
-    for node in nodes:  # intermediates must not escape the region
-        for out in node.outputs:
-            if out is not y and any(id(use.node) not in inside for use in out.uses()):
-                return None
-    order = {id(n): i for i, n in enumerate(y.graph)} if y.graph is not None else {}
-    return sorted(nodes, key=lambda n: order.get(id(n), 0))
-
-
-def _dtype(x: ir.Value, probe) -> np.dtype:
-    seen = probe.get(x.name) if x.name else None
-    return seen.dtype if seen is not None else np.dtype(np.float32)
 
 
 def _which_gelu(region: list[ir.Node], x: ir.Value, y: ir.Value, version: int, dtype: np.dtype) -> str | None:

@@ -35,16 +35,7 @@ def fuse_one(graph: ir.Graph, layernorm: ir.Node, probe) -> None:
     x, gamma, beta = (list(layernorm.inputs) + [None, None])[:3]
     if attr(layernorm, "axis", -1) != -1:
         raise NoMatch("layernorm is not over the last axis")
-    total = x.producer()
-    if total is None or total.op_type != "Add" or any(constant(v, probe) is not None for v in total.inputs):
-        raise NoMatch("the input is not a residual sum")
-    skip, other = total.inputs
-    h, bias = split_bias(other, probe)
-    if bias is None:
-        skip, other = other, skip
-        h, bias = split_bias(other, probe)
-    if bias is None:
-        h = other
+    h, skip, bias = residual_sum(x, probe)
     builder = Builder(layernorm.name)
     outputs = builder.op(
         "SkipLayerNormalization",
@@ -54,10 +45,30 @@ def fuse_one(graph: ir.Graph, layernorm: ir.Node, probe) -> None:
         num_outputs=4,
         name=f"{layernorm.name}/SkipLayerNormalization",
     )
-    claims = [(layernorm.outputs[0], outputs[0])]
-    sum_read_elsewhere = any(user is not layernorm for user in consumers(x)) or x.is_graph_output()
-    if sum_read_elsewhere:
-        claims.append((x, outputs[3]))
+    claims = skip_claims(x, layernorm.outputs[0], outputs, [layernorm])
     prove(builder.nodes, claims, probe, opset=opset(graph))
     builder.commit(graph, after=layernorm)
     substitute(claims, probe)
+
+
+def residual_sum(x: ir.Value, probe) -> tuple[ir.Value, ir.Value, ir.Value | None]:
+    """x = h (+ bias) + skip with h and skip activations and bias a constant vector: (h, skip, bias)."""
+    total = x.producer()
+    if total is None or total.op_type != "Add" or any(constant(v, probe) is not None for v in total.inputs):
+        raise NoMatch("the input is not a residual sum")
+    skip, other = total.inputs
+    h, bias = split_bias(other, probe)
+    if bias is None:
+        skip, other = other, skip
+        h, bias = split_bias(other, probe)
+    return (other if bias is None else h), skip, bias
+
+
+def skip_claims(x: ir.Value, y: ir.Value, outputs: list[ir.Value], norm: list[ir.Node]) -> list:
+    """What a skip-norm's outputs replace: the norm's result, and the residual sum (output 3)
+    when anything besides the norm's own nodes reads it."""
+    inside = {id(node) for node in norm}
+    claims = [(y, outputs[0])]
+    if x.is_graph_output() or any(id(user) not in inside for user in consumers(x)):
+        claims.append((x, outputs[3]))
+    return claims

@@ -24,10 +24,12 @@ NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
 
 _UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "IsNaN"}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "BiasGelu", "FastGelu", "SkipLayerNormalization"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "BiasGelu", "FastGelu", "SkipLayerNormalization",
+                "SkipSimplifiedLayerNormalization"}
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 ATTENTION_OPS = {"MultiHeadAttention", "GroupQueryAttention"}
-_FUSED_TOKEN_WISE = {"SkipLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
+_FUSED_TOKEN_WISE = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
+_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization"}  # over the last axis: token-wise
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         ok = first == Form(ROWS, 2) and not attr(node, "transA", 0) and constant(node.inputs[1], probe) is not None
         return same if ok and (bias is None or _same_for_every_token(bias, probe, form)) else None
-    if op == "LayerNormalization":
+    if op in _NORMS:
         return same if attr(node, "axis", -1) in (-1, first.rank - 1) and per_token else None
     if op in ("Split", "Gather", "Transpose", "Reshape"):
         return _layout_forms(node, first, layout)
