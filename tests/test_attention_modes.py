@@ -19,7 +19,7 @@ def site_error(case: zoo.ZooCase, mode: str) -> float:
     report = attnfuse.optimize_onnx(str(zoo.exported(case)), attention=mode).report
     assert report.attention_fused == report.attention_total == 2
     assert report.verify.ok and report.verify.mean_cosine > 0.5
-    return max(site.extras["approximation"]["max_rel_error"] for site in report.sites)
+    return max(site.approximation["max_rel_error"] for site in report.sites)
 
 
 @pytest.mark.parametrize("case", [BERT, GPT2], ids=lambda c: c.id)

@@ -5,7 +5,7 @@ which graph format the site came from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # Mask kinds, from the simplest to the most general.
@@ -66,7 +66,11 @@ class AttentionSite:
     k: Any = None
     v: Any = None
     output: Any = None
-    extras: dict[str, Any] = field(default_factory=dict, repr=False)
+    # What the lowering found, for the passes after it.
+    fused_node: str | None = None  # the fused attention node's name; None for lowerings in standard ops
+    masks_padded_keys: bool = False  # its bias masks every padded key (it can run on packed tokens)
+    note: str | None = None  # why a faster exact form was not used, when it was tried
+    approximation: dict[str, Any] | None = None  # the error of an approximate mode against exact attention
 
     def summary(self) -> dict[str, Any]:
         """The JSON-able part, for reports and `attnfuse inspect`."""
@@ -93,8 +97,10 @@ class AttentionSite:
         out["cache"] = self.cache
         if self.softcap:
             out["softcap"] = self.softcap
-        if "approximation" in self.extras:
-            out["approximation"] = self.extras["approximation"]
+        if self.note:
+            out["note"] = self.note
+        if self.approximation is not None:
+            out["approximation"] = self.approximation
         return out
 
 

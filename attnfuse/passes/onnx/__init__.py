@@ -129,7 +129,7 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
     name = padding_free.NAME
     if name in exclude:
         return Fusion(name, "PaddingFree", False, "excluded (rolled back)")
-    masked = {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")}
+    masked = {site.fused_node for site in sites if site.fused and site.masks_padded_keys}
     target = getattr(config, "target", "ort-cpu")
     try:
         padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
@@ -142,7 +142,7 @@ def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[At
 def _key_padding_only(sites: list[AttentionSite]) -> set[str]:
     """The MultiHeadAttention nodes whose only mask is the mask input as key_padding_mask: those
     that can run on the packed tokens, and whose masks an unpadded batch can drop."""
-    return {site.extras["node"] for site in sites if site.fused and site.extras.get("masks_padded_keys")
+    return {site.fused_node for site in sites if site.fused and site.masks_padded_keys
             and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
 
 

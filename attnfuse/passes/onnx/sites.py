@@ -57,7 +57,7 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
     output, bias = lower_to_mha(found, probe, builder)
     extras = prove(builder.nodes, [(site.output, output)], probe, [bias] if bias is not None else [], opset(graph))
     _describe(site, extras[0] if extras else None, probe)
-    site.extras["node"] = f"{site.name}/MultiHeadAttention"
+    site.fused_node = f"{site.name}/MultiHeadAttention"
     key_real = _key_real(site, mask_input)
     if mode.approximate:
         return _approximate(found, probe, graph, mode, key_real)
@@ -65,14 +65,14 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
         try:
             return _grouped(found, probe, graph)
         except NoMatch as why:  # MultiHeadAttention is exact too; keep it
-            site.extras["grouped_not_lowered"] = str(why)
+            site.note = f"kept MultiHeadAttention, not GroupQueryAttention: {why}"
     if site.mask == kinds.MASK_KEY_PADDING and site.bias == kinds.BIAS_NONE and key_real:
         return _key_padding(found, probe, graph, key_real)
     if site.mask == kinds.MASK_WINDOW and site.bias == kinds.BIAS_NONE:
         try:
             return _exact_window(found, probe, graph, key_real)
         except NoMatch as why:  # MultiHeadAttention is exact too; keep it and say why
-            site.extras["window_not_lowered"] = str(why)
+            site.note = f"kept MultiHeadAttention, not windowed attention: {why}"
     return builder, [(site.output, output)]
 
 
@@ -82,7 +82,7 @@ def _describe(site, bias: np.ndarray | None, probe) -> None:
     inputs = probe.inputs(first_run(site.output, probe))
     keys = inputs.real_total if inputs.real_total is not None and bias is not None \
         and bias.shape[-1] == inputs.real_total.shape[1] else inputs.real  # with a cache the keys cover it too
-    site.extras["masks_padded_keys"] = masks.masks_padded_keys(bias, keys)
+    site.masks_padded_keys = masks.masks_padded_keys(bias, keys)
     if site.bias == kinds.BIAS_ALIBI:
         site.alibi_slopes = masks.alibi_slopes(bias)
 
@@ -95,7 +95,7 @@ def _grouped(found, probe, graph) -> tuple[Builder, list]:
     claims, bias = group_query_attention(found, probe, b)
     extras = prove(b.nodes, claims, probe, [bias] if bias is not None else [], opset=opset(graph))
     _describe(site, extras[0] if extras else None, probe)
-    site.extras["node"] = f"{site.name}/GroupQueryAttention"
+    site.fused_node = f"{site.name}/GroupQueryAttention"
     return b, claims
 
 
@@ -135,7 +135,7 @@ def _exact_window(found, probe, graph, key_real) -> tuple[Builder, list]:
                                 causal=site.causal, global_tokens=0, key_real=key_real(b) if key_real else None)
     out = like_merged(site, probe, b, out)
     prove(b.nodes, [(site.output, out)], probe, opset=opset(graph))
-    site.extras["node"] = None
+    site.fused_node = None
     return b, [(site.output, out)]
 
 
@@ -161,8 +161,8 @@ def _approximate(found, probe, graph, mode, key_real) -> tuple[Builder, list]:
         out = lower_sparse.linear(b, site.q, site.k, site.v, feature_map=feature_map, features=mode.features,
                                   seed=mode.seed, causal=site.causal, **common)
     out = like_merged(site, probe, b, out)
-    site.extras["node"] = None
-    site.extras["approximation"] = _measure(b, out, site, probe, opset(graph), str(mode))
+    site.fused_node = None
+    site.approximation = _measure(b, out, site, probe, opset(graph), str(mode))
     return b, [(site.output, out)]
 
 
@@ -194,7 +194,7 @@ def _geometry(site, probe, found) -> dict:
 
 def _key_real(site, mask_input):
     """A function building bool [B, T] of the real keys from the mask input, or None."""
-    if mask_input is None or not site.extras.get("masks_padded_keys"):
+    if mask_input is None or not site.masks_padded_keys:
         return None
 
     return lambda b: real_tokens(b, mask_input)
