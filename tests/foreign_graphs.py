@@ -536,17 +536,23 @@ class Decoder:
     heads: int = 2
     vocab: int = 40
     opset: int = 14  # Optimum's GPT-2 export: LayerNorm decomposed
+    kv_heads: int = 0  # fewer than heads: k and v repeated after the cache (grouped-query)
+    mask_by_keys: bool = False  # the mask sliced to Shape(k)[-2], as transformers 4.x's Llama does
 
     @property
     def head_size(self) -> int:
         return self.hidden // self.heads
+
+    @property
+    def kv_width(self) -> int:
+        return (self.kv_heads or self.heads) * self.head_size
 
     def weights(self, rng):
         h = self.hidden
         w = {"wte": dense(rng, self.vocab, h), "wpe": dense(rng, POSITIONS, h), "ln_f": norm_weights(rng, h)}
         for i in range(self.layers):
             w[i] = {"ln_1": norm_weights(rng, h), "ln_2": norm_weights(rng, h), "mlp": mlp_weights(rng, h, 4 * h),
-                    "wqkv": dense(rng, h, 3 * h), "bqkv": vector(rng, 3 * h),
+                    "wqkv": dense(rng, h, h + 2 * self.kv_width), "bqkv": vector(rng, h + 2 * self.kv_width),
                     "wo": dense(rng, h, h), "bo": vector(rng, h)}
         return w
 
@@ -556,7 +562,7 @@ class Decoder:
         tokens = token_dims()
 
         def caches(prefix, length):
-            dims = ["batch_size", self.heads, length, self.head_size]
+            dims = ["batch_size", self.kv_heads or self.heads, length, self.head_size]
             return [value(name, TensorProto.FLOAT, dims) for name in self.cache_names(prefix)]
 
         inputs = [value("input_ids", TensorProto.INT64, tokens),
@@ -572,15 +578,17 @@ class Decoder:
         feeds = {"input_ids": rng.integers(0, self.vocab, (b, new)), "attention_mask": real.astype(np.int64),
                  "position_ids": position_ids(real, new)}
         for name in self.cache_names("past_key_values"):
-            feeds[name] = rng.normal(size=(b, self.heads, past, self.head_size)).astype(np.float32)
+            feeds[name] = rng.normal(size=(b, self.kv_heads or self.heads, past, self.head_size)).astype(np.float32)
         return feeds
 
 
 def decoder_graph(g: GraphBuilder, spec: Decoder, w, with_past: bool, prefix: str = "") -> list[str]:
     """GPT-2 as TorchScript exports it for Optimum: Shape-built reshapes, a causal mask from
     Range and LessOrEqual over past + new joined with the padding, filled with finfo.min.
+    With `kv_heads`, k and v are repeated to every head after the cache (Unsqueeze, Expand,
+    Reshape from their Shape); with `mask_by_keys` each layer slices the mask to the keys' length.
     Returns the output names: logits, then present.N.key/value for each layer."""
-    H, D = spec.heads, spec.head_size
+    H, D, KV = spec.heads, spec.head_size, spec.kv_heads or spec.heads
     h = g.op("Add", g.op("Gather", g.weight(w["wte"], "wte"), "input_ids", axis=0),
              g.op("Gather", g.weight(w["wpe"], "wpe"), "position_ids", axis=0))
     new, total = g.size("input_ids", 1), g.size("attention_mask", 1)
@@ -594,20 +602,34 @@ def decoder_graph(g: GraphBuilder, spec: Decoder, w, with_past: bool, prefix: st
     for i in range(spec.layers):
         lw = w[i]
         qkv = linear(g, layer_norm(g, h, *lw["ln_1"], style="decomposed"), lw["wqkv"], lw["bqkv"], name=f"h.{i}.c_attn")
-        q, k, v = (heads_first_by_shape(g, t, H, D) for t in g.split(qkv, [spec.hidden] * 3, 2))
+        q, k, v = g.split(qkv, [spec.hidden, spec.kv_width, spec.kv_width], 2)
+        q, k, v = heads_first_by_shape(g, q, H, D), heads_first_by_shape(g, k, KV, D), heads_first_by_shape(g, v, KV, D)
         if with_past:
             k = g.op("Concat", f"past_key_values.{i}.key", k, axis=2)
             v = g.op("Concat", f"past_key_values.{i}.value", v, axis=2)
         k, v = g.rename(k, f"{prefix}present.{i}.key"), g.rename(v, f"{prefix}present.{i}.value")
         outputs += [k, v]
+        if KV < H:
+            k, v = repeated_heads(g, k, H // KV), repeated_heads(g, v, H // KV)
+        layer_bias = bias
+        if spec.mask_by_keys:
+            layer_bias = g.op("Slice", bias, g.i64([0]), g.dim(k, 2), g.i64([3]))
         scores = g.op("Div", g.op("MatMul", q, g.op("Transpose", k, perm=[0, 1, 3, 2])), g.f32(np.sqrt(D)))
-        ctx = g.op("MatMul", g.op("Softmax", g.op("Add", scores, bias), axis=-1), v)
+        ctx = g.op("MatMul", g.op("Softmax", g.op("Add", scores, layer_bias), axis=-1), v)
         ctx = merged_heads_by_shape(g, ctx, spec.hidden)
         h = g.op("Add", h, linear(g, ctx, lw["wo"], lw["bo"], name=f"h.{i}.c_proj"))
         m = layer_norm(g, h, *lw["ln_2"], style="decomposed")
         h = g.op("Add", h, mlp(g, m, lw["mlp"], gelu_tanh, f"h.{i}.mlp"))
     logits = g.op("MatMul", layer_norm(g, h, *w["ln_f"], style="decomposed"), g.weight(w["wte"].T.copy(), "lm_head"))
     return [g.rename(logits, f"{prefix}logits"), *outputs]
+
+
+def repeated_heads(g: GraphBuilder, t, times: int):
+    """[B, KV, T, D] -> [B, KV * times, T, D] as transformers' repeat_kv exports: Unsqueeze, Expand
+    to a shape built from Shape(t), Reshape."""
+    b, kv, length, d = (g.dim(t, axis) for axis in range(4))
+    expanded = g.op("Expand", g.unsqueeze(t, [2]), g.op("Concat", b, kv, g.i64([times]), length, d, axis=0))
+    return g.op("Reshape", expanded, g.op("Concat", b, g.op("Mul", kv, g.i64([times])), length, d, axis=0))
 
 
 def np_decoder(spec: Decoder, w, feeds: Feeds, with_past: bool) -> list[np.ndarray]:
@@ -620,17 +642,20 @@ def np_decoder(spec: Decoder, w, feeds: Feeds, with_past: bool) -> list[np.ndarr
     for i in range(spec.layers):
         lw = w[i]
         qkv = np_layer_norm(h, *lw["ln_1"]) @ lw["wqkv"] + lw["bqkv"]
-        q, k, v = (np_heads(t, spec.heads) for t in np.split(qkv, 3, -1))
+        kv = spec.kv_heads or spec.heads
+        q, k, v = np.split(qkv, [spec.hidden, spec.hidden + spec.kv_width], -1)
+        q, k, v = np_heads(q, spec.heads), np_heads(k, kv), np_heads(v, kv)
         if with_past:
             k = np.concatenate([f[f"past_key_values.{i}.key"], k], 2)
             v = np.concatenate([f[f"past_key_values.{i}.value"], v], 2)
         outputs += [k, v]
+        k, v = (np.repeat(t, spec.heads // kv, axis=1) for t in (k, v))
         h = h + np_merge(np_attention(q, k, v, spec.head_size**-0.5, bias)) @ lw["wo"] + lw["bo"]
         h = h + np_mlp(np_layer_norm(h, *lw["ln_2"]), lw["mlp"], np_gelu_tanh)
     return [np_layer_norm(h, *w["ln_f"]) @ w["wte"].T, *outputs]
 
 
-def optimum_decoder_with_past(spec: Decoder = Decoder()) -> ForeignGraph:
+def optimum_decoder_with_past(spec: Decoder = Decoder(), name: str = "optimum_decoder_with_past") -> ForeignGraph:
     """Optimum's decoder_with_past_model.onnx for a GPT-2: the cache as past_key_values.N.key/value."""
     rng = np.random.default_rng(14)
     g = GraphBuilder(constants_as_nodes=True, opset=spec.opset)
@@ -644,7 +669,7 @@ def optimum_decoder_with_past(spec: Decoder = Decoder()) -> ForeignGraph:
     batches = [Batch(case, spec.feeds(rng, real, past, new), real[:, past:], real)
                for case, real, past, new in cache_cases(3)]
     caches = dict.fromkeys(spec.cache_names("present"), BHTD)
-    return ForeignGraph("optimum_decoder_with_past", model, spec.layers, reference, batches, caches=caches)
+    return ForeignGraph(name, model, spec.layers, reference, batches, caches=caches)
 
 
 def optimum_merged_decoder(spec: Decoder = Decoder(layers=1)) -> ForeignGraph:
@@ -1081,6 +1106,10 @@ FOREIGN_GRAPHS: dict[str, Callable[[], ForeignGraph]] = {
     "tf2onnx_einsum": tf2onnx_einsum_bert,
     "gpt2_past": gpt2_with_past,
     "optimum_decoder_with_past": optimum_decoder_with_past,
+    # transformers 4.x's Llama under Optimum: grouped heads repeated after the cache, the mask
+    # sliced to the repeated keys' length (a Shape read downstream of the cache)
+    "optimum_grouped_decoder": lambda: optimum_decoder_with_past(
+        Decoder(hidden=32, heads=4, kv_heads=2, mask_by_keys=True), "optimum_grouped_decoder"),
     "optimum_merged_decoder": optimum_merged_decoder,
     "optimum_bloom_with_past": optimum_bloom_with_past,
     "seq2seq_decoder_with_past": seq2seq_decoder_with_past,

@@ -130,29 +130,84 @@ def group_query_attention(candidate: Candidate, probe, b: Builder
     output = _guarded(candidate, probe, b, like_merged(site, probe, b, output), attention_bias)
     claims = [(site.output, output)]
     if all(concats):
-        claims += [(concats[0].outputs[0], present_k), (concats[1].outputs[0], present_v), *_shapes_without(concats, b)]
+        claims += [(concats[0].outputs[0], present_k), (concats[1].outputs[0], present_v),
+                   *_shapes_without(concats, [x for x in inputs if x is not None], probe, b)]
     return claims, attention_bias
 
 
-def _shapes_without(concats: list[ir.Node], b: Builder) -> list[tuple[ir.Value, ir.Value]]:
-    """Graphs read the total length off the cache's Concat (Shape(present)) to build their masks,
-    which this op now reads: claims that the shape is the same computed from the Concat's inputs,
-    so that the Concat can go (and no cycle is made)."""
+def _shapes_without(concats: list[ir.Node], reads: list[ir.Value], probe, b: Builder
+                    ) -> list[tuple[ir.Value, ir.Value]]:
+    """Graphs read the total length off the cache (the Shape of the Concat, or of its head repeat)
+    to build their masks, which this op now reads. Each such Shape, a direct reader of a Concat or one
+    that the op's inputs `reads` depend on, is claimed to equal a shape computed from the Concat's
+    inputs, dim by dim as every probe run shows it (a constant, or a dim of the Concat's output), so
+    that the Concat can go and no cycle is made. NoMatch if a dim is neither."""
     claims = []
     for concat in concats:
-        for reader in [use.node for use in concat.outputs[0].uses()
-                       if use.node.op_type == "Shape" and use.node.graph is not None]:  # not another rewrite's
-            past, new = concat.inputs
-            axis = b.const([attr(concat, "axis")], np.int64)
-            shape = b.op("Shape", [past])
-            length = b.op("Add", [b.op("Gather", [shape, axis]), b.op("Gather", [b.op("Shape", [new]), axis])])
-            total = b.op("ScatterElements", [shape, axis, length])
-            start, end = attr(reader, "start", 0), attr(reader, "end", None)
-            if start or end is not None:
-                ends = [end if end is not None else np.iinfo(np.int64).max]
-                total = b.op("Slice", [total, b.const([start], np.int64), b.const(ends, np.int64)])
-            claims.append((reader.outputs[0], total))
+        past, new = concat.inputs
+        axis = b.const([attr(concat, "axis")], np.int64)
+        shape = b.op("Shape", [past])
+        length = b.op("Add", [b.op("Gather", [shape, axis]), b.op("Gather", [b.op("Shape", [new]), axis])])
+        total = b.op("ScatterElements", [shape, axis, length])  # the Concat's output shape
+        for reader in _shape_readers(concat, reads):
+            dims = _dims_of(reader.outputs[0], concat.outputs[0], probe)
+            pieces = [b.const([dim], np.int64) if kind == "constant" else b.op("Gather", [total, b.const([dim], np.int64)])
+                      for kind, dim in dims]
+            claims.append((reader.outputs[0], pieces[0] if len(pieces) == 1 else b.op("Concat", pieces, {"axis": 0})))
     return claims
+
+
+def _shape_readers(concat: ir.Node, reads: list[ir.Value]) -> list[ir.Node]:
+    """The graph's Shape nodes that read the Concat's output, directly or through a value made from
+    its data, and that are read directly or that `reads` depend on. (A value made from a claimed
+    Shape's output reads the new shape, not the Concat.)"""
+    direct = [use.node for use in concat.outputs[0].uses() if use.node.op_type == "Shape"]
+    upstream, stack, seen = [], list(reads), set()
+    while stack:
+        node = stack.pop().producer()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "Shape" and _made_from(node.inputs[0], concat):
+            upstream.append(node)
+            continue
+        stack += [x for x in node.inputs if x is not None]
+    readers = {id(node): node for node in direct + upstream if node.graph is not None}  # not another rewrite's
+    return list(readers.values())
+
+
+def _made_from(value: ir.Value, node: ir.Node) -> bool:
+    """Whether `value` is computed from `node`'s outputs other than through their shapes."""
+    stack, seen = [value], set()
+    while stack:
+        producer = stack.pop().producer()
+        if producer is None or id(producer) in seen or producer.op_type == "Shape":
+            continue
+        if producer is node:
+            return True
+        seen.add(id(producer))
+        stack += [x for x in producer.inputs if x is not None]
+    return False
+
+
+def _dims_of(shape: ir.Value, concat_output: ir.Value, probe) -> list[tuple[str, int]]:
+    """Each entry of `shape` as ("dim", the Concat output's axis it equals) or ("constant", its value),
+    the same in every probe run: the same axis first, then a constant, then another axis."""
+    runs = probe.runs_seeing(shape.name)
+    values = [np.asarray(probe.get(shape.name, run)).reshape(-1) for run in runs]
+    totals = [np.asarray(probe.get(concat_output.name, run)).shape for run in runs]
+    dims = []
+    for i, entries in enumerate(zip(*values)):
+        axes = [j for j in range(len(totals[0])) if all(total[j] == entry for total, entry in zip(totals, entries))]
+        if i in axes:
+            dims.append(("dim", i))
+        elif len(set(entries)) == 1:
+            dims.append(("constant", int(entries[0])))
+        elif axes:
+            dims.append(("dim", axes[0]))
+        else:
+            raise NoMatch(f"{shape.name!r} reads the cache's shape in a way not computed here")
+    return dims
 
 
 def multi_head_attention(candidate: Candidate, probe, builder: Builder, inputs: AttentionInputs | None = None, *,
