@@ -216,9 +216,10 @@ def test_not_a_rotary_is_not_fused(defect):
 # --------------------------------------------------------------------------- the decoder zoo
 
 RMSNORM_FAMILIES = ("llama", "qwen2", "phi3", "gemma")  # phi normalises with LayerNorm
-# Each family by both exporters, one with a cache and one without (which one alternates), one
-# attention implementation: ten files.
-ZOO = [decoders.DecoderCase(family, exporter, "eager", (wrappers.PAST_MODE, wrappers.NO_CACHE)[(i + j) % 2])
+# Each family by both exporters, one with a cache and one without (which one alternates), in the
+# attention implementation the other decoder tests export (the same files): ten files.
+ZOO = [next(case for case in decoders.TESTED if (case.family, case.exporter, case.cache)
+            == (family, exporter, (wrappers.PAST_MODE, wrappers.NO_CACHE)[(i + j) % 2]))
        for i, family in enumerate(("llama", "qwen2", "phi", "phi3", "gemma"))
        for j, exporter in enumerate(("dynamo", "torchscript"))]
 
