@@ -55,6 +55,18 @@ def test_every_site_is_fused(case):
         assert {s.softcap for s in report.sites} == {config.attn_logit_softcapping}
 
 
+@pytest.mark.parametrize("case", [c for c in CACHED if families.FAMILIES[c.family].kind == families.CAUSAL][:4],
+                         ids=case_id)
+def test_a_file_with_a_cache_runs_padding_free_without_a_second_graph(case):
+    """One graph: a second (unpadded) one would make ONNX Runtime pre-pack every weight twice."""
+    fusions = {f.name: f for f in optimized(case.id).report.fusions}
+    assert fusions["padding-free"].fused, fusions["padding-free"].reason
+    assert not fusions["unpadded-branch"].fused and "KV cache" in fusions["unpadded-branch"].reason
+    graph = optimized(case.id).proto.graph
+    assert not any(node.op_type == "If" for node in graph.node)
+    assert any(node.op_type == "NonZero" for node in graph.node)  # the real tokens are found: packed
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_equal_to_the_original_on_a_prompt_and_decode_steps(case):
     original = generate.session(decoders.exported(case))
