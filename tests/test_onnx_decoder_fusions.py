@@ -105,6 +105,39 @@ def test_a_norm_without_eps_after_a_residual_is_not_fused():
     assert not any(op in result.report.fused_ops for op in NORM_OPS)
 
 
+# LayerNorm written out (exports before opset 17, tf2onnx): one LayerNormalization node, which the
+# layernorm fusion makes SkipLayerNormalization after a residual sum.
+LAYER_NORMS = {
+    "centred, opset < 17 export": spellings.NormSpelling(layer="centred", eps=1e-5),
+    "centred, x*x, divided, eps 1e-12": spellings.NormSpelling(layer="centred", square="mul", inverse="div", eps=1e-12),
+    "tf2onnx": spellings.NormSpelling(layer="tf", eps=1e-3),
+    "residual": spellings.NormSpelling(layer="centred", residual=True),
+}
+
+
+@pytest.mark.parametrize("name", LAYER_NORMS)
+def test_layernorm_written_out_becomes_one_node(name):
+    spec = LAYER_NORMS[name]
+    result = attnfuse.optimize_onnx(spellings.norm_model(spec), padding_free=False)
+    (node,) = fused_nodes(result.proto, "SkipLayerNormalization" if spec.residual else "LayerNormalization")
+    assert attribute(node, "epsilon") == np.float32(spec.eps)
+    assert not any(n.op_type in ("ReduceMean", "Sqrt", *NORM_OPS) for n in result.proto.graph.node)
+    feeds = norm_feeds(spec)
+    got = run(result.proto, feeds)
+    expected = spellings.norm_reference(spec, feeds["h"], feeds.get("r"))
+    assert relative_error(expected, got[0]) <= TOLERANCE
+
+
+@pytest.mark.parametrize("defect", ["no_eps", "mean_over_tokens", "scaled_mean"])
+def test_not_a_layernorm_is_not_made_one(defect):
+    spec = spellings.NormSpelling(layer="centred", defect=defect)
+    model = spellings.norm_model(spec)
+    result = attnfuse.optimize_onnx(model, padding_free=False)
+    assert not any(n.op_type.endswith("LayerNormalization") for n in result.proto.graph.node), defect
+    feeds = norm_feeds(spec)
+    assert relative_error(run(model, feeds)[0], run(result.proto, feeds)[0]) <= TOLERANCE
+
+
 @pytest.mark.parametrize("residual", [False, True])
 def test_norms_run_on_the_packed_tokens(residual):
     """Padding-free reads the fused norms as token-wise: with a padding mask, they run on the real

@@ -4,6 +4,9 @@
 
     y = x / sqrt(mean(x^2, last axis) + eps) * w        (x = h, or h + r with the sum an output too)
 
+or, with `layer`, the LayerNorm of older exports, written out: the same of x - mean(x), plus b
+("centred"), or tf2onnx's x * s + (b - mean(x) * s) with s = w / sqrt(var + eps) ("tf").
+
 and `rotary_model(RotarySpelling(...))` makes q and k ([batch, sequence, heads * head_size]
 inputs) split into heads and rotated:
 
@@ -74,6 +77,7 @@ class NormSpelling:
     weight: str = "w"  # "w"; "one_plus_w": (1 + w) computed in the graph (Gemma); "none"
     residual: bool = False  # x = h + r, and the sum is an output too (the next residual reads it)
     cast: bool = False  # Cast to float32 around the norm, as transformers writes it
+    layer: str = ""  # "": RMSNorm; "centred" or "tf": a LayerNorm written out (see above)
     defect: str = "none"  # one of NORM_DEFECTS
 
 
@@ -81,10 +85,17 @@ def norm_weight(spec: NormSpelling) -> np.ndarray:
     return np.random.default_rng(1).uniform(0.5, 1.5, spec.hidden).astype(np.float32)
 
 
+def norm_bias(spec: NormSpelling) -> np.ndarray:
+    return np.random.default_rng(2).uniform(-0.5, 0.5, spec.hidden).astype(np.float32)
+
+
 def norm_model(spec: NormSpelling) -> onnx.ModelProto:
     g = _Graph()
     x = g.op("Add", "h", "r") if spec.residual else "h"
     inner = g.op("Cast", x, to=TensorProto.FLOAT) if spec.cast else x
+    if spec.layer:
+        mean_x = g.op("ReduceMean", inner, g.const([-1], np.int64), keepdims=1)
+        source, inner = inner, g.op("Sub", inner, mean_x)
     square = g.op("Pow", inner, g.const(2.0)) if spec.square == "pow" else g.op("Mul", inner, inner)
     axis = 1 if spec.defect == "mean_over_tokens" else -1
     mean = g.op("ReduceMean", square, g.const([axis], np.int64), keepdims=1)
@@ -94,6 +105,11 @@ def norm_model(spec: NormSpelling) -> onnx.ModelProto:
         root = g.op("Add", g.op("Sqrt", mean), g.const(spec.eps))
     else:
         root = g.op("Sqrt", mean if spec.defect == "no_eps" else g.op("Add", mean, g.const(spec.eps)))
+    if spec.layer == "tf":  # x * s + (b - mean * s), s = w / sqrt(var + eps)
+        scale = g.op("Mul", g.op("Reciprocal", root), g.const(norm_weight(spec)))
+        y = g.op("Add", g.op("Mul", source, scale), g.op("Sub", g.const(norm_bias(spec)), g.op("Mul", mean_x, scale)))
+        inputs = [_activation("h", spec.hidden)] + ([_activation("r", spec.hidden)] if spec.residual else [])
+        return g.model(inputs, {"y": y, **({"sum": x} if spec.residual else {})})
     if spec.inverse == "div":
         normed = g.op("Div", inner, root)
     elif spec.inverse == "one_over":
@@ -109,15 +125,20 @@ def norm_model(spec: NormSpelling) -> onnx.ModelProto:
         y = g.op("Mul", g.const(weight), normed)
     else:
         y = normed
+    if spec.layer:
+        y = g.op("Add", y, g.const(norm_bias(spec)))
     inputs = [_activation("h", spec.hidden)] + ([_activation("r", spec.hidden)] if spec.residual else [])
     return g.model(inputs, {"y": y, **({"sum": x} if spec.residual else {})})
 
 
 def norm_reference(spec: NormSpelling, h: np.ndarray, r: np.ndarray | None = None) -> np.ndarray:
-    """What an RMSNorm computes (the defect-free spelling)."""
+    """What the norm computes (the defect-free spelling)."""
     x = (h + r if spec.residual else h).astype(np.float64)
-    weight = norm_weight(spec) if spec.weight != "none" else 1.0
-    return x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.eps) * weight
+    weight = norm_weight(spec) if spec.weight != "none" or spec.layer == "tf" else 1.0
+    if spec.layer:
+        x = x - x.mean(-1, keepdims=True)
+    y = x / np.sqrt((x * x).mean(-1, keepdims=True) + spec.eps) * weight
+    return y + norm_bias(spec) if spec.layer else y
 
 
 # --------------------------------------------------------------------------- rotary

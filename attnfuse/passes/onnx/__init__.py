@@ -12,7 +12,9 @@ import onnx_ir as ir
 
 from attnfuse.passes import modes
 from attnfuse.passes import site as kinds
-from attnfuse.passes.onnx import embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch
+from attnfuse.passes.onnx import (
+    decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,
+)
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
@@ -69,7 +71,8 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
             continue
         canonicalize(subgraph, probe)
         sites += fuse_attention(subgraph, probe, exclude, mode, mask)
-        fusions += gelu.fuse(subgraph, probe, exclude) + embed.fuse(subgraph, probe, exclude) \
+        fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
+            + embed.fuse(subgraph, probe, exclude) \
             + layernorm.fuse(subgraph, probe, exclude) + rmsnorm.fuse(subgraph, probe, exclude) \
             + rotary.fuse(subgraph, probe, exclude)
     remove_unused(model)

@@ -64,14 +64,11 @@ def find_gelus(graph: ir.Graph, probe):
 
 def _decomposed(core: ir.Node, graph: ir.Graph, probe):
     """The widest elementwise region around an Erf/Tanh that computes gelu."""
-    for y in reversed(regions.forward(core.outputs[0], ELEMENTWISE, steps=5)):
-        for x in regions.backward(core, ELEMENTWISE, probe, depth=6):
-            region = regions.region(x, y, probe, ELEMENTWISE)
-            if region is None:
-                continue
-            kind = _which_gelu(region, x, y, opset(graph), regions.dtype(x, probe))
-            if kind:
-                return x, y, kind
+    outputs = regions.forward(core.outputs[0], ELEMENTWISE, steps=5)
+    for x, y, region in regions.candidates(core, outputs, probe, ELEMENTWISE, same_dtype=False):
+        kind = _which_gelu(region, x, y, opset(graph), regions.dtype(x, probe))
+        if kind:
+            return x, y, kind
     return None
 
 

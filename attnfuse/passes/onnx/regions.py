@@ -25,6 +25,25 @@ def forward(value: ir.Value, ops: frozenset[str] | set[str], steps: int) -> list
     return values
 
 
+def downstream(value: ir.Value, ops: frozenset[str] | set[str], steps: int) -> list[ir.Value]:
+    """The values computed from `value` through ops in `ops` (every reader, not only single ones:
+    a region may fan out and join again, as x * s + (b - mean * s) does), nearest first."""
+    found, frontier, seen = [], [value], {id(value)}
+    for _ in range(steps):
+        next_frontier = []
+        for current in frontier:
+            for use in current.uses():
+                if use.node.op_type not in ops:
+                    continue
+                for out in use.node.outputs:
+                    if id(out) not in seen:
+                        seen.add(id(out))
+                        found.append(out)
+                        next_frontier.append(out)
+        frontier = next_frontier
+    return found
+
+
 def backward(core: ir.Node, ops: frozenset[str] | set[str], probe, depth: int) -> list[ir.Value]:
     """Non-constant tensors feeding `core` through ops in `ops`, nearest first."""
     found, frontier = [], list(core.inputs)
@@ -39,6 +58,18 @@ def backward(core: ir.Node, ops: frozenset[str] | set[str], probe, depth: int) -
                 next_frontier.extend(node.inputs)
         frontier = next_frontier
     return found
+
+
+def candidates(anchor: ir.Node, outputs: list[ir.Value], probe, ops: frozenset[str] | set[str],
+               same_dtype: bool = True, depth: int = 6):
+    """(x, y, nodes) for each region computing y from x through `anchor`: y from `outputs`, farthest
+    first (the widest region wins), x from the tensors feeding `anchor`, nearest first (and of y's
+    dtype, with `same_dtype`)."""
+    for y in reversed(outputs):
+        for x in backward(anchor, ops, probe, depth):
+            nodes = region(x, y, probe, ops)
+            if nodes is not None and (not same_dtype or dtype(x, probe) == dtype(y, probe)):
+                yield x, y, nodes
 
 
 def region(x: ir.Value, y: ir.Value, probe, ops: frozenset[str] | set[str]) -> list[ir.Node] | None:

@@ -83,18 +83,14 @@ def find_norms(graph: ir.Graph, probe):
 def _around(anchor: ir.Node, graph: ir.Graph, probe) -> Norm | Fusion | None:
     """The widest region around a reduction that is an RMSNorm; else why a normalization is not one."""
     why_not = None
-    for y in reversed(regions.forward(anchor.outputs[0], OPS, steps=8)):
-        for x in regions.backward(anchor, OPS, probe, depth=6):
-            nodes = regions.region(x, y, probe, OPS)
-            if nodes is None or regions.dtype(x, probe) != regions.dtype(y, probe):
-                continue
-            try:
-                eps, scale = read_norm(nodes, x, y, probe, opset(graph))
-            except NoMatch as why:
-                why_not = why_not or str(why)
-                continue
-            if eps is not None:
-                return Norm(anchor.name, x, y, nodes, eps, scale)
+    for x, y, nodes in regions.candidates(anchor, regions.forward(anchor.outputs[0], OPS, steps=8), probe, OPS):
+        try:
+            eps, scale = read_norm(nodes, x, y, probe, opset(graph))
+        except NoMatch as why:
+            why_not = why_not or str(why)
+            continue
+        if eps is not None:
+            return Norm(anchor.name, x, y, nodes, eps, scale)
     return Fusion(anchor.name, PLAIN, False, why_not) if why_not else None
 
 
@@ -116,15 +112,15 @@ def read_norm(nodes: list[ir.Node], x: ir.Value, y: ir.Value, probe, version: in
         return None, None
     got = got.reshape(rows.shape).astype(np.float64)
     tolerance = precision.tolerance(dtype)
-    if not _row_error(got[-2], got[-1]) <= tolerance or not np.abs(got[-1]).max() > 0:
+    if not row_error(got[-2], got[-1]) <= tolerance or not np.abs(got[-1]).max() > 0:
         return None, None  # not scale-invariant: not a normalization
-    eps = _own_constant(_epsilon(got, tiny), nodes, probe)
+    eps = own_constant(epsilon(got, tiny), nodes, probe)
     if not eps > tiny * tiny * 1e-3:
         raise NoMatch("the normalization has no epsilon: it divides by the root mean square itself")
-    scale = _scale(got[0] * np.sqrt(1.0 + eps), nodes, probe)
+    scale = graph_vector(got[0] * np.sqrt(1.0 + eps), nodes, probe)
     weight = constant(scale, probe).reshape(-1) if scale is not None else 1.0
     expected = rows / np.sqrt((rows * rows).mean(-1, keepdims=True) + eps) * weight
-    error = max(_row_error(e, g) for e, g in zip(expected, got))
+    error = max(row_error(e, g) for e, g in zip(expected, got))
     if not error <= tolerance:
         raise NoMatch(f"the normalization is not x / sqrt(mean(x^2) + {eps:.3g}) * w (relative error {error:.2g})")
     return eps, scale
@@ -139,7 +135,7 @@ def _rows(hidden: int, tiny: float, scales: tuple[float, float]) -> np.ndarray:
                            np.zeros((1, hidden)), normal[:1] * scales[0], normal[:1] * scales[1]])
 
 
-def _row_error(expected: np.ndarray, got: np.ndarray) -> float:
+def row_error(expected: np.ndarray, got: np.ndarray) -> float:
     if not np.array_equal(np.isfinite(expected), np.isfinite(got)):
         return float("inf")
     finite = np.isfinite(expected)
@@ -147,7 +143,7 @@ def _row_error(expected: np.ndarray, got: np.ndarray) -> float:
     return float(np.abs(expected[finite] - got[finite]).max(initial=0.0)) / scale
 
 
-def _epsilon(got: np.ndarray, tiny: float) -> float:
+def epsilon(got: np.ndarray, tiny: float) -> float:
     """eps from a row of ones (y = w / sqrt(1 + eps)) and a row of `tiny` (y = tiny w / sqrt(tiny^2 + eps)):
     their ratio t gives u = (tiny / t)^2 = (tiny^2 + eps) / (1 + eps)."""
     ones, small = got[0], got[1]
@@ -159,7 +155,7 @@ def _epsilon(got: np.ndarray, tiny: float) -> float:
     return (u - tiny * tiny) / (1.0 - u) if u < 1 else float("nan")
 
 
-def _own_constant(eps: float, nodes: list[ir.Node], probe) -> float:
+def own_constant(eps: float, nodes: list[ir.Node], probe) -> float:
     """The region's own scalar constant when it is the eps measured (to the measurement's
     precision), so that the fused op carries exactly the graph's value."""
     for value in _constant_inputs(nodes, probe):
@@ -169,16 +165,18 @@ def _own_constant(eps: float, nodes: list[ir.Node], probe) -> float:
     return eps
 
 
-def _scale(w: np.ndarray, nodes: list[ir.Node], probe) -> ir.Value | None:
-    """The graph's vector equal to the measured w (Gemma's 1 + w is a value the graph computes);
-    None for a norm without a weight."""
+def graph_vector(measured: np.ndarray, nodes: list[ir.Node], probe, default: float = 1.0,
+                 what: str = "scale") -> ir.Value | None:
+    """The graph's vector equal to the `measured` one (Gemma's 1 + w is a value the graph computes);
+    None when it is `default` everywhere (a norm without that vector)."""
     for value in _constant_inputs(nodes, probe):
         array = constant(value, probe)
-        if array.size == w.size and np.allclose(array.reshape(-1), w, rtol=1e-4, atol=1e-6 * np.abs(w).max()):
+        if array.size == measured.size and np.allclose(array.reshape(-1), measured, rtol=1e-4,
+                                                       atol=1e-6 * max(np.abs(measured).max(), 1e-30)):
             return value
-    if np.allclose(w, 1.0, rtol=1e-4):
+    if np.allclose(measured, default, rtol=1e-4, atol=1e-6):
         return None
-    raise NoMatch("the norm's scale is not one vector of the graph")
+    raise NoMatch(f"the norm's {what} is not one vector of the graph")
 
 
 def _constant_inputs(nodes: list[ir.Node], probe) -> list[ir.Value]:
@@ -207,7 +205,7 @@ def _replace(graph: ir.Graph, norm: Norm, probe) -> str:
 
 def _build(graph: ir.Graph, norm: Norm, probe, residual) -> str:
     builder = Builder(norm.name)
-    scale = _as_vector(builder, norm.scale, norm.x, probe)
+    scale = as_vector(builder, norm.scale, norm.x, probe)
     if residual is None:
         op = PLAIN
         out = builder.op(op, [norm.x, scale], {"epsilon": norm.eps, "axis": -1, "stash_type": 1},
@@ -225,14 +223,15 @@ def _build(graph: ir.Graph, norm: Norm, probe, residual) -> str:
     return op
 
 
-def _as_vector(builder: Builder, scale: ir.Value | None, x: ir.Value, probe) -> ir.Value:
-    """The scale as a 1-D vector of x's dtype, as the fused ops take it."""
+def as_vector(builder: Builder, value: ir.Value | None, x: ir.Value, probe, default: float = 1.0) -> ir.Value:
+    """A norm's scale or bias as a 1-D vector of x's dtype, as the fused ops take it (`default`
+    everywhere when the graph has none)."""
     dtype = regions.dtype(x, probe)
-    if scale is None:
-        return builder.const(np.ones(observed(x, probe).shape[-1], dtype))
-    array = constant(scale, probe)
+    if value is None:
+        return builder.const(np.full(observed(x, probe).shape[-1], default, dtype))
+    array = constant(value, probe)
     if array.ndim != 1:
-        scale = builder.op("Reshape", [scale, builder.const([-1], np.int64)])
+        value = builder.op("Reshape", [value, builder.const([-1], np.int64)])
     if array.dtype != dtype:
-        scale = builder.op("Cast", [scale], {"to": ir.DataType.from_numpy(dtype)})
-    return scale
+        value = builder.op("Cast", [value], {"to": ir.DataType.from_numpy(dtype)})
+    return value
