@@ -317,6 +317,7 @@ class BertLayer:
     switch_add: bool = False  # Add(bias, x) and Add(mask, scores) instead of (x, bias), (scores, mask)
     mask: str = "int"  # "int" or "float" [B, S], or "3d" int [B, S, S]
     fixed: tuple[int, int] | None = None  # (batch, sequence) fixed in the graph
+    pooler: bool = False  # a second output: tanh(dense(output[:, 0])), BERT's pooler on the first token
 
     def weights(self, rng):
         return attention_weights(rng, self.hidden, self.heads * self.qk_head, self.heads * self.v_head)
@@ -362,19 +363,26 @@ def bert_attention_layer(layer: BertLayer = BertLayer(), name: str = "bert_atten
     x = layer_norm(g, g.op("Add", "input_1", "input_2"), g1, b1, layer.layernorm)
     attention = bert_self_attention(g, layer, w, x, bert_mask_bias(g, layer, "input_mask"))
     skip = g.op("Add", x, attention) if layer.switch_add else g.op("Add", attention, x)
-    g.rename(layer_norm(g, skip, g2, b2, layer.layernorm), "output")
+    out = g.rename(layer_norm(g, skip, g2, b2, layer.layernorm), "output")
+    pool = (dense(rng, layer.hidden, layer.hidden), vector(rng, layer.hidden)) if layer.pooler else None
+    outputs = [value("output", TensorProto.FLOAT, [*tokens, layer.hidden])]
+    if layer.pooler:
+        first = g.op("Gather", out, g.i64(0), axis=1)
+        g.rename(g.op("Tanh", linear(g, first, *pool, name="pooler")), "pooled")
+        outputs.append(value("pooled", TensorProto.FLOAT, [tokens[0], layer.hidden]))
 
     mask_type = TensorProto.FLOAT if layer.mask == "float" else TensorProto.INT64
     inputs = [value("input_1", TensorProto.FLOAT, [*tokens, layer.hidden]),
               value("input_2", TensorProto.FLOAT, [*tokens, layer.hidden]),
               value("input_mask", mask_type, [*tokens, tokens[1]] if layer.mask == "3d" else tokens)]
-    model = make_model(g, name, inputs, [value("output", TensorProto.FLOAT, [*tokens, layer.hidden])])
+    model = make_model(g, name, inputs, outputs)
 
     def reference(feeds):
         f = in64(feeds)
         x = np_layer_norm(f["input_1"] + f["input_2"], g1, b1)
         attention = np_self_attention(x, w, layer.heads, np_mask_bias(f["input_mask"]))
-        return {"output": np_layer_norm(x + attention, g2, b2)}
+        out = np_layer_norm(x + attention, g2, b2)
+        return {"output": out, **({"pooled": np.tanh(out[:, 0] @ pool[0] + pool[1])} if layer.pooler else {})}
 
     def feeds(real):
         b, s = real.shape
@@ -1099,6 +1107,7 @@ BERT_VARIANTS = {
     "float_mask": BertLayer(mask="float"),
     "mask_3d": BertLayer(mask="3d"),
     "static_shapes": BertLayer(fixed=(1, 3)),
+    "first_token_pooler": BertLayer(pooler=True),  # reads a padded position under left padding
 }
 
 FOREIGN_GRAPHS: dict[str, Callable[[], ForeignGraph]] = {

@@ -167,6 +167,14 @@ def test_verification_covers_padding_caches_and_branches(name):
         assert any("branch then" in c for c in cases) and any("branch else" in c for c in cases), cases
 
 
+def test_a_first_token_reader_runs_padding_free_and_left_padding_takes_the_fused_graph():
+    """The pooler reads position 0, padding under left padding: such a batch runs the fused graph
+    (masks kept), a right-padded one the padding-free graph; both equal the original (above)."""
+    fusions = {f.name: f for f in optimized("first_token_pooler").report.fusions}
+    assert fusions["padding-free"].fused, fusions["padding-free"].reason
+    assert fusions["unpadded-branch"].fused, fusions["unpadded-branch"].reason
+
+
 @pytest.mark.parametrize("name", GRAPHS)
 def test_command_line_exits_0_and_reports(name, tmp_path, capsys):
     graph = foreign(name)

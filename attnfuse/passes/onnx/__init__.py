@@ -81,11 +81,12 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
         if why_not_branch is None:
             graph.sort()  # cloning follows the nodes in order
             fused = graph.clone()  # what a batch without padding will run
-        fusions.append(_padding_free(graph, probe, config, exclude, sites))
+        fusion, positions = _padding_free(graph, probe, config, exclude, sites)
+        fusions.append(fusion)
         remove_unused(model)
-        if fusions[-1].fused:
+        if fusion.fused:
             if why_not_branch is None:
-                unpadded_branch.add(graph, fused, padding_free.find_mask(graph), _key_padding_only(sites))
+                unpadded_branch.add(graph, fused, padding_free.find_mask(graph), _key_padding_only(sites), positions)
                 remove_unused(model)
             fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
     graph.sort()  # a replaced value may be read before the node that now makes it
@@ -128,18 +129,20 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[AttentionSite]) -> Fusion:
+def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[AttentionSite]
+                  ) -> tuple[Fusion, list[int]]:
+    """The padding-free fusion, and the sequence positions the graph reads by index."""
     name = padding_free.NAME
     if name in exclude:
-        return Fusion(name, "PaddingFree", False, "excluded (rolled back)")
+        return Fusion(name, "PaddingFree", False, "excluded (rolled back)"), []
     masked = {site.fused_node for site in sites if site.fused and site.masks_padded_keys}
     target = getattr(config, "target", "ort-cpu")
     try:
-        padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
-                           verified=getattr(config, "verify", True))
+        positions = padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
+                                       verified=getattr(config, "verify", True))
     except NoMatch as why:
-        return Fusion(name, "PaddingFree", False, str(why))
-    return Fusion(name, "PaddingFree", True)
+        return Fusion(name, "PaddingFree", False, str(why)), []
+    return Fusion(name, "PaddingFree", True), positions
 
 
 def _key_padding_only(sites: list[AttentionSite]) -> set[str]:

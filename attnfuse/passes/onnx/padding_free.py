@@ -345,8 +345,10 @@ class Packer:
 
 
 def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: set[str] = frozenset(),
-          target: str = "ort-cpu", verified: bool = True) -> None:
-    """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch.
+          target: str = "ort-cpu", verified: bool = True) -> list[int]:
+    """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch. Returns the
+    sequence positions that an op reads by index from a restored layout (a pooler's first token):
+    where one of them is padded, that op reads a zero the original did not.
 
     Padded positions of a restored tensor are zeros, not what the original computed
     there. That is exact when nothing but token-wise ops, Shape readers, graph outputs
@@ -364,7 +366,7 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
     if any(node.name.startswith(f"{NAME}/") for node in graph.all_nodes()):
         raise NoMatch("the model runs padding-free already")
     layout = Layout(probe, mask)
-    _check_padding_is_ignored(graph, layout, masked_attention, verified)
+    positions = _check_padding_is_ignored(graph, layout, masked_attention, verified)
     packer = Packer(graph, mask, layout)
     packed_ops = 0
     for node in list(graph):
@@ -393,6 +395,7 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
             restored.type, restored.shape = output.type, output.shape
             graph.outputs[i] = restored
     packer.forget_padded_shapes()
+    return positions
 
 
 def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer) -> None:
@@ -494,10 +497,12 @@ def _replace_attention(node: ir.Node, b: Builder, packed: ir.Value, packer: Pack
     packer.graph.remove(node, safe=True)
 
 
-def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str], verified: bool) -> None:
+def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str], verified: bool) -> list[int]:
     """Fused attention that does not mask every padded key would read the zeros a restore writes
     there: refuse. Any other reader of the padded layout gets it restored when verification will
-    check that the zeros at padded positions change nothing real; without verification, refuse."""
+    check that the zeros at padded positions change nothing real; without verification, refuse.
+    Returns the positions that readers take by index (sorted)."""
+    positions: set[int] = set()
     for node in graph:
         if token_wise_forms(node, layout) is not None or node.op_type == "Shape" \
                 or not any(layout.form(x) for x in node.inputs if x is not None):
@@ -508,3 +513,17 @@ def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention:
         if not fused_attention and not verified:
             raise NoMatch(f"{node.op_type} {node.name} reads activations at padded positions "
                           "(allowed only when the result is verified)")
+        positions.update(_positions_read(node, layout))
+    return sorted(positions)
+
+
+def _positions_read(node: ir.Node, layout: Layout) -> list[int]:
+    """The sequence positions a Gather takes from a [batch, seq, ...] activation by constant index
+    (`hidden[:, 0]`, a pooler's first token)."""
+    form = layout.form(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+    if node.op_type != "Gather" or form is None or form.kind != TOKENS or attr(node, "axis", 0) % form.rank != 1:
+        return []
+    indices = constant(node.inputs[1], layout.probe)
+    return [int(i) for i in indices.reshape(-1)] if indices is not None and indices.size <= 8 else []
+
+

@@ -10,11 +10,19 @@ carries both graphs and picks one per run:
     If(full) then: the fused graph, its key-padding masks dropped (all ones here)
              else: the padding-free graph
 
+A graph that reads sequence positions by index (a pooler or classifier on the first token)
+reads zeros from the padding-free graph where such a position is padded (the first token
+under left padding), not what the original computed there. Such a batch takes the fused
+graph too, its masks kept:
+
+    If(full or any(mask[:, positions] == 0)) then: the fused graph, else: the padding-free graph
+
 Both branches share every weight (outer-scope initializers). Both are verified: the
-verifier's check sets include batches with padding and a batch without.
+verifier's check sets include batches with padding (left and right) and a batch without.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.graph import Builder
@@ -24,14 +32,17 @@ NAME = "unpadded-branch"
 UNPADDED, PADDED = "unpadded", "padding_free"  # the branches' graph names
 
 
-def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[str]) -> None:
+def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[str],
+        read_positions: list[int] = ()) -> None:
     """Turn `graph` (padding-free by now) into If(no padding) `fused` else `graph`.
 
     `fused` is a clone of `graph` taken before padding-free; its nodes are moved, not copied.
-    `key_padding_only` names the MultiHeadAttention nodes whose only mask is `mask` as key_padding_mask."""
+    `key_padding_only` names the MultiHeadAttention nodes whose only mask is `mask` as key_padding_mask.
+    `read_positions`: the positions the graph reads by index; a batch with one of them padded
+    takes `fused` too (its masks kept)."""
     _share_outer_values(graph, fused)
     for node in fused.all_nodes():
-        if node.name in key_padding_only:
+        if node.name in key_padding_only and not read_positions:
             node.replace_input_with(4, None)
     names = [(out.name, out.type, out.shape) for out in graph.outputs]
     then_branch = _branch(fused, UNPADDED)
@@ -40,9 +51,12 @@ def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[
 
     b = Builder(NAME)
     new = new_tokens_mask(b, mask, find_tokens(graph, mask))  # with a KV cache, the cached tokens do not count
-    every_real = b.op("ReduceMin", [b.op("Cast", [real_tokens(b, new)], {"to": ir.DataType.INT32})], {"keepdims": 0})
-    full = b.op("Cast", [every_real], {"to": ir.DataType.BOOL})
-    outputs = b.op("If", [full], {"then_branch": ir.AttrGraph("then_branch", then_branch),
+    real = real_tokens(b, new)
+    fused_runs = _all(b, real)
+    if read_positions:
+        read = b.op("Gather", [real, b.const(list(read_positions), np.int64)], {"axis": 1})
+        fused_runs = b.op("Or", [fused_runs, b.op("Not", [_all(b, read)])])
+    outputs = b.op("If", [fused_runs], {"then_branch": ir.AttrGraph("then_branch", then_branch),
                                   "else_branch": ir.AttrGraph("else_branch", else_branch)},
                    num_outputs=len(names), name=f"{NAME}/If")
     outputs = outputs if isinstance(outputs, list) else [outputs]
@@ -50,6 +64,12 @@ def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[
         out.name, out.type, out.shape = name, dtype, shape
         graph.outputs.append(out)
     graph.extend(b.nodes)
+
+
+def _all(b: Builder, flags: ir.Value) -> ir.Value:
+    """A bool scalar: every entry of `flags` is true."""
+    every = b.op("ReduceMin", [b.op("Cast", [flags], {"to": ir.DataType.INT32})], {"keepdims": 0})
+    return b.op("Cast", [every], {"to": ir.DataType.BOOL})
 
 
 def _share_outer_values(graph: ir.Graph, fused: ir.Graph) -> None:
