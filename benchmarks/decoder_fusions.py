@@ -26,6 +26,7 @@ import dataclasses
 import json
 import pathlib
 import sys
+import tempfile
 
 import numpy as np
 import onnx
@@ -123,14 +124,21 @@ def model_variants(path) -> dict[str, bytes]:
     return made
 
 
-def measure_model(repeats: int, vocab: int) -> list[dict]:
-    path = bench.llama_bench_model(vocab_size=vocab)["past"]
-    sessions = {name: ort_session(model, threads=2) for name, model in model_variants(path).items()}
+def model_steps(vocab: int) -> tuple[dict[str, bytes], dict[str, dict]]:
+    """The benchmark Llama's variants (model_variants) and the feeds of each of MODEL_STEPS: built
+    once, for the timings and the kernel times alike."""
+    models = model_variants(bench.llama_bench_model(vocab_size=vocab)["past"])
+    feeds = {name: {k: v.numpy() for k, v in bench.bench_inputs(step, vocab_size=vocab).items()}
+             for name, step in MODEL_STEPS.items()}
+    return models, feeds
+
+
+def measure_model(models: dict[str, bytes], feeds: dict[str, dict], repeats: int) -> list[dict]:
+    sessions = {name: ort_session(model, threads=2) for name, model in models.items()}
     records = []
     for step_name, step in MODEL_STEPS.items():
-        feeds = {k: v.numpy() for k, v in bench.bench_inputs(step, vocab_size=vocab).items()}
         runs = repeats if step.new > 1 else DECODE_MODEL_REPEATS
-        records += _timed("Llama, 4 layers", step_name, sessions, feeds, "attention only", runs)
+        records += _timed("Llama, 4 layers", step_name, sessions, feeds[step_name], "attention only", runs)
     return records
 
 
@@ -141,29 +149,26 @@ def kernel_times(model: bytes, feeds: dict, runs: int = 3) -> dict[str, float]:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.enable_profiling, options.log_severity_level = 2, True, 3
-    options.profile_file_prefix = str(RESULTS / "profile")
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-    for _ in range(runs):
-        session.run(None, feeds)
-    trace = pathlib.Path(session.end_profiling())
+    with tempfile.TemporaryDirectory() as folder:  # the trace never lands among the results
+        options.profile_file_prefix = str(pathlib.Path(folder) / "profile")
+        session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feeds)
+        events = json.loads(pathlib.Path(session.end_profiling()).read_text())
     times: dict[str, float] = {}
-    for event in json.loads(trace.read_text()):
+    for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
             op = event["args"]["op_name"]
             times[op] = times.get(op, 0.0) + event["dur"] / 1e3 / runs
-    trace.unlink()
     return times
 
 
-def measure_kernels(vocab: int) -> list[dict]:
+def measure_kernels(models: dict[str, bytes], feeds: dict[str, dict]) -> list[dict]:
     """Each step's kernel time outside the matmuls and attention, attention-only against both fusions."""
-    path = bench.llama_bench_model(vocab_size=vocab)["past"]
-    models = model_variants(path)
     records = []
     for step_name, step in MODEL_STEPS.items():
-        feeds = {k: v.numpy() for k, v in bench.bench_inputs(step, vocab_size=vocab).items()}
         for name in ("attention only", "+ both"):
-            times = kernel_times(models[name], feeds, runs=3 if step.new > 1 else 50)
+            times = kernel_times(models[name], feeds[step_name], runs=3 if step.new > 1 else 50)
             rest = {op: round(t, 3) for op, t in sorted(times.items(), key=lambda item: -item[1])
                     if op not in ("MatMul", "FusedMatMul", "GroupQueryAttention", "MultiHeadAttention")}
             records.append({"step": step_name, "variant": name, "other_ops_ms": round(sum(rest.values()), 2),
@@ -183,8 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     records = measure_ops(args.repeats)
     kernels = []
     if args.model:
-        records += measure_model(args.model_repeats, args.vocab)
-        kernels = measure_kernels(args.vocab)
+        models, feeds = model_steps(args.vocab)
+        records += measure_model(models, feeds, args.model_repeats)
+        kernels = measure_kernels(models, feeds)
     print(table(["construct", "shape", "contender", "median ms", "speedup", "max rel error"],
                 [[r["construct"], r["shape"], r["contender"], r["median_ms"], f"{r['speedup']:.2f}x",
                   f"{r['max_rel_error']:.1e}"] for r in records]))

@@ -176,7 +176,7 @@ def _(q, k, v, indices, mask, bias, num_heads, scale, causal):
     groups = kv_heads(q, k, num_heads)
     rows = [_rows(x).unflatten(-1, (heads, -1)) for x, heads in ((q, num_heads), (k, groups), (v, groups))]
     # The kernel takes as many k/v heads as q heads.
-    rows[1:] = [x.repeat_interleave(num_heads // groups, dim=1) for x in rows[1:]]
+    rows[1:] = [reference.repeat_kv(x, num_heads) for x in rows[1:]]
     out = varlen_attention(*rows, cu_seqlens, max_seqlen, scale=scale, causal=causal)
     return out.reshape(_output_shape(q, k, v, num_heads))
 
@@ -354,10 +354,11 @@ def _onnx_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
         q = merge_heads(q)
     if groups != num_heads:  # MultiHeadAttention has as many k/v heads as q heads: repeat them
         k, v = (_repeat_heads(x, groups, num_heads) for x in (k, v))
-    mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], k.shape[2 if k.dim() == 4 else 1], q.dtype, q.device)
+    keys = k.shape[2 if k.dim() == 4 else 1]
+    mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], keys, q.dtype, q.device)
     if mask is not None:
         # MultiHeadAttention's attention_bias is [B or 1, H or 1, S, T]: no broadcast over S or T.
-        mask = mask.expand(*mask.shape[:2], q.shape[1], k.shape[2 if k.dim() == 4 else 1])
+        mask = mask.expand(*mask.shape[:2], q.shape[1], keys)
     return _symbolic(
         "MultiHeadAttention", (q, k, v, None, None, mask), {"num_heads": num_heads, "scale": float(scale)}, q,
         shape=shape,

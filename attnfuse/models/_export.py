@@ -52,8 +52,7 @@ def export_onnx(
     *,
     dynamo: bool,
     dynamic_dims: Mapping[str, Mapping[int, str]],
-    output_name: str = "last_hidden_state",
-    output_names: Sequence[str] | None = None,
+    output_names: Sequence[str] = ("last_hidden_state",),
 ) -> pathlib.Path:
     """Export `module(*inputs.values())` as one self-contained .onnx file.
 
@@ -64,7 +63,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(inputs)
     args = tuple(inputs[name] for name in names)
-    common = dict(input_names=names, output_names=list(output_names or [output_name]), opset_version=18)
+    common = dict(input_names=names, output_names=list(output_names), opset_version=18)
     with quiet(), torch.no_grad():
         if dynamo:
             program = torch.onnx.export(

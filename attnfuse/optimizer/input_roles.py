@@ -229,12 +229,6 @@ def _uses_through(value: ir.Value, carriers: frozenset[str], depth: int) -> Iter
 _FUSED_LOOKUPS = {"EmbedLayerNormalization": {0: 2, 1: 4, 8: 3}}
 
 
-def table_rows(value: ir.Value) -> int | None:
-    """Rows of the embedding table that `value` indexes; None when none is found."""
-    found = _table(value)
-    return found[0] if found else None
-
-
 def _table(value: ir.Value) -> tuple[int, int | None] | None:
     """(rows, width) of the embedding table `value` indexes (the data of a Gather, or a fused
     embedding op's table), looking through casts and reshapes; None when no static table is found."""

@@ -55,12 +55,15 @@ class Observer:
         return values
 
     def _run(self, feeds: dict[str, np.ndarray], choices: Choices) -> tuple[_Session, dict[str, np.ndarray]]:
+        compiled = None
         try:
             compiled = self._session(choices, loops=True)
             outputs = compiled.runner.run(compiled.names, feeds)
         except CannotLoad:
             raise
         except Exception:  # a Loop body whose values change shape between iterations: leave it unobserved
+            if compiled is not None and not compiled.bodies:
+                raise  # no Loop body exposed: the model itself does not take these feeds
             compiled = self._session(choices, loops=False)
             outputs = compiled.runner.run(compiled.names, feeds)
         values = {**feeds, **{name: v for name, v in zip(compiled.names, outputs) if isinstance(v, np.ndarray)}}

@@ -20,11 +20,10 @@ from attnfuse.kernels import ops
 from attnfuse.optimizer import torch_cache, torch_sentence
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report, VerifyResult
-from attnfuse.optimizer.torch_inputs import Call, Signature
+from attnfuse.optimizer.torch_inputs import Call, Signature, pad_ids
 from attnfuse.optimizer.torch_verify import check
 from attnfuse.passes.fx import PassResult, run_passes
 from attnfuse.passes.fx import padding_free as padding_free_pass
-from attnfuse.passes.site import Fusion
 
 TARGETS = ("cpu", "cuda")
 FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
@@ -135,7 +134,7 @@ def optimize_module(
         if (reason := torch_cache.unsupported(name, value)) is not None:
             raise UserError(reason)
     call = Call.of(example)
-    inputs = Signature.of(example, pad_ids={"input_ids": getattr(getattr(model, "config", None), "pad_token_id", None)})
+    inputs = Signature.of(example, pad_ids=pad_ids(model))
     model = model.eval()
     probe_runs = [((), run) for run in inputs.runs(seed)]
     check_runs = inputs.runs(seed + 100, count=3)
@@ -180,8 +179,7 @@ def _roll_back(attempt, first: PassResult, failed: VerifyResult, padding_free: b
         if verdict.ok:
             break
     if padding_free:
-        passes.fusions.append(Fusion(padding_free_pass.NAME, "packed tokens", fused=False,
-                                     reason=f"rolled back: with it, {failed.message}"))
+        passes.fusions.append(padding_free_pass.rolled_back(failed.message))
     return optimized, passes, verdict, rolled_back
 
 

@@ -122,10 +122,7 @@ class Signature:
 
     def _new_tokens(self) -> int | None:
         """The new tokens of a step with a cache: the width of its [B, S] inputs besides the mask."""
-        for name, value in self.example.items():
-            if name != self.mask and isinstance(value, torch.Tensor) and _is_sequence(value):
-                return value.shape[1]
-        return None
+        return _sequence_width(self.example, self.mask)
 
     def _width(self) -> int | None:
         if self.mask is not None:
@@ -187,10 +184,18 @@ def real_mask(inputs: dict[str, object], signature: Signature) -> torch.Tensor |
 
 def new_tokens(inputs: dict[str, object], signature: Signature) -> int | None:
     """How many of the mask's last positions are this step's tokens, for a step with a cache."""
-    if signature.cache is None:
-        return None
-    return next(v.shape[1] for name, v in inputs.items()
-                if name != signature.mask and isinstance(v, torch.Tensor) and _is_sequence(v))
+    return None if signature.cache is None else _sequence_width(inputs, signature.mask)
+
+
+def _sequence_width(inputs: dict[str, object], mask: str | None) -> int | None:
+    """The width of the first [B, S] input besides the mask."""
+    return next((v.shape[1] for name, v in inputs.items()
+                 if name != mask and isinstance(v, torch.Tensor) and _is_sequence(v)), None)
+
+
+def pad_ids(model) -> dict[str, int | None]:
+    """The pad id of a transformers model's input_ids (its config's), for Signature.of."""
+    return {"input_ids": getattr(getattr(model, "config", None), "pad_token_id", None)}
 
 
 def _is_sequence(value: torch.Tensor) -> bool:

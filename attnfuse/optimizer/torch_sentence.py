@@ -19,10 +19,9 @@ from collections.abc import Callable
 import torch
 
 from attnfuse.optimizer.errors import UserError, VerificationError
-from attnfuse.optimizer.torch_inputs import Signature
+from attnfuse.optimizer.torch_inputs import Signature, pad_ids
 from attnfuse.optimizer.torch_verify import check
 from attnfuse.passes.fx import padding_free as padding_free_pass
-from attnfuse.passes.site import Fusion
 
 # Tokenized when no example is given: optimize builds its own check batches from it.
 EXAMPLE_SENTENCES = ["attnfuse captures the model on this sentence.", "And on this one."]
@@ -44,7 +43,7 @@ def optimize(model, example_inputs: tuple | None, example_kwargs: dict | None, o
         return _reported(optimized, inner, None, [])
 
     model.eval()
-    inputs = Signature.of(features, pad_ids={"input_ids": getattr(inner.config, "pad_token_id", None)})
+    inputs = Signature.of(features, pad_ids=pad_ids(inner))
     runs = inputs.runs(options["seed"] + 200, count=3)
     with torch.no_grad():
         expected = [model(dict(run)) for run in runs]
@@ -59,8 +58,7 @@ def optimize(model, example_inputs: tuple | None, example_kwargs: dict | None, o
         inner = optimize_module(transformer.auto_model, None, call, **dict(options, padding_free=False))
         optimized = with_model(model, inner)
         verdict, rolled_back = verify(optimized), [padding_free_pass.NAME]
-        inner.report.fusions.append(Fusion(padding_free_pass.NAME, "packed tokens", fused=False,
-                                           reason=f"rolled back: with it, the sentence embeddings' {failed.message}"))
+        inner.report.fusions.append(padding_free_pass.rolled_back(f"the sentence embeddings' {failed.message}"))
     if not verdict.ok:
         raise VerificationError(f"verification failed: {verdict.message}", inner.report)
     return _reported(optimized, inner, verdict, rolled_back)

@@ -124,23 +124,24 @@ class Verifier:
         fed = {value.name for value in original.graph.inputs}
         conditions = [cond for cond in self.branches.values() if cond not in fed]
         runner = session(original, providers(config.target), extra_outputs=conditions, optimize=False)
-        self.inputs_list, self.references = [], []
+        names = [o.name for o in runner.get_outputs()]
+        self.inputs_list, self.references, self.cases = [], [], []
         for i, inputs in enumerate(inputs_list):
             try:
-                values = dict(zip([o.name for o in runner.get_outputs()], runner.run(None, inputs.feeds)))
+                values = dict(zip(names, runner.run(None, inputs.feeds)))
             except Exception:
                 if i < probe_runs:
                     raise  # the probe ran these: something else is wrong
                 continue  # a set the original itself cannot take (longer than its positions): no run will
             self.references.append({name: values[name] for name in self.output_names})
-            self._name_branches(inputs, {**inputs.feeds, **values})
+            self.cases.append(self._case(inputs, {**inputs.feeds, **values}))
             self.inputs_list.append(inputs)
 
-    def _name_branches(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> None:
+    def _case(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> str:
+        """The set's case, with the branch each If of the original takes on it."""
         taken = [f"{node} takes branch {'then' if bool(np.asarray(values[cond]).reshape(-1)[0]) else 'else'}"
                  for node, cond in self.branches.items() if cond in values]
-        if taken and "takes branch" not in inputs.case:
-            inputs.case = f"{inputs.case}; {'; '.join(taken)}"
+        return "; ".join([inputs.case, *taken])
 
     def _run(self, runner: ort.InferenceSession, inputs: CheckInputs) -> dict[str, np.ndarray]:
         return dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))
@@ -174,10 +175,11 @@ class Verifier:
             verdict = "within" if ok else "over"
             message = f"max relative error {max_rel:.3g} {verdict} tolerance {tolerance:g}"
         inputs = [
-            {"case": inputs.case, "inputs": inputs.describe(), "padding": inputs.padding, "max_abs_error": a,
+            {"case": case, "inputs": inputs.describe(), "padding": inputs.padding, "max_abs_error": a,
              "max_rel_error": r}
-            for inputs, a, r in per_set
-        ] or [{"case": inputs.case, "inputs": inputs.describe(), "padding": inputs.padding} for inputs in self.inputs_list]
+            for (inputs, a, r), case in zip(per_set, self.cases)
+        ] or [{"case": case, "inputs": inputs.describe(), "padding": inputs.padding}
+              for inputs, case in zip(self.inputs_list, self.cases)]
         return VerifyResult(ok, max_abs, max_rel, tolerance, inputs, message)
 
 

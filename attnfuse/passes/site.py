@@ -33,7 +33,6 @@ class Rotary:
 
     kind: str  # "half" (rotate-half, GPT-NeoX / Llama) or "interleaved" (GPT-J)
     dim: int  # rotated dims per head (head_size for full rotary)
-    base: float | None = None
 
 
 @dataclass

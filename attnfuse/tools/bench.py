@@ -474,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sweep applies to the encoders (minilm, bert-base, all)")
     if args.vocab is not None and args.vocab < 3:
         parser.error("--vocab must be at least 3 (ids 0-2 are the special tokens)")
+    if decoder:
+        args.vocab = args.vocab or VOCAB
     repeats = args.repeats or (2 if args.quick else 5)
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -495,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = dict(threads=args.threads, repeats=repeats, warmups=WARMUPS, quick=args.quick, tolerance=TOLERANCE,
                         torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__)
         if decoder:
-            settings.update(vocab=args.vocab or VOCAB, peak_memory=not args.no_memory)
+            settings.update(vocab=args.vocab, peak_memory=not args.no_memory)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(dict(settings=settings, gemm_gflops=gemm, results=records), indent=1) + "\n")
     if args.plot:
@@ -511,8 +513,8 @@ def main(argv: list[str] | None = None) -> int:
 def decoder_notes(records: list[dict], args: argparse.Namespace) -> str:
     from attnfuse.tools.bench_decoder import TARGETS
 
-    vocab = args.vocab or VOCAB
-    vocab = "" if args.quick else f"vocabulary {vocab} ({'the full one' if vocab == VOCAB else f'reduced from {VOCAB}'}); "
+    full = "the full one" if args.vocab == VOCAB else f"reduced from {VOCAB}"
+    vocab = "" if args.quick else f"vocabulary {args.vocab} ({full}); "
     memory = "not measured" if args.no_memory else "VmHWM of a fresh process that loads the model and runs the workload once"
     targets = ", ".join(f"{name} {ratio:g}x" for name, ratio in TARGETS.items())
     return (f"{vocab}peak MB: {memory}\n"
@@ -523,7 +525,7 @@ def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
     from attnfuse.tools import bench_decoder
 
     plans = [(spec, workloads(spec, args.sweep)) for spec in model_specs(args.model, args.quick)]
-    decoder = bench_decoder.decoder_bench(args.quick, args.vocab or VOCAB) if args.model == "llama" else None
+    decoder = bench_decoder.decoder_bench(args.quick, args.vocab) if args.model == "llama" else None
     steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(loads) for _, loads in plans)
     steps += bench_decoder.progress_steps(decoder) if decoder else 0
     records: list[dict] = []

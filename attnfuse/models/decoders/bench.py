@@ -13,8 +13,9 @@ import random
 
 import torch
 
-from attnfuse.models._export import cached, export_onnx
+from attnfuse.models._export import cached
 from attnfuse.models.decoders import inputs, wrappers
+from attnfuse.models.decoders.cases import export_wrapped
 from attnfuse.models.decoders.families import CAUSAL, PAD, Family, build
 
 BENCH_VERSION = "b2"  # part of the cache key with the config's fingerprint: bump it when the weights change
@@ -40,11 +41,7 @@ def _torch(spec: Family, cache: str, attention: str) -> torch.nn.Module:
 
 
 def _export(spec: Family, cache: str, attention: str, path: pathlib.Path) -> None:
-    module = _torch(spec, cache, attention)
-    step = inputs.EXPORT_STEPS[cache == wrappers.PAST_MODE]
-    example = inputs.make(module.signature, module.model.config, step)
-    export_onnx(module, example, path, dynamo=True, dynamic_dims=module.signature.dynamic_dims,
-                output_names=module.signature.output_names)
+    export_wrapped(_torch(spec, cache, attention), cache, path, dynamo=True)
 
 
 def llama_bench_model(caches: tuple[str, ...] = (wrappers.PAST_MODE,), attention: str = "sdpa",

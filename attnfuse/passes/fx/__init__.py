@@ -45,7 +45,7 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
 
 def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, exclude: frozenset[str],
                   result: PassResult) -> Fusion:
-    fusion = Fusion(padding_free.NAME, "packed tokens", fused=False)
+    fusion = Fusion(padding_free.NAME, padding_free.OP, fused=False)
     saved = copy.deepcopy(module.graph)  # the pass changes the graph as it goes: keep a way back
     try:
         if mask is None:

@@ -59,19 +59,21 @@ def _bias_gelu(node: fx.Node, probe: FxProbe) -> Rewrite | None:
     return None
 
 
+RULES = [("skip_layernorm", _skip_layernorm), ("bias_gelu", _bias_gelu), *rmsnorm.RULES]
+
+
 def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusion]:
     fusions = []
     for node in list(graph.nodes):
-        for op_name, rule in [("skip_layernorm", _skip_layernorm), ("bias_gelu", _bias_gelu), *rmsnorm.RULES]:
-            fusion = Fusion(f"{op_name}:{node.name}", op_name, fused=False)
+        for op_name, rule in RULES:
             try:
                 found = rule(node, probe)
             except NoMatch as e:
-                fusion.reason = str(e)
-                fusions.append(fusion)
+                fusions.append(Fusion(f"{op_name}:{node.name}", op_name, fused=False, reason=str(e)))
                 continue
             if found is None:
                 continue
+            fusion = Fusion(f"{op_name}:{node.name}", op_name, fused=False)
             if found.name:
                 fusion.name, fusion.op = f"{found.name}:{node.name}", found.name
             rewrite_unless_excluded(fusion, exclude, lambda: _replace(graph, found.replaces or [node], found, probe))

@@ -51,8 +51,8 @@ def trace(node: fx.Node, canonical: list[torch.Tensor], probe: FxProbe) -> Heads
         elif is_op(current, aten.mul.Tensor, aten.div.Tensor) and isinstance(current.args[1], (int, float)):
             factor *= current.args[1] if current.target == aten.mul.Tensor else 1.0 / current.args[1]
             current = current.args[0]
-        elif is_op(current, aten.cat.default) and _only_nonempty(current, probe) is not None:
-            current = _only_nonempty(current, probe)  # a cat with empty tensors (an empty cache) changes nothing
+        elif is_op(current, aten.cat.default) and (nonempty := _only_nonempty(current, probe)) is not None:
+            current = nonempty  # a cat with empty tensors (an empty cache) changes nothing
         else:
             break
     return found

@@ -26,8 +26,15 @@ import torch.fx as fx
 from attnfuse.kernels import ops, reference
 from attnfuse.passes.fx.attention import HIDDEN
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, is_op, remove_dead
+from attnfuse.passes.site import Fusion
 
 NAME = "padding-free"
+OP = "packed tokens"
+
+
+def rolled_back(message: str) -> Fusion:
+    """The report's padding-free entry when verification made the optimizer give it up."""
+    return Fusion(NAME, OP, fused=False, reason=f"rolled back: with it, {message}")
 TOKENS, ROWS = "tokens", "rows"
 
 ELEMENTWISE = {

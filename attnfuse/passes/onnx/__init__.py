@@ -86,7 +86,7 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
         remove_unused(model)
         if fusion.fused:
             if why_not_branch is None:
-                unpadded_branch.add(graph, fused, padding_free.find_mask(graph), _key_padding_only(sites), positions)
+                unpadded_branch.add(graph, fused, mask, _key_padding_only(sites), positions)
                 remove_unused(model)
             fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
     graph.sort()  # a replaced value may be read before the node that now makes it

@@ -128,7 +128,7 @@ class Layout:
             return None
         if node.op_type == "EmbedLayerNormalization":
             return Form(TOKENS, 3) if value.index() in (0, 2) else None
-        if node.op_type in ("MultiHeadAttention", "GroupQueryAttention"):
+        if node.op_type in ATTENTION_OPS:
             return self.form(node.inputs[0]) if value.index() == 0 else None
         forms = token_wise_forms(node, self)
         return forms[value.index()] if forms else None

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
+import torch
 
+from attnfuse.kernels import reference
 from attnfuse.passes import precision
 from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed, opset, runs_seeing
@@ -256,21 +258,11 @@ def _pick(rows: str, width: int) -> slice:
 
 
 def rotary_reference(x: np.ndarray, layout: Layout, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
-    """com.microsoft.RotaryEmbedding's definition, with each token's cos and sin rows ([B or 1, S, r/2])."""
-    tokens = layout.to_bshd(x.astype(np.float64))
-    width = 2 * cos.shape[-1]
-    rotated, passed = tokens[..., :width], tokens[..., width:]
-    c, s = cos[:, :, None, :].astype(np.float64), sin[:, :, None, :].astype(np.float64)
-    if interleaved:
-        x1, x2 = rotated[..., 0::2], rotated[..., 1::2]
-    else:
-        x1, x2 = rotated[..., : width // 2], rotated[..., width // 2:]
-    real, imaginary = x1 * c - x2 * s, x1 * s + x2 * c
-    if interleaved:
-        rotated = np.stack([real, imaginary], axis=-1).reshape(rotated.shape)
-    else:
-        rotated = np.concatenate([real, imaginary], axis=-1)
-    return layout.from_bshd(np.concatenate([rotated, passed], axis=-1))
+    """com.microsoft.RotaryEmbedding (kernels/reference.py's rotary) on x in its layout, with each
+    token's cos and sin rows ([B or 1, S, r/2])."""
+    tokens = torch.from_numpy(layout.to_bshd(x.astype(np.float64)))
+    cos_rows, sin_rows = (torch.from_numpy(v.astype(np.float64))[:, :, None, :] for v in (cos, sin))
+    return layout.from_bshd(reference.rotary(tokens, cos_rows, sin_rows, interleaved).numpy())
 
 
 class _Caches:

@@ -53,6 +53,11 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
     site.cache = kinds.CACHE_PAST if cache_concat(k) else kinds.CACHE_CROSS if _from_inputs(k) else kinds.CACHE_NONE
     if site.softcap:  # only GroupQueryAttention soft-caps
         return _grouped(found, probe, graph)
+    if not mode.approximate and (site.cache == kinds.CACHE_PAST or k.heads < site.num_heads):
+        try:
+            return _grouped(found, probe, graph)
+        except NoMatch as why:  # MultiHeadAttention is exact too; keep it
+            site.note = f"kept MultiHeadAttention, not GroupQueryAttention: {why}"
     builder = Builder(site.name)
     output, bias = lower_to_mha(found, probe, builder)
     extras = prove(builder.nodes, [(site.output, output)], probe, [bias] if bias is not None else [], opset(graph))
@@ -61,11 +66,6 @@ def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) 
     key_real = _key_real(site, mask_input)
     if mode.approximate:
         return _approximate(found, probe, graph, mode, key_real)
-    if site.cache == kinds.CACHE_PAST or k.heads < site.num_heads:
-        try:
-            return _grouped(found, probe, graph)
-        except NoMatch as why:  # MultiHeadAttention is exact too; keep it
-            site.note = f"kept MultiHeadAttention, not GroupQueryAttention: {why}"
     if site.mask == kinds.MASK_KEY_PADDING and site.bias == kinds.BIAS_NONE and key_real:
         return _key_padding(found, probe, graph, key_real)
     if site.mask == kinds.MASK_WINDOW and site.bias == kinds.BIAS_NONE:

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.graph import Builder
-from attnfuse.passes.onnx.padding_free import find_tokens, new_tokens_mask, real_tokens
+from attnfuse.passes.onnx.padding_free import real_tokens
 
 NAME = "unpadded-branch"
 UNPADDED, PADDED = "unpadded", "padding_free"  # the branches' graph names
@@ -50,8 +50,7 @@ def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[
     graph.outputs.clear()
 
     b = Builder(NAME)
-    new = new_tokens_mask(b, mask, find_tokens(graph, mask))  # with a KV cache, the cached tokens do not count
-    real = real_tokens(b, new)
+    real = real_tokens(b, mask)  # no KV cache here (see _why_no_unpadded_branch): the mask covers the tokens
     fused_runs = _all(b, real)
     if read_positions:
         read = b.op("Gather", [real, b.const(list(read_positions), np.int64)], {"axis": 1})
