@@ -63,7 +63,7 @@ def fuse_attention(graph: fx.Graph, probe: FxProbe, mask_input: fx.Node | None, 
     """Replace every attention in `graph` that proves equal; return a site for each candidate."""
     sites = []
     for node in list(graph.nodes):
-        if not (is_op(node, SDPA) or (is_op(node, *SOFTMAXES) and _last_dim(node, probe))):
+        if not _is_candidate(node, probe):
             continue
         site = AttentionSite(name=_site_name(node, len(sites)))
         try:
@@ -86,15 +86,22 @@ def attention_operands(graph: fx.Graph, probe: FxProbe) -> list[fx.Node]:
     """The q and k (or k^T) nodes every attention candidate reads: where rotary embeddings end."""
     operands = []
     for node in graph.nodes:
+        if not _is_candidate(node, probe):
+            continue
         if is_op(node, SDPA):
             operands.extend(node.args[:2])
-        elif is_op(node, *SOFTMAXES) and _last_dim(node, probe):
+        else:
             try:
                 product = _score_chain(node.args[0])[1]
             except NoMatch:
                 continue
             operands.extend(product.args[-2:])
     return operands
+
+
+def _is_candidate(node: fx.Node, probe: FxProbe) -> bool:
+    """SDPA, or a softmax over the last dim: where attention may be."""
+    return is_op(node, SDPA) or (is_op(node, *SOFTMAXES) and _last_dim(node, probe))
 
 
 def _match_softmax(softmax: fx.Node, site: AttentionSite, probe: FxProbe, mask_input) -> Match:
