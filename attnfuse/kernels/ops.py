@@ -191,26 +191,33 @@ def _(q, k, v, indices, mask, bias, num_heads, scale, causal):
 # ---------------------------------------------------------------------------
 
 
+def _residual_sum(x: torch.Tensor, skip: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return x + skip if bias is None else x + skip + bias
+
+
 @torch.library.custom_op("attnfuse::skip_layernorm", mutates_args=())
 def skip_layernorm_op(
-    x: torch.Tensor, skip: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor,
+    x: torch.Tensor, skip: torch.Tensor, bias: Optional[torch.Tensor], weight: Optional[torch.Tensor],
     beta: Optional[torch.Tensor], eps: float,
-) -> torch.Tensor:
-    """layernorm(x + skip + bias) over the last dim."""
-    h = x + skip if bias is None else x + skip + bias
-    return F.layer_norm(h, (h.shape[-1],), weight, beta, eps)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layernorm(x + skip + bias) over the last dim, x + skip + bias): the sum is an output too, as
+    the next layer's residual reads it."""
+    h = _residual_sum(x, skip, bias)
+    return F.layer_norm(h, (h.shape[-1],), weight, beta, eps), h
 
 
 @skip_layernorm_op.register_kernel("cuda")
 def _(x, skip, bias, weight, beta, eps):
     from attnfuse.kernels.triton import skip_layernorm
 
-    return skip_layernorm(x, skip, bias, weight, beta, eps)
+    if weight is None:
+        weight = x.new_ones(x.shape[-1])
+    return skip_layernorm(x, skip, bias, weight, beta, eps), _residual_sum(x, skip, bias)
 
 
 @skip_layernorm_op.register_fake
 def _(x, skip, bias, weight, beta, eps):
-    return torch.empty_like(x)
+    return torch.empty_like(x), torch.empty_like(x)
 
 
 @torch.library.custom_op("attnfuse::bias_gelu", mutates_args=())
@@ -302,8 +309,9 @@ def packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float,
 
 def skip_layernorm(x, skip, bias, weight, beta, eps: float):
     if _exporting():
-        inputs = (x, skip, weight, beta, bias)
-        return _symbolic("SkipLayerNormalization", inputs, {"epsilon": float(eps)}, x)
+        if weight is None:
+            weight = x.new_ones(x.shape[-1])
+        return _skip_norm("SkipLayerNormalization", (x, skip, weight, beta, bias), eps)
     return skip_layernorm_op(x, skip, bias, weight, beta, eps)
 
 
@@ -324,15 +332,21 @@ def rms_norm(x, weight, eps: float):
 def skip_rms_norm(x, skip, weight, eps: float):
     if _exporting():
         scale = weight if weight is not None else x.new_ones(x.shape[-1])
-        statistics = (*x.shape[:-1], 1)
-        # Outputs: the norm, its mean and inverse deviation (unused), and x + skip.
-        out, _, _, total = torch.onnx.ops.symbolic_multi_out(
-            f"{MS_DOMAIN}::SkipSimplifiedLayerNormalization", (x, skip, scale), {"epsilon": float(eps)},
-            dtypes=(x.dtype, torch.float32, torch.float32, x.dtype), shapes=(x.shape, statistics, statistics, x.shape),
-            version=1,
-        )
-        return out, total
+        return _skip_norm("SkipSimplifiedLayerNormalization", (x, skip, scale), eps)
     return skip_rms_norm_op(x, skip, weight, eps)
+
+
+def _skip_norm(op_type: str, inputs: tuple, eps: float):
+    """A com.microsoft skip norm's outputs 0 and 3: the norm and the residual sum (its mean and
+    inverse deviation, outputs 1 and 2, unused)."""
+    x = inputs[0]
+    statistics = (*x.shape[:-1], 1)
+    out, _, _, total = torch.onnx.ops.symbolic_multi_out(
+        f"{MS_DOMAIN}::{op_type}", inputs, {"epsilon": float(eps)},
+        dtypes=(x.dtype, torch.float32, torch.float32, x.dtype), shapes=(x.shape, statistics, statistics, x.shape),
+        version=1,
+    )
+    return out, total
 
 
 def rotary(x, cos, sin, num_heads: int, interleaved: bool):

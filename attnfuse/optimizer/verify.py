@@ -15,7 +15,7 @@ from attnfuse.optimizer.errors import first_line
 from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.report import VerifyResult
-from attnfuse.passes import precision
+from attnfuse.core import tolerance as precision
 from attnfuse.passes.modes import parse_attention
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 

@@ -4,11 +4,15 @@ Encoders (--model minilm, bert-base, all): every ONNX contender in ONNX Runtime 
 intra-op threads, default graph optimizations), and torch on as many threads:
   torch eager (SDPA) | ORT on the dynamo export | ORT on ORT's transformers optimizer output
   (TorchScript export, eager attention: the case where it fuses) | ORT on onnxscript's ort_fusions
-  output (dynamo export) | attnfuse without and with padding-free (dynamo export).
+  output (dynamo export) | the CPU runtimes users deploy instead (--peers; attnfuse/tools/encoder_peers.py):
+  OpenVINO f32 and at its own precision, CTranslate2 f32 and int8 | attnfuse without and with padding-free
+  (dynamo export).
 Decoders (--model llama): see attnfuse/tools/bench_decoder.py; prefill and decode with a KV cache,
 and each contender's peak memory.
-Every output is compared with torch's on real positions; a wrong contender is timed and marked,
-never dropped, and never counts as the fastest peer.
+Every output is compared with torch's on real positions (and, for encoders, the mean-pooled sentence
+embeddings by cosine); a wrong contender is timed and marked, never dropped, and never counts as the
+fastest peer. Each contender computes at a precision ("f32", "bf16", "int8"), which sets its tolerance;
+speedups are given against the fastest correct f32 peer and against the fastest correct peer of any precision.
 """
 from __future__ import annotations
 
@@ -30,6 +34,12 @@ from attnfuse.models.decoders.bench import VOCAB
 from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 TOLERANCE = 1e-4  # max error on real positions, relative to the largest output magnitude, as the optimizer's check
+# A contender that computes in a lower precision is checked at that precision's tolerance: bf16 as the optimizer's
+# tolerance policy has it (the same margin over its unit roundoff as f32's); int8, whose dynamic quantization
+# rounds each GEMM's activations to 1/127 of their range, at 0.1 (CTranslate2's int8 MiniLM: 4.7e-2, embeddings
+# cosine 0.994), which still catches a wrong model (errors of order 1). The min cosine is reported beside it.
+TOLERANCES = {"f32": TOLERANCE, "bf16": 5e-2, "int8": 1e-1}
+NOT_INSTALLED = "not installed: pip install -e .[bench]"
 TORCH = "torch eager (sdpa)"
 ONNX_CONTENDERS = ("ORT", "ORT optimizer", "onnxscript", "attnfuse", "attnfuse padding-free")
 CONTENDERS = (TORCH, *ONNX_CONTENDERS)
@@ -196,9 +206,17 @@ def torch_runner(module: torch.nn.Module, positional: bool = False) -> Runner:
 class Contender:
     name: str
     run: Runner | None = None
-    error: str | None = None  # why it could not be built
+    error: str | None = None  # why it could not be built (NOT_INSTALLED: a peer runtime that is missing)
     attention: str = ""  # "fused/total" attention sites of its model
     model_file: Path | None = None  # its ONNX file, where a fresh process is to load it (peak memory)
+    precision: str | None = "f32"  # what it computes in: a key of TOLERANCES (None: unknown, it was not built)
+    setting: str = ""  # one of several ways to run the same contender (OpenVINO's hints): the faster is kept
+    peer: bool = False  # a peer whatever the caller's list of peer names says (the runtime peers)
+
+    @property
+    def key(self) -> str:
+        """Its name in Checked: name and setting, unique among the contenders of a run."""
+        return f"{self.name} ({self.setting})" if self.setting else self.name
 
 
 def build_contenders(name: str, torch_run: Runner, builders: OnnxBuilders, threads: int, step: Callable[[str], None],
@@ -246,17 +264,35 @@ def max_relative_error(actual: list[np.ndarray], expected: list[np.ndarray], rea
 
 @dataclasses.dataclass
 class Checked:
-    """What check_and_time found, by contender name."""
+    """What check_and_time found, by contender key."""
     seconds: dict[str, float]
     errors: dict[str, float]  # max relative error against torch at real positions
     failures: dict[str, str]  # why its run failed
+    cosines: dict[str, float] = dataclasses.field(default_factory=dict)  # min cosine of its sentence embeddings
+
+Similarity = Callable[[list[np.ndarray], list[np.ndarray]], float]  # (outputs, torch's) -> min cosine
+
+
+def sentence_cosine(mask: np.ndarray) -> Similarity:
+    """The min cosine between the mean-pooled, normalized embeddings (what sentence-transformers computes
+    for MiniLM) of a contender's first output and torch's, over the batch's rows."""
+    from attnfuse.models.minilm import sentence_embeddings
+    from attnfuse.tools.demo import cosine_similarity
+
+    def cosine(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+        if actual[0].shape != expected[0].shape:
+            return -1.0
+        pair = (sentence_embeddings(out.astype(np.float32), mask) for out in (actual[0], expected[0]))
+        return float(cosine_similarity(*pair).min())
+    return cosine
 
 
 def check_and_time(contenders: list[Contender], feeds: dict[str, np.ndarray],
-                   real: Callable[[list[np.ndarray]], list[np.ndarray]], repeats: int, desc: str) -> Checked:
+                   real: Callable[[list[np.ndarray]], list[np.ndarray]], repeats: int, desc: str,
+                   cosine: Similarity | None = None) -> Checked:
     """Run each contender once and compare its outputs with torch's (the first contender) at the positions
-    `real(torch's outputs)` marks, one contender at a time so that only torch's outputs are kept; then time
-    those that ran, interleaved, after WARMUPS runs (the checking run is the first)."""
+    `real(torch's outputs)` marks (and by `cosine`, if given), one contender at a time so that only torch's
+    outputs are kept; then time those that ran, interleaved, after WARMUPS runs (the checking run is the first)."""
     from attnfuse.models.peers import describe_error
 
     checked = Checked({}, {}, {})
@@ -269,28 +305,32 @@ def check_and_time(contenders: list[Contender], feeds: dict[str, np.ndarray],
         except Exception as error:  # a contender that fails on the workload is a result too
             if expected is None:
                 raise  # torch's outputs are the reference: nothing can be checked without them
-            checked.failures[c.name] = f"run failed: {describe_error(error)}"
+            checked.failures[c.key] = f"run failed: {describe_error(error)}"
             continue
         if expected is None:
             expected, positions = outputs, real(outputs)
-        checked.errors[c.name] = max_relative_error(outputs, expected, positions)
+        checked.errors[c.key] = max_relative_error(outputs, expected, positions)
+        if cosine is not None:
+            checked.cosines[c.key] = cosine(outputs, expected)
         del outputs
     del expected
-    ran = [c for c in contenders if c.name in checked.errors]
-    checked.seconds = interleaved_medians({c.name: (lambda c=c: c.run(feeds)) for c in ran}, repeats,
+    ran = [c for c in contenders if c.key in checked.errors]
+    checked.seconds = interleaved_medians({c.key: (lambda c=c: c.run(feeds)) for c in ran}, repeats,
                                           warmup=WARMUPS - 1, desc=desc)
     return checked
 
 
 def contender_record(c: Contender, checked: Checked, flops: int, peers: tuple[str, ...]) -> dict:
     """The fields of a record that are about the contender (the model's and workload's come before)."""
-    seconds, error = checked.seconds.get(c.name), checked.errors.get(c.name)
+    seconds, error = checked.seconds.get(c.key), checked.errors.get(c.key)
+    tolerance = TOLERANCES.get(c.precision, TOLERANCE)
     return dict(
-        contender=c.name, peer=c.name in peers, attention_fused=c.attention or None,
-        build_error=c.error or checked.failures.get(c.name),
+        contender=c.name, peer=c.peer or c.name in peers, attention_fused=c.attention or None,
+        build_error=c.error or checked.failures.get(c.key),
         median_ms=None if seconds is None else seconds * 1e3,
-        max_rel_error=error, correct=error is not None and error <= TOLERANCE,
+        max_rel_error=error, correct=error is not None and error <= tolerance,
         real_gflops=None if seconds is None else flops / seconds / 1e9,
+        precision=c.precision, setting=c.setting or None, tolerance=tolerance, min_cosine=checked.cosines.get(c.key),
     )
 
 
@@ -298,25 +338,51 @@ def measure(spec: ModelSpec, geometry: Geometry, workload: Workload, contenders:
     """Check every contender against torch, time them all interleaved, and return one record each."""
     feeds, mask = workload.feeds, workload.feeds["attention_mask"]
     checked = check_and_time(contenders, feeds, lambda outputs: [mask[:, :, None].astype(bool)] * len(outputs),
-                             repeats, desc=f"{spec.name} {workload.name}")
+                             repeats, desc=f"{spec.name} {workload.name}", cosine=sentence_cosine(mask))
     flops = real_token_flops(workload.lengths, geometry)
     records = [dict(model=spec.name, workload=workload.name, batch=int(mask.shape[0]), width=int(mask.shape[1]),
                     real_tokens=int(mask.sum()), padding=workload.padding,
                     **contender_record(c, checked, flops, PEERS)) for c in contenders]
+    records = keep_faster_setting(records)
     add_speedups(records)
     return records
 
 
+def keep_faster_setting(records: list[dict]) -> list[dict]:
+    """One record per contender name: of those run with several settings (OpenVINO's hints), the fastest
+    correct one (else the fastest), with every setting's time in `setting_ms`."""
+    by_name: dict[str, list[dict]] = {}
+    for r in records:
+        by_name.setdefault(r["contender"], []).append(r)
+    kept = []
+    for same in by_name.values():
+        if len(same) == 1:
+            kept.append(same[0])
+            continue
+        best = min(same, key=lambda r: (not r["correct"], r["median_ms"] is None, r["median_ms"] or 0.0))
+        kept.append(dict(best, setting_ms={r["setting"]: r["median_ms"] for r in same}))
+    return kept
+
+
 def add_speedups(records: list[dict]) -> None:
-    """Ratios of times (>1: faster) against torch eager and against the fastest correct peer."""
+    """Ratios of times (>1: faster) against torch eager, against the fastest correct f32 peer (fastest_peer,
+    vs_fastest_peer) and against the fastest correct peer of any precision (..._any_precision)."""
     timed = [r for r in records if r["median_ms"] is not None]
     torch_ms = next(r["median_ms"] for r in timed if r["contender"] == TORCH)
-    best = min((r for r in timed if r["peer"] and r["correct"]), key=lambda r: r["median_ms"])
+    for suffix, precisions in (("", {"f32"}), ("_any_precision", None)):
+        best = fastest_correct_peer(timed, precisions)
+        for r in records:
+            ms = r["median_ms"]
+            r["fastest_peer" + suffix] = best and best["contender"]
+            r["vs_fastest_peer" + suffix] = None if ms is None or best is None else best["median_ms"] / ms
     for r in records:
-        ms = r["median_ms"]
-        r["fastest_peer"] = best["contender"]
-        r["vs_torch"] = None if ms is None else torch_ms / ms
-        r["vs_fastest_peer"] = None if ms is None else best["median_ms"] / ms
+        r["vs_torch"] = None if r["median_ms"] is None else torch_ms / r["median_ms"]
+
+
+def fastest_correct_peer(timed: list[dict], precisions: set[str] | None) -> dict | None:
+    """The fastest correct peer computing in one of `precisions` (None: any); records without a precision are f32."""
+    peers = [r for r in timed if r["peer"] and r["correct"] and (precisions is None or r.get("precision", "f32") in precisions)]
+    return min(peers, key=lambda r: r["median_ms"]) if peers else None
 
 
 def gemm_gflops(threads: int, repeats: int, size: int = GEMM_SIZE) -> float:
@@ -335,27 +401,49 @@ def gemm_gflops(threads: int, repeats: int, size: int = GEMM_SIZE) -> float:
 
 def format_table(records: list[dict]) -> str:
     memory = any(r.get("peak_mb") for r in records)
-    header = ["model", "workload", "pad", "contender", "attn", "median ms", "max rel err", "real GFLOP/s",
-              "vs torch", "vs fastest peer", *(["peak MB"] if memory else [])]
-    rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["contender"], r["attention_fused"] or "-",
-             *timing_cells(r), *([megabytes(r.get("peak_mb"))] if memory else [])] for r in records]
+    cosine = any(r.get("min_cosine") is not None for r in records)
+    header = ["model", "workload", "pad", "contender", "prec", "attn", "median ms", "max rel err",
+              *(["min cos"] if cosine else []), "real GFLOP/s", "vs torch", "vs fastest f32 peer",
+              "vs fastest peer", *(["peak MB"] if memory else [])]
+    rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", contender_label(r), r.get("precision") or "-",
+             r["attention_fused"] or "-", *timing_cells(r, cosine), *([megabytes(r.get("peak_mb"))] if memory else [])]
+            for r in records]
     return table(header, rows)
 
 
-def timing_cells(r: dict) -> list[str]:
+def contender_label(r: dict) -> str:
+    """Its name, and the setting kept where it ran with several (OpenVINO's hint)."""
+    return f"{r['contender']} ({r['setting']})" if r.get("setting") else r["contender"]
+
+
+def timing_cells(r: dict, cosine: bool = False) -> list[str]:
+    """median, error (and min cosine), GFLOP/s, and speedups vs torch, the fastest f32 peer and any peer."""
+    blank = [""] * (5 + cosine)
+    if r["build_error"] == NOT_INSTALLED:
+        return [NOT_INSTALLED, *blank]
     if r["build_error"]:
-        return [f"FAILED: {r['build_error'][:60]}", "", "", "", ""]
+        return [f"FAILED: {r['build_error'][:60]}", *blank]
     verdict = "" if r["correct"] else " WRONG"
-    return [f"{r['median_ms']:.1f}", f"{r['max_rel_error']:.1e}{verdict}", f"{r['real_gflops']:.1f}",
-            speedup(r["vs_torch"]), speedup(r["vs_fastest_peer"])]
+    cos = [cosine_cell(r.get("min_cosine"))] if cosine else []
+    return [f"{r['median_ms']:.1f}", f"{r['max_rel_error']:.1e}{verdict}", *cos, f"{r['real_gflops']:.1f}",
+            speedup(r["vs_torch"]), speedup(r["vs_fastest_peer"]), speedup(r.get("vs_fastest_peer_any_precision"))]
+
+
+def cosine_cell(cosine: float | None) -> str:
+    return "-" if cosine is None else f"{cosine:.5f}"
 
 
 def summary_table(records: list[dict]) -> str:
-    """attnfuse padding-free against the fastest correct peer, per workload, by padding."""
+    """attnfuse padding-free against the fastest correct f32 peer and the fastest correct peer of any precision
+    (with that peer's embeddings cosine: attnfuse's counts against it only at a cosine no worse), per workload."""
     mine = sorted((r for r in records if r["contender"] == "attnfuse padding-free"), key=lambda r: (r["model"], r["padding"]))
+    cosines = {(r["model"], r["workload"], r["contender"]): r.get("min_cosine") for r in records}
     rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["fastest_peer"], *timing_cells(r)[:1],
-             speedup(r["vs_fastest_peer"])] for r in mine]
-    return table(["model", "workload", "pad", "fastest peer", "attnfuse pf ms", "speedup"], rows)
+             speedup(r["vs_fastest_peer"]), r.get("fastest_peer_any_precision") or "-",
+             cosine_cell(cosines.get((r["model"], r["workload"], r.get("fastest_peer_any_precision")))),
+             speedup(r.get("vs_fastest_peer_any_precision")), cosine_cell(r.get("min_cosine"))] for r in mine]
+    return table(["model", "workload", "pad", "fastest f32 peer", "attnfuse pf ms", "speedup", "fastest peer",
+                  "its min cos", "speedup", "attnfuse pf min cos"], rows)
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -383,6 +471,8 @@ def workload_label(r: dict) -> str:
 def markdown_cell(r: dict | None) -> str:
     if r is None:
         return "-"
+    if r["build_error"] == NOT_INSTALLED:
+        return "not installed"
     if r["median_ms"] is None:
         return "failed"
     ms = r["median_ms"]
@@ -396,7 +486,9 @@ def headline(r: dict | None) -> str:
         return "-"
     target = f" (target {r['target']:g}x)" if r.get("target") else ""
     wrong = "" if r["correct"] else ", wrong: does not count"
-    return f"**{speedup(r['vs_fastest_peer'])}** vs {r['fastest_peer']}{target}{wrong}"
+    other = r.get("fastest_peer_any_precision")
+    any_precision = f"; {speedup(r['vs_fastest_peer_any_precision'])} vs {other}" if other and other != r["fastest_peer"] else ""
+    return f"**{speedup(r['vs_fastest_peer'])}** vs {r['fastest_peer']}{target}{any_precision}{wrong}"
 
 
 def speedup(ratio: float | None) -> str:
@@ -456,12 +548,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab", type=int, default=None, metavar="N",
                         help="llama's vocabulary (default 32000, the full one; a smaller one shrinks the LM head)")
     parser.add_argument("--no-memory", action="store_true", help="llama: skip the peak-memory processes")
+    parser.add_argument("--peers", type=peer_list, default=None, metavar="LIST",
+                        help="encoders: the CPU runtimes to time besides ONNX Runtime, comma-separated: openvino, "
+                             "ctranslate2, all or none (default all, none with --quick); one not installed is listed "
+                             "as such (pip install -e .[bench])")
     parser.add_argument("--quick", action="store_true",
                         help="encoders batch 4, max length 32; llama the zoo's tiny one; 2 repeats: for tests")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement here")
     parser.add_argument("--plot", type=Path, metavar="PATH",
                         help="PNG: speedup vs padding fraction (encoders), time and peak memory (llama)")
     return parser
+
+
+def peer_list(text: str) -> list[str]:
+    """--peers: "all", "none" or runtime names separated by commas."""
+    from attnfuse.tools.encoder_peers import RUNTIMES
+
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names in (["all"], ["none"]):
+        return list(RUNTIMES) if names == ["all"] else []
+    unknown = [name for name in names if name not in RUNTIMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not one of {', '.join(RUNTIMES)}, all, none")
+    return list(dict.fromkeys(names))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -474,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sweep applies to the encoders (minilm, bert-base, all)")
     if args.vocab is not None and args.vocab < 3:
         parser.error("--vocab must be at least 3 (ids 0-2 are the special tokens)")
+    if args.peers and decoder:
+        parser.error("--peers applies to the encoders (minilm, bert-base, all)")
+    if args.peers is None:
+        args.peers = [] if args.quick or decoder else peer_list("all")
     if decoder:
         args.vocab = args.vocab or VOCAB
     repeats = args.repeats or (2 if args.quick else 5)
@@ -495,7 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(records))
     if args.json:
         settings = dict(threads=args.threads, repeats=repeats, warmups=WARMUPS, quick=args.quick, tolerance=TOLERANCE,
-                        torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__)
+                        tolerances=TOLERANCES, torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__,
+                        **peer_versions(args.peers))
         if decoder:
             settings.update(vocab=args.vocab, peak_memory=not args.no_memory)
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -510,6 +624,18 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def peer_versions(runtimes: list[str]) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for runtime in runtimes:
+        try:
+            versions[runtime] = version(runtime)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
 def decoder_notes(records: list[dict], args: argparse.Namespace) -> str:
     from attnfuse.tools.bench_decoder import TARGETS
 
@@ -521,12 +647,24 @@ def decoder_notes(records: list[dict], args: argparse.Namespace) -> str:
             f"targets (attnfuse vs the fastest correct peer, reported, not asserted): {targets}")
 
 
+def with_runtime_peers(contenders: list[Contender], spec: ModelSpec, module: torch.nn.Module, runtimes: list[str],
+                       threads: int, step: Callable[[str], None]) -> list[Contender]:
+    """`contenders` with the runtime peers after the ONNX Runtime peers, attnfuse's forms staying last."""
+    from attnfuse.tools import encoder_peers
+
+    peers = encoder_peers.peer_contenders(
+        runtimes, module, encoder_peers.transformers_folder(spec.module, module),
+        spec.module.padded_batch(2, min(16, spec.max_length), seed=1), threads, lambda name: step(f"{spec.name}: {name}"))
+    split = max(i for i, c in enumerate(contenders) if c.name in PEERS) + 1
+    return [*contenders[:split], *peers, *contenders[split:]]
+
+
 def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
     from attnfuse.tools import bench_decoder
 
     plans = [(spec, workloads(spec, args.sweep)) for spec in model_specs(args.model, args.quick)]
     decoder = bench_decoder.decoder_bench(args.quick, args.vocab) if args.model == "llama" else None
-    steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(loads) for _, loads in plans)
+    steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(args.peers) + len(loads) for _, loads in plans)
     steps += bench_decoder.progress_steps(decoder) if decoder else 0
     records: list[dict] = []
     with tqdm(total=steps, desc="attnfuse bench", file=sys.stderr, disable=None) as bar:
@@ -541,6 +679,7 @@ def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
             module = spec.torch_model()
             geometry = Geometry.of(module)
             contenders = build_contenders(spec.name, torch_runner(module), onnx_builders(spec, geometry), args.threads, step)
+            contenders = with_runtime_peers(contenders, spec, module, args.peers, args.threads, step)
             for workload in loads:
                 step(f"{spec.name}: {workload.name}")
                 records += measure(spec, geometry, workload, contenders, repeats)

@@ -11,7 +11,11 @@ import torch.fx as fx
 
 from attnfuse.passes.fx import fusions, padding_free, rotary
 from attnfuse.passes.fx.attention import fuse_attention
-from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, remove_no_ops
+from attnfuse.core import driver
+from attnfuse.passes.fx.adapter import FxGraph
+from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, find_tokens, remove_dead, remove_no_ops
+from attnfuse.passes.fx.view import TorchView
+from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.passes.site import AttentionSite, Fusion
 
 
@@ -35,12 +39,26 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     mask = find_mask(graph, probe)
     turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
     sites = fuse_attention(graph, probe, mask, exclude)
-    found = turned + fusions.fuse(graph, probe, exclude)
+    view = TorchView(probe, mask, find_tokens(graph, probe, mask))
+    adapter = FxGraph(graph, view)
+    found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, [SkipLayerNorm()], _Named(exclude))]
+    remove_dead(graph)
+    found += fusions.fuse(graph, probe, exclude)
     module.recompile()
     result = PassResult(sites, found)
     if padding_free_on:
         found.append(_padding_free(module, runs, mask, exclude, result))
     return result
+
+
+class _Named:
+    """Candidates excluded by name (the rollback's current currency)."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def __contains__(self, candidate) -> bool:
+        return candidate.anchor in self.names
 
 
 def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, exclude: frozenset[str],

@@ -59,7 +59,7 @@ def _bias_gelu(node: fx.Node, probe: FxProbe) -> Rewrite | None:
     return None
 
 
-RULES = [("skip_layernorm", _skip_layernorm), ("bias_gelu", _bias_gelu), *rmsnorm.RULES]
+RULES = [("bias_gelu", _bias_gelu), *rmsnorm.RULES]
 
 
 def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusion]:

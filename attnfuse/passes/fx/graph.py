@@ -181,6 +181,17 @@ def find_mask(graph: fx.Graph, probe: FxProbe) -> fx.Node | None:
     return None
 
 
+def find_tokens(graph: fx.Graph, probe: FxProbe, mask: fx.Node | None) -> fx.Node | None:
+    """The input of this step's tokens: [B, S] integer ids, or [B, S, hidden] embeddings, other than the mask."""
+    for node in placeholders(graph):
+        value = probe.tensor(node, 0)
+        if node is mask or value is None:
+            continue
+        if value.dim() == 2 and not value.dtype.is_floating_point or value.dim() == 3 and value.dtype.is_floating_point:
+            return node
+    return None
+
+
 def remove_no_ops(graph: fx.Graph) -> None:
     """Drop the dtype asserts torch.export leaves on intermediate values, and dropout at
     inference: fx counts both as side effects, so they would keep the nodes a rewrite

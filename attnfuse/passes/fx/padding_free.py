@@ -44,7 +44,8 @@ ELEMENTWISE = {
     aten.alias.default, ops.bias_gelu, ops.skip_layernorm, ops.rms_norm, ops.rotary, ops.skip_rms_norm,
 }
 # Token-wise ops with several outputs, each of their first argument's form (read through getitem).
-MULTI_OUTPUT = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, ops.skip_rms_norm}
+MULTI_OUTPUT = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, ops.skip_rms_norm,
+                ops.skip_layernorm}
 ROW_WISE = {aten.linear.default, aten.layer_norm.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # Layout ops, with (position, default) of each dim argument: they must not touch the token dims.

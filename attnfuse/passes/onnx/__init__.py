@@ -21,6 +21,10 @@ from attnfuse.passes.onnx.graph import (
     MS_DOMAIN, NoMatch, attr, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
 )
 from attnfuse.passes.onnx.sites import fuse_attention
+from attnfuse.passes.onnx.adapter import OnnxGraph
+from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
+from attnfuse.core import driver
 from attnfuse.passes.site import AttentionSite, Fusion
 
 
@@ -73,7 +77,7 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
         sites += fuse_attention(subgraph, probe, exclude, mode, mask)
         fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
             + embed.fuse(subgraph, probe, exclude) \
-            + layernorm.fuse(subgraph, probe, exclude) + rmsnorm.fuse(subgraph, probe, exclude) \
+            + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude) \
             + rotary.fuse(subgraph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
@@ -94,6 +98,21 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
     if any(node.domain == MS_DOMAIN for node in graph.all_nodes()):
         model.opset_imports[MS_DOMAIN] = 1
     return PassResult(sites=sites, fusions=fusions)
+
+
+class _Named:
+    """Candidates excluded by name (the rollback's current currency)."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def __contains__(self, candidate) -> bool:
+        return candidate.anchor in self.names
+
+
+def _rules(graph: ir.Graph, probe, exclude, rules) -> list:
+    view = OrtView(probe, opset(graph))
+    return [applied.outcome for applied in driver.rewrite(OnnxGraph(graph, view), view, rules, _Named(exclude))]
 
 
 # ONNX Runtime's fused attention ops: a model optimized before (by attnfuse or ONNX Runtime) has them.

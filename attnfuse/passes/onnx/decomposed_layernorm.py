@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes import precision
+from attnfuse.core import tolerance as precision
 from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import Builder, NoMatch, constant, observed, opset
 from attnfuse.passes.onnx.proof import evaluate, prove, substitute

@@ -13,7 +13,7 @@ from math import erf, sqrt, tanh, pi
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes import precision
+from attnfuse.core import tolerance as precision
 from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, opset
 from attnfuse.passes.site import Fusion

@@ -12,7 +12,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from attnfuse.passes import precision
+from attnfuse.core import tolerance as precision
 from attnfuse.passes.onnx.graph import MS_DOMAIN, NoMatch, constant, observed, replace_uses, runs_seeing
 
 

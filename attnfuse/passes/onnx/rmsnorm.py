@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes import precision
+from attnfuse.core import tolerance as precision
 from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, constant, observed, opset
 from attnfuse.passes.onnx.layernorm import residual_sum, skip_claims

@@ -29,7 +29,7 @@ import onnx_ir as ir
 import torch
 
 from attnfuse.kernels import reference
-from attnfuse.passes import precision
+from attnfuse.core import tolerance as precision
 from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed, opset, runs_seeing
 from attnfuse.passes.onnx.proof import evaluate, prove, relative_error, substitute

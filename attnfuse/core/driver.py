@@ -1,0 +1,109 @@
+"""The one driver: every rule, on every graph, of both front-ends.
+
+For each rule in order and each of its anchors: match; skip what a rollback excluded;
+build the replacements the rule offers, prove each on the probe's runs (every claimed
+value must come out equal, to the tolerance of its dtype, at real tokens) and commit the
+first that proves; report every anchor with what happened to it. Nothing is committed
+unproven, and every failure is a reason in the report.
+"""
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+from attnfuse.core import tolerance
+from attnfuse.core.graph import Graph
+from attnfuse.core.outcome import AttentionSite, Outcome
+from attnfuse.core.rule import NoMatch, Replacement, Rule
+from attnfuse.core.view import View
+
+EXCLUDED = "excluded (rolled back)"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A rewrite one run can make: what a rollback excludes from the next run. The anchor's label
+    is the same on every run over the same input, which is what makes it an identity here."""
+
+    rule: str
+    anchor: str
+
+
+@dataclass
+class Applied:
+    """What the driver did at one anchor."""
+
+    candidate: Candidate
+    outcome: Outcome
+
+
+def rewrite(graph: Graph, view: View, rules: Sequence[Rule], excluded: Collection[Candidate] = ()) -> list[Applied]:
+    """Run `rules` over `graph` in order; returns an entry per anchor that matched or was refused."""
+    applied = []
+    for rule in rules:
+        for anchor in list(rule.anchors(graph, view)):
+            if not graph.alive(anchor):
+                continue  # replaced by an earlier rewrite
+            try:
+                entry = _at(rule, anchor, graph, view, excluded)
+            finally:
+                graph.settle()
+            if entry is not None:
+                applied.append(entry)
+    return applied
+
+
+def _at(rule: Rule, anchor, graph: Graph, view: View, excluded: Collection[Candidate]) -> Applied | None:
+    candidate = Candidate(rule.name, graph.label(anchor))
+    try:
+        match = rule.match(anchor, graph, view)
+    except NoMatch as why:
+        return Applied(candidate, _refused(rule.report(anchor, None, graph), str(why)))
+    if match is None:
+        return None
+    outcome = rule.report(anchor, match, graph)
+    if candidate in excluded:
+        return Applied(candidate, _refused(outcome, EXCLUDED))
+    failed: list[tuple[str, str]] = []
+    try:
+        for replacement in rule.lower(match, graph, view):
+            try:
+                prove(replacement, view)
+            except NoMatch as why:
+                failed.append((replacement.label, str(why)))
+                continue
+            graph.commit(replacement)
+            view.committed(replacement)
+            outcome = rule.report(anchor, match, graph)  # lowering may have learned more (its facts)
+            outcome.fused, outcome.reason = True, None
+            _note(outcome, replacement.label, failed)
+            return Applied(candidate, outcome)
+    except NoMatch as why:
+        failed.append(("", str(why)))
+    return Applied(candidate, _refused(outcome, failed[-1][1] if failed else "no replacement to build"))
+
+
+def prove(replacement: Replacement, view: View) -> None:
+    """Each claimed value equals the original it replaces on every run that computed them all, at
+    real tokens, to its dtype's tolerance. NoMatch (with the error) otherwise."""
+    originals = [old for old, _ in replacement.claims]
+    news = [new for _, new in replacement.claims]
+    for run in view.runs(*originals):
+        got = view.evaluate(replacement.nodes, news, {}, run)
+        for old, value in zip(originals, got):
+            expected = view.value(old, run)
+            error = tolerance.relative_error(expected, value, view.real(run))
+            if not error <= tolerance.tolerance(expected.dtype):
+                raise NoMatch(f"the fused op does not reproduce the original (relative error {error:.2g})")
+
+
+def _refused(outcome: Outcome, reason: str) -> Outcome:
+    outcome.fused, outcome.reason = False, reason
+    return outcome
+
+
+def _note(outcome: Outcome, kept: str, failed: list[tuple[str, str]]) -> None:
+    """Say why a preferred form was not used (a site's note)."""
+    if failed and isinstance(outcome, AttentionSite):
+        label, why = failed[0]
+        outcome.note = f"kept {kept}, not {label}: {why}"

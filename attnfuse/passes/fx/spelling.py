@@ -1,0 +1,71 @@
+"""How an fx graph spells each fused op: a builder whose methods take the op's canonical arguments
+(the same as the ONNX builder's) and call core/registry.py's torch function for it.
+
+fx nodes live in a graph: a builder puts its nodes in at once, before the output, and takes
+them out again (`discard`) when its rewrite is not committed.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from attnfuse.core import registry
+from attnfuse.core.rule import Replacement
+
+aten = torch.ops.aten
+
+
+class FxBuilder:
+    def __init__(self, graph: fx.Graph, view, label: str):
+        self.graph, self.view, self.label = graph, view, label
+        self.nodes: list[fx.Node] = []
+        self.committed = False
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        output = next(node for node in reversed(self.graph.nodes) if node.op == "output")
+        with self.graph.inserting_before(output):
+            node = self.graph.call_function(target, args, kwargs)
+        node.meta["attnfuse"] = self.label
+        self.nodes.append(node)
+        return node
+
+    def items(self, node: fx.Node, count: int) -> list[fx.Node]:
+        return [self.call(operator.getitem, node, i) for i in range(count)]
+
+    def replacement(self, label: str, claims: list[tuple[Any, Any]], **facts) -> Replacement:
+        return Replacement(label, self.nodes, claims, self, facts)
+
+    def discard(self) -> None:
+        for node in reversed(self.nodes):
+            if not node._erased:
+                self.graph.erase_node(node)
+        self.nodes.clear()
+
+    # ---- the fused ops, by their canonical arguments -----------------------------------------
+
+    def skip_layer_norm(self, x, skip, gamma, beta, bias, eps: float) -> tuple[fx.Node, fx.Node]:
+        """(layernorm(x + skip + bias), x + skip + bias)."""
+        y, total = self.items(self.call(registry.SKIP_LAYER_NORM.torch, x, skip, bias, gamma, beta, float(eps)), 2)
+        return y, total
+
+    def layer_norm(self, x, gamma, beta, eps: float) -> fx.Node:
+        width = self.view.value(x).shape[-1]
+        return self.call(aten.layer_norm.default, x, [width], gamma, beta, float(eps))
+
+    def rms_norm(self, x, gamma, eps: float) -> fx.Node:
+        return self.call(registry.RMS_NORM.torch, x, gamma, float(eps))
+
+    def skip_rms_norm(self, x, skip, gamma, bias, eps: float) -> tuple[fx.Node, fx.Node]:
+        """(rms_norm(x + skip + bias), x + skip + bias)."""
+        if bias is not None:
+            x = self.call(aten.add.Tensor, x, bias)
+        y, total = self.items(self.call(registry.SKIP_RMS_NORM.torch, x, skip, gamma, float(eps)), 2)
+        return y, total
+
+    def bias_gelu(self, x, bias, approximate: str) -> fx.Node:
+        if bias is None:
+            return self.call(aten.gelu.default, x, approximate=approximate)
+        return self.call(registry.BIAS_GELU.torch, x, bias, approximate)

@@ -1,0 +1,121 @@
+"""An onnx_ir graph as the rules see it (core/graph.py): ONNX ops mapped onto canonical ones,
+navigation that ignores nodes a rewrite built but did not commit, and commits.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from attnfuse.core import registry
+from attnfuse.core.graph import Op
+from attnfuse.core.rule import Replacement
+from attnfuse.passes.onnx.graph import attr, constant, replace_uses
+from attnfuse.passes.onnx.spelling import OnnxBuilder
+
+_OPS = {
+    "Add": Op.ADD, "Sub": Op.SUB, "Mul": Op.MUL, "Div": Op.DIV, "Pow": Op.POW, "Neg": Op.NEG, "Sqrt": Op.SQRT,
+    "Reciprocal": Op.RECIPROCAL, "Exp": Op.EXP, "Erf": Op.ERF, "Tanh": Op.TANH, "Sigmoid": Op.SIGMOID,
+    "Cast": Op.CAST, "CastLike": Op.CAST, "Identity": Op.IDENTITY, "Dropout": Op.IDENTITY, "Where": Op.WHERE,
+    "IsNaN": Op.ISNAN, "ReduceMean": Op.REDUCE_MEAN, "ReduceSum": Op.REDUCE_SUM,
+    "ReduceSumSquare": Op.REDUCE_SUM_SQUARE, "ReduceL2": Op.REDUCE_L2, "Reshape": Op.RESHAPE, "Flatten": Op.RESHAPE,
+    "Transpose": Op.TRANSPOSE, "Squeeze": Op.SQUEEZE, "Unsqueeze": Op.UNSQUEEZE, "Expand": Op.EXPAND,
+    "Tile": Op.EXPAND, "Slice": Op.SLICE, "Split": Op.SPLIT, "Concat": Op.CONCAT, "Gather": Op.GATHER,
+    "Shape": Op.SHAPE, "MatMul": Op.MATMUL, "Softmax": Op.SOFTMAX, "LayerNormalization": Op.LAYER_NORM,
+    "Gelu": Op.GELU,
+}
+# ONNX's default attribute values, where an op's canonical reading needs one.
+_EPSILON = 1e-5
+
+
+class OnnxGraph:
+    """One onnx_ir graph (the model's, or a subgraph) through canonical ops."""
+
+    def __init__(self, graph: ir.Graph, view):
+        self.graph, self.view = graph, view
+
+    def nodes(self) -> list[ir.Node]:
+        return list(self.graph)
+
+    def op(self, node: ir.Node) -> Op | None:
+        if node.domain in ("", "ai.onnx"):
+            found = _OPS.get(node.op_type)
+            if found is not None:
+                return found
+        return Op.FUSED if registry.of_onnx(node.domain, node.op_type) is not None else None
+
+    def operands(self, node: ir.Node) -> list[ir.Value | None]:
+        return list(node.inputs)
+
+    def outputs(self, node: ir.Node) -> list[ir.Value]:
+        return list(node.outputs)
+
+    def producer(self, value: ir.Value) -> ir.Node | None:
+        return value.producer() if value is not None else None
+
+    def users(self, value: ir.Value) -> list[ir.Node]:
+        """Readers in a graph: a node a rewrite built and did not commit is none."""
+        found: list[ir.Node] = []
+        for use in value.uses():
+            if use.node.graph is not None and not any(use.node is n for n in found):
+                found.append(use.node)
+        return found
+
+    def is_output(self, value: ir.Value) -> bool:
+        return value.is_graph_output()
+
+    def is_input(self, value: ir.Value) -> bool:
+        return value.is_graph_input()
+
+    def label(self, node: ir.Node) -> str:
+        return node.name
+
+    def axes(self, node: ir.Node) -> tuple[int, ...] | None:
+        if node.op_type == "LayerNormalization":
+            return (attr(node, "axis", -1),)
+        if node.op_type == "Softmax":
+            return (attr(node, "axis", -1 if self._opset() >= 13 else 1),)
+        axes = attr(node, "axes")
+        if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+            axes = constant(node.inputs[1], self.view.probe)
+        return None if axes is None else tuple(int(a) for a in np.asarray(axes).reshape(-1))
+
+    def keepdims(self, node: ir.Node) -> bool:
+        return bool(attr(node, "keepdims", 1))
+
+    def attribute(self, node: ir.Node, name: str, default: Any = None) -> Any:
+        if name == "epsilon":
+            return attr(node, "epsilon", _EPSILON)
+        if name == "approximate":
+            return attr(node, "approximate", "none")
+        if name == "fused_op":
+            found = registry.of_onnx(node.domain, node.op_type)
+            return found[0] if found else default
+        return attr(node, name, default)
+
+    def alive(self, node: ir.Node) -> bool:
+        return node.graph is not None and any(out.is_graph_output() or self.users(out) for out in node.outputs)
+
+    def op_name(self, op: registry.FusedOp, form: registry.OnnxForm | None = None) -> str:
+        return (form or op.onnx[0]).op_type
+
+    def builder(self, label: str) -> OnnxBuilder:
+        return OnnxBuilder(label, self.view)
+
+    def settle(self) -> None:
+        """Nodes built and not committed are in no graph: navigation skips them, remove_unused drops them."""
+
+    def commit(self, replacement: Replacement) -> None:
+        """Insert the nodes after the last node that made a claimed value, and point the claimed values'
+        readers at their replacements. (The pass sorts the graph at its end: a new node may read a
+        value made further down.)"""
+        order = {id(node): i for i, node in enumerate(self.graph)}
+        makers = [old.producer() for old, _ in replacement.claims if old.producer() is not None]
+        after = max(makers, key=lambda node: order.get(id(node), -1))
+        self.graph.insert_after(after, replacement.nodes)
+        for old, new in replacement.claims:
+            replace_uses(old, new)
+
+    def _opset(self) -> int:
+        return self.view.opset

@@ -1,0 +1,215 @@
+"""The CPU runtimes a user would deploy instead of attnfuse for an encoder, run the way their users run them,
+as contenders of `attnfuse bench` (and, through SentenceEncoder, of benchmarks/torch_frontend.py's encode):
+
+- OpenVINO: `ov.convert_model` on the torch model (read straight from torch, it ran 1.12-1.18x faster here than
+  the same model read from the bench's dynamo ONNX export), compiled for the CPU with INFERENCE_NUM_THREADS set
+  to --threads, at f32 (INFERENCE_PRECISION_HINT) and at the precision OpenVINO picks by itself (bf16 on a CPU
+  with AVX512_BF16 or AMX), each with PERFORMANCE_HINT LATENCY (one request runs the batch) and THROUGHPUT (the
+  batch split across the requests OpenVINO asks for, run at once, as its documentation says to use that hint).
+  The bench keeps the faster hint of each precision.
+- CTranslate2: the transformers model folder converted by TransformersConverter, an Encoder on the CPU with
+  intra_threads=--threads at compute_type float32 and int8; forward_batch takes each row's real tokens, unpadded.
+
+A runtime that is not installed is one contender whose error says so (bench.NOT_INSTALLED), never a crash.
+"""
+from __future__ import annotations
+
+import importlib.util
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from attnfuse.tools.bench import NOT_INSTALLED, Contender, Runner
+
+RUNTIMES = {"openvino": "OpenVINO", "ctranslate2": "CTranslate2"}  # --peers name -> the name in tables
+OPENVINO_HINTS = ("LATENCY", "THROUGHPUT")
+CTRANSLATE2_TYPES = {"f32": "float32", "int8": "int8"}  # our precision -> its compute_type
+OPENVINO_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}  # its element type's name -> ours
+
+
+def installed(runtime: str) -> bool:
+    return importlib.util.find_spec(runtime) is not None
+
+
+def peer_contenders(runtimes: list[str], torch_model: torch.nn.Module, model_folder: Callable[[Path], Path],
+                    example: dict[str, np.ndarray], threads: int, step: Callable[[str], None] = lambda _: None
+                    ) -> list[Contender]:
+    """Each runtime's contenders for `torch_model` (forward(input_ids, attention_mask, token_type_ids) ->
+    last_hidden_state); `model_folder(scratch)` gives its transformers folder (CTranslate2 converts a folder),
+    `example` feeds OpenVINO's conversion. A runtime that is missing or fails to build is one contender
+    with the reason."""
+    from attnfuse.models._export import quiet
+    from attnfuse.models.peers import describe_error
+
+    builders = {"openvino": lambda: openvino_contenders(torch_model, example, threads),
+                "ctranslate2": lambda: ctranslate2_contenders(model_folder, threads)}
+    contenders: list[Contender] = []
+    for runtime in runtimes:
+        name = RUNTIMES[runtime]
+        step(name)
+        if not installed(runtime):
+            contenders.append(Contender(name, error=NOT_INSTALLED, precision=None, peer=True))
+            continue
+        try:
+            with quiet():
+                contenders += builders[runtime]()
+        except Exception as error:  # a peer that cannot be built is a result, not a crash of the bench
+            contenders.append(Contender(name, error=describe_error(error), precision=None, peer=True))
+    return contenders
+
+
+# ---- OpenVINO -----------------------------------------------------------------------------------
+
+def openvino_contenders(torch_model: torch.nn.Module, example: dict[str, np.ndarray], threads: int) -> list[Contender]:
+    """f32 and OpenVINO's own precision, each under both performance hints."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = ov.convert_model(torch_model, example_input={name: torch.from_numpy(a) for name, a in example.items()})
+    contenders = []
+    for forced in ("f32", None):  # None: the precision OpenVINO picks for this CPU
+        for hint in OPENVINO_HINTS:
+            config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": hint}
+            if forced:
+                config["INFERENCE_PRECISION_HINT"] = forced
+            compiled = core.compile_model(model, "CPU", config)
+            precision = openvino_precision(compiled)
+            name = "OpenVINO f32" if forced else f"OpenVINO default ({precision})"
+            run = openvino_latency_runner(compiled) if hint == "LATENCY" else openvino_throughput_runner(compiled)
+            contenders.append(Contender(name, run, precision=precision, setting=hint, peer=True))
+    return contenders
+
+
+def openvino_precision(compiled) -> str:
+    """The precision the compiled model computes in: "f32", "bf16", ..."""
+    element = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+    return OPENVINO_PRECISIONS.get(element, element)
+
+
+def input_names(compiled) -> list[str]:
+    return [port.get_any_name() for port in compiled.inputs]
+
+
+def openvino_latency_runner(compiled) -> Runner:
+    """One infer request runs the whole batch."""
+    request, names = compiled.create_infer_request(), input_names(compiled)
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = request.infer({name: feeds[name] for name in names})
+        return [result[port] for port in compiled.outputs]
+    return run
+
+
+def openvino_throughput_runner(compiled) -> Runner:
+    """The batch's rows split across OpenVINO's optimal number of requests, run at once, then joined."""
+    import openvino as ov
+
+    requests, names = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"), input_names(compiled)
+    queue = ov.AsyncInferQueue(compiled, requests)
+    parts: dict[int, list[np.ndarray]] = {}
+    queue.set_callback(lambda request, index: parts.__setitem__(
+        index, [request.get_output_tensor(i).data.copy() for i in range(len(compiled.outputs))]))
+
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        parts.clear()
+        rows = len(feeds[names[0]])
+        for index, chunk in enumerate(np.array_split(np.arange(rows), min(requests, rows))):
+            queue.start_async({name: feeds[name][chunk[0]: chunk[-1] + 1] for name in names}, index)
+        queue.wait_all()
+        return [np.concatenate([parts[i][output] for i in sorted(parts)]) for output in range(len(compiled.outputs))]
+    return run
+
+
+# ---- CTranslate2 --------------------------------------------------------------------------------
+
+def ctranslate2_contenders(model_folder: Callable[[Path], Path], threads: int) -> list[Contender]:
+    """The folder converted once; an Encoder per compute type (each loads the converted weights itself)."""
+    import ctranslate2
+
+    with tempfile.TemporaryDirectory(prefix="attnfuse-ct2-") as scratch:
+        converted = Path(scratch) / "ctranslate2"
+        ctranslate2.converters.TransformersConverter(str(model_folder(Path(scratch)))).convert(str(converted))
+        return [Contender(f"CTranslate2 {precision}", ctranslate2_runner(ctranslate2.Encoder(
+                    str(converted), device="cpu", compute_type=compute_type, intra_threads=threads)),
+                          precision=precision, peer=True)
+                for precision, compute_type in CTRANSLATE2_TYPES.items()]
+
+
+def ctranslate2_runner(encoder) -> Runner:
+    """Each row's real tokens as a list (unpadded, as CTranslate2's users pass them); its output, which is
+    padded to the longest row, is laid back at the feeds' real positions (zeros elsewhere)."""
+    def run(feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        real = feeds["attention_mask"].astype(bool)
+        ids = [row[keep].tolist() for row, keep in zip(feeds["input_ids"], real)]
+        types = [row[keep].tolist() for row, keep in zip(feeds["token_type_ids"], real)] if "token_type_ids" in feeds else None
+        hidden = np.asarray(encoder.forward_batch(ids, token_type_ids=types).last_hidden_state)
+        return [at_real_positions(hidden, real)]
+    return run
+
+
+def at_real_positions(packed_rows: np.ndarray, real: np.ndarray) -> np.ndarray:
+    """[B, longest, ...] rows whose first length_b positions are row b's real tokens, laid out as `real`
+    ([B, width] bool, any padding side) with zeros at its padded positions."""
+    lengths = real.sum(1)
+    out = np.zeros((*real.shape, *packed_rows.shape[2:]), packed_rows.dtype)
+    out[real] = packed_rows[np.arange(packed_rows.shape[1])[None, :] < lengths[:, None]]
+    return out
+
+
+# ---- model folders ------------------------------------------------------------------------------
+
+def transformers_folder(model_module, torch_model: torch.nn.Module) -> Callable[[Path], Path]:
+    """Where CTranslate2 converts from: the model's own folder where it has one (attnfuse.models.minilm),
+    otherwise (random weights: attnfuse.models.bertbase) the torch model saved into scratch space, with a
+    word-piece vocabulary of its size (the converter reads the vocabulary from a tokenizer)."""
+    if hasattr(model_module, "model_dir"):
+        return lambda _scratch: model_module.model_dir()
+
+    def save(scratch: Path) -> Path:
+        folder = scratch / "transformers"
+        inner = torch_model.model  # attnfuse.models.wrappers.TextModel holds the transformers model
+        inner.save_pretrained(folder)
+        vocabulary_tokenizer(inner.config.vocab_size, folder)
+        return folder
+    return save
+
+
+def vocabulary_tokenizer(size: int, folder: Path) -> None:
+    """A BERT tokenizer of `size` made-up word pieces, BERT's special tokens first, saved into `folder`."""
+    from transformers import BertTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join([*special, *(f"piece{i}" for i in range(len(special), size))]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+
+
+# ---- sentence embeddings ------------------------------------------------------------------------
+
+class SentenceEncoder:
+    """`SentenceTransformer.encode` with its transformer's model replaced by a peer's runner: the model's
+    own tokenizer and truncation, its order (longest first), batches of `batch_size` padded to their
+    longest sentence, and its own modules after the transformer (pooling, normalize)."""
+
+    def __init__(self, sentence_model, run: Runner):
+        self.sentence_model, self.run = sentence_model, run
+
+    def encode(self, sentences: list[str], batch_size: int = 32, show_progress_bar: bool = False) -> np.ndarray:
+        order = np.argsort([-len(sentence) for sentence in sentences], kind="stable")
+        embeddings = None
+        for start in range(0, len(sentences), batch_size):
+            rows = order[start: start + batch_size]
+            features = self.sentence_model.tokenize([sentences[i] for i in rows])
+            feeds = {name: tensor.numpy().astype(np.int64) for name, tensor in features.items()}
+            features["token_embeddings"] = torch.from_numpy(np.ascontiguousarray(self.run(feeds)[0]))
+            with torch.inference_mode():
+                for module in list(self.sentence_model)[1:]:
+                    features = module(features)
+            batch = features["sentence_embedding"].numpy()
+            if embeddings is None:
+                embeddings = np.empty((len(sentences), *batch.shape[1:]), batch.dtype)
+            embeddings[rows] = batch
+        return embeddings
