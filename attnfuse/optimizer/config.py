@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from attnfuse.passes.modes import parse_attention
+from attnfuse.core.modes import parse_attention
 
 TARGETS = ("ort-cpu", "ort-cuda")
 

@@ -16,7 +16,7 @@ from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.report import VerifyResult
 from attnfuse.core import tolerance as precision
-from attnfuse.passes.modes import parse_attention
+from attnfuse.core.modes import parse_attention
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 
 

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes import modes
+from attnfuse.core import modes
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import (
     decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,

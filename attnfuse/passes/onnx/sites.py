@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes import modes
+from attnfuse.core import modes
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import attention, heads, lower_sparse, masks
 from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, runs_seeing

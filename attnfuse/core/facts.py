@@ -1,0 +1,39 @@
+"""What a rewrite learned about the nodes it wrote, kept on those nodes for the passes after it.
+
+Passes talk through typed facts on the graph's nodes (onnx_ir's and torch.fx's `node.meta`),
+never through node names: the attention rule says which fused attention masks every padded
+key, padding-free knows its own nodes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+_ATTENTION = "attnfuse.attention"
+_PADDING_FREE = "attnfuse.padding_free"
+
+
+@dataclass(frozen=True)
+class AttentionFacts:
+    """What the attention rule proved about a fused attention node."""
+
+    masks_padded_keys: bool  # its mask hides every key the padding mask marks as padded
+    key_padding_only: bool  # its only mask is the padding mask (no causal triangle, no bias): it can
+    # run on packed tokens without one, and a batch without padding can drop it
+    mask_slot: str | None = None  # the input slot that holds the padding mask, if it takes it so
+
+
+def tag_attention(node: Any, facts: AttentionFacts) -> None:
+    node.meta[_ATTENTION] = facts
+
+
+def attention_facts(node: Any) -> AttentionFacts | None:
+    return node.meta.get(_ATTENTION)
+
+
+def tag_padding_free(node: Any) -> None:
+    node.meta[_PADDING_FREE] = True
+
+
+def is_padding_free(node: Any) -> bool:
+    return bool(node.meta.get(_PADDING_FREE))

@@ -1,0 +1,27 @@
+"""What a pass run is asked to do: typed, parsed once, passed down to every pass."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from attnfuse.core.modes import AttentionMode
+
+
+class Target(str, enum.Enum):
+    """Where the optimized model runs."""
+
+    ORT_CPU = "ort-cpu"
+    ORT_CUDA = "ort-cuda"
+    TORCH_CPU = "cpu"
+    TORCH_CUDA = "cuda"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PassOptions:
+    target: Target = Target.ORT_CPU
+    padding_free: bool = True
+    verified: bool = True  # the result is verified afterwards: rewrites only verification can prove are allowed
+    attention: AttentionMode = field(default_factory=AttentionMode)
