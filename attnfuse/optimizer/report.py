@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attnfuse.passes.onnx.graph import ORT_ONNX_DOMAIN_OPS, nodes_on_one_path
-from attnfuse.passes.site import AttentionSite
+from attnfuse.core.outcome import AttentionSite
 
 
 @dataclass

@@ -9,14 +9,15 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from attnfuse.passes.fx import fusions, padding_free, rotary
-from attnfuse.passes.fx.attention import fuse_attention
 from attnfuse.core import driver
+from attnfuse.core.options import PassOptions, Target
+from attnfuse.core.outcome import AttentionSite, Fusion
+from attnfuse.passes.fx import fusions, padding_free, rotary
 from attnfuse.passes.fx.adapter import FxGraph
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, find_tokens, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
+from attnfuse.passes.rules.attention import Attention
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
-from attnfuse.passes.site import AttentionSite, Fusion
 
 
 @dataclass
@@ -38,9 +39,11 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     remove_no_ops(graph)
     mask = find_mask(graph, probe)
     turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
-    sites = fuse_attention(graph, probe, mask, exclude)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
+    options = PassOptions(target=Target.TORCH_CPU, padding_free=padding_free_on)
+    sites = [applied.outcome for applied in driver.rewrite(adapter, view, [Attention(options)], _Named(exclude))]
+    remove_dead(graph)
     found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, [SkipLayerNorm()], _Named(exclude))]
     remove_dead(graph)
     found += fusions.fuse(graph, probe, exclude)

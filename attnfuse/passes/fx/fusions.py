@@ -20,7 +20,7 @@ from attnfuse.passes.fx.graph import (
     FxProbe, NoMatch, Rewrite, aten, close_enough,
     is_op, only_user, remove_dead, rewrite_unless_excluded,
 )
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 
 TOLERANCE = 1e-5
 

@@ -19,14 +19,16 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from attnfuse.core.measure.heads import Layout
 from attnfuse.kernels import ops, reference
-from attnfuse.passes.fx import heads
-from attnfuse.passes.fx.attention import attention_operands
+from attnfuse.passes.fx.adapter import FxGraph
+from attnfuse.passes.fx.view import TorchView, to_numpy
+from attnfuse.passes.rules.attention import attention_operands, heads_source
 from attnfuse.passes.fx.graph import (
     LAYOUT, PASS_THROUGH, FxProbe, NoMatch, aten, between, close_enough,
     is_op, region_inputs, remove_dead, rewrite_unless_excluded,
 )
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 
 TOLERANCE = 1e-5
 _WALK = (*LAYOUT, *PASS_THROUGH, aten.slice.Tensor, aten.repeat_interleave.self_int)
@@ -47,7 +49,8 @@ class Rotation:
 
 def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusion]:
     fusions, seen = [], set()
-    for operand in attention_operands(graph, probe):
+    view = TorchView(probe)
+    for operand in attention_operands(FxGraph(graph, view), view):
         candidates = [(end, *c) for end in _ends(operand, probe) if end not in seen for c in _candidates(end, probe)]
         if not candidates:
             continue
@@ -155,8 +158,14 @@ def _replace(graph: fx.Graph, rotation: Rotation | None, probe: FxProbe) -> None
         raise NoMatch("the region between the projection and attention is not a rotation by the graph's cos and sin")
     x = probe.tensor(rotation.x, 0)
     canonical = [_heads_first(probe.tensor(rotation.x, r), rotation.head_dim) for r in range(probe.runs)]
-    source = heads.trace(rotation.x, canonical, probe)
-    if source is None or source.layout == heads.HEADS or source.factor != 1.0 or source.groups != x.shape[rotation.head_dim]:
+    view = TorchView(probe)
+    try:
+        source = heads_source(FxGraph(graph, view), view, rotation.x, [to_numpy(c) for c in canonical],
+                              list(range(probe.runs)))
+    except NoMatch:
+        source = None
+    if source is None or source.layout not in (Layout.TOKENS, Layout.TOKENS_HEADS) or source.factor != 1.0 \
+            or source.heads != x.shape[rotation.head_dim]:
         raise NoMatch("the rotated heads do not come from a [batch, seq, heads * head_size] tensor")
     count, size = x.shape[rotation.head_dim], x.shape[-1]
     added = []
@@ -166,7 +175,8 @@ def _replace(graph: fx.Graph, rotation: Rotation | None, probe: FxProbe) -> None
         return added[-1]
 
     with graph.inserting_before(rotation.end):
-        merged = add(aten.flatten.using_ints, source.node, 2) if source.layout == heads.TOKENS else source.node
+        merged = add(aten.flatten.using_ints, source.value, 2) if source.layout is Layout.TOKENS_HEADS \
+            else source.value
         tables = [_token_table(add, table, rotation, probe) for table in (rotation.cos, rotation.sin)]
         rotated = add(ops.rotary, merged, *tables, count, rotation.interleaved)
         out = add(aten.unflatten.int, rotated, -1, (count, size))

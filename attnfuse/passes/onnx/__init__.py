@@ -10,22 +10,22 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.core import modes
-from attnfuse.passes import site as kinds
+from attnfuse.core import driver, modes
+from attnfuse.core.facts import attention_facts
+from attnfuse.core.options import PassOptions, Target
+from attnfuse.core.outcome import AttentionSite, CacheKind, Fusion
 from attnfuse.passes.onnx import (
     decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,
 )
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
-    MS_DOMAIN, NoMatch, attr, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
+    MS_DOMAIN, NoMatch, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
 )
-from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.rules import attention
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
-from attnfuse.core import driver
-from attnfuse.passes.site import AttentionSite, Fusion
 
 
 class Probe(Protocol):
@@ -67,30 +67,31 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
 def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str]) -> PassResult:
     graph = model.graph
     mask = padding_free.find_mask(graph)
-    mode = modes.parse_attention(getattr(config, "attention", "exact"))
-    sites, fusions = already_fused(graph), []
+    options = _options(config)
+    sites, fusions = attention.already_fused(OnnxGraph(graph, None), nodes_on_one_path(graph)), []
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
         if in_loop and not _observed(subgraph, probe):
             sites += _in_loop_body(subgraph)
             continue
         canonicalize(subgraph, probe)
-        sites += fuse_attention(subgraph, probe, exclude, mode, mask)
+        sites += _rules(subgraph, probe, exclude, [attention.Attention(options)], mask)
         fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
             + embed.fuse(subgraph, probe, exclude) \
             + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude) \
             + rotary.fuse(subgraph, probe, exclude)
     remove_unused(model)
-    if getattr(config, "padding_free", False):
-        why_not_branch = _why_no_unpadded_branch(config, exclude, sites)
+    if options.padding_free:
+        why_not_branch = _why_no_unpadded_branch(options, exclude, sites)
         if why_not_branch is None:
             graph.sort()  # cloning follows the nodes in order
             fused = graph.clone()  # what a batch without padding will run
-        fusion, positions = _padding_free(graph, probe, config, exclude, sites)
+        masked, key_padding_only = _attention_facts(graph)
+        fusion, positions = _padding_free(graph, probe, options, exclude, masked, key_padding_only)
         fusions.append(fusion)
         remove_unused(model)
         if fusion.fused:
             if why_not_branch is None:
-                unpadded_branch.add(graph, fused, mask, _key_padding_only(sites), positions)
+                unpadded_branch.add(graph, fused, mask, key_padding_only, positions)
                 remove_unused(model)
             fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
     graph.sort()  # a replaced value may be read before the node that now makes it
@@ -110,21 +111,17 @@ class _Named:
         return candidate.anchor in self.names
 
 
-def _rules(graph: ir.Graph, probe, exclude, rules) -> list:
+def _rules(graph: ir.Graph, probe, exclude, rules, mask: ir.Value | None = None) -> list:
     view = OrtView(probe, opset(graph))
-    return [applied.outcome for applied in driver.rewrite(OnnxGraph(graph, view), view, rules, _Named(exclude))]
+    adapter = OnnxGraph(graph, view, mask)
+    return [applied.outcome for applied in driver.rewrite(adapter, view, rules, _Named(exclude))]
 
 
-# ONNX Runtime's fused attention ops: a model optimized before (by attnfuse or ONNX Runtime) has them.
-FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                             "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
-
-
-def already_fused(graph: ir.Graph) -> list[AttentionSite]:
-    """The fused attention the model came with, once per attention a run takes: kept, and counted."""
-    return [AttentionSite(name=node.name, fused=True, already_fused=True, num_heads=attr(node, "num_heads", 0),
-                          reason=f"already fused (com.microsoft.{node.op_type} in the input)")
-            for node in nodes_on_one_path(graph) if node.domain == MS_DOMAIN and node.op_type in FUSED_ATTENTION]
+def _options(config) -> PassOptions:
+    return PassOptions(target=Target(getattr(config, "target", "ort-cpu")),
+                       padding_free=bool(getattr(config, "padding_free", False)),
+                       verified=bool(getattr(config, "verify", True)),
+                       attention=modes.parse_attention(getattr(config, "attention", "exact")))
 
 
 def _observed(graph: ir.Graph, probe: Probe) -> bool:
@@ -148,35 +145,35 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[AttentionSite]
-                  ) -> tuple[Fusion, list[int]]:
+def _padding_free(graph: ir.Graph, probe: Probe, options: PassOptions, exclude, masked: set[str],
+                  key_padding_only: set[str]) -> tuple[Fusion, list[int]]:
     """The padding-free fusion, and the sequence positions the graph reads by index."""
     name = padding_free.NAME
     if name in exclude:
         return Fusion(name, "PaddingFree", False, "excluded (rolled back)"), []
-    masked = {site.fused_node for site in sites if site.fused and site.masks_padded_keys}
-    target = getattr(config, "target", "ort-cpu")
     try:
-        positions = padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
-                                       verified=getattr(config, "verify", True))
+        positions = padding_free.apply(graph, probe, masked, key_padding_only, str(options.target),
+                                       verified=options.verified)
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why)), []
     return Fusion(name, "PaddingFree", True), positions
 
 
-def _key_padding_only(sites: list[AttentionSite]) -> set[str]:
-    """The MultiHeadAttention nodes whose only mask is the mask input as key_padding_mask: those
-    that can run on the packed tokens, and whose masks an unpadded batch can drop."""
-    return {site.fused_node for site in sites if site.fused and site.masks_padded_keys
-            and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
+def _attention_facts(graph: ir.Graph) -> tuple[set[str], set[str]]:
+    """The fused attention nodes whose mask hides every padded key, and those of them whose only mask
+    is the padding mask as key_padding_mask (they can run on the packed tokens, and an unpadded
+    batch can drop their masks), by the facts the attention rule left on them."""
+    facts = {node.name: attention_facts(node) for node in graph.all_nodes() if attention_facts(node) is not None}
+    return ({name for name, fact in facts.items() if fact.masks_padded_keys},
+            {name for name, fact in facts.items() if fact.key_padding_only})
 
 
-def _why_no_unpadded_branch(config, exclude, sites: list[AttentionSite]) -> str | None:
+def _why_no_unpadded_branch(options: PassOptions, exclude, sites: list[AttentionSite]) -> str | None:
     if unpadded_branch.NAME in exclude:
         return "excluded (rolled back)"
-    if getattr(config, "target", "") != "ort-cpu":
+    if options.target is not Target.ORT_CPU:
         return "only for ort-cpu: packed attention has no copies to skip on CUDA"
-    if any(site.cache == kinds.CACHE_PAST for site in sites):
+    if any(site.cache is CacheKind.PAST for site in sites):
         # Measured on the benchmark Llama: ONNX Runtime pre-packs the weights of each branch's
         # MatMuls apart (957 MB against 621 MB for a decode step), and a generated batch with a
         # padded row keeps it padded at every step, so the unpadded graph would seldom run.

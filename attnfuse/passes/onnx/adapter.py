@@ -11,6 +11,7 @@ import onnx_ir as ir
 from attnfuse.core import registry
 from attnfuse.core.graph import Op
 from attnfuse.core.rule import Replacement
+from attnfuse.passes.onnx import attention_lowering
 from attnfuse.passes.onnx.graph import attr, constant, replace_uses
 from attnfuse.passes.onnx.spelling import OnnxBuilder
 
@@ -32,8 +33,8 @@ _EPSILON = 1e-5
 class OnnxGraph:
     """One onnx_ir graph (the model's, or a subgraph) through canonical ops."""
 
-    def __init__(self, graph: ir.Graph, view):
-        self.graph, self.view = graph, view
+    def __init__(self, graph: ir.Graph, view, mask: ir.Value | None = None):
+        self.graph, self.view, self.mask = graph, view, mask
 
     def nodes(self) -> list[ir.Node]:
         return list(self.graph)
@@ -92,6 +93,9 @@ class OnnxGraph:
         if name == "fused_op":
             found = registry.of_onnx(node.domain, node.op_type)
             return found[0] if found else default
+        if name == "fused_attention":  # fused attention the model came with: its domain and type
+            return f"{node.domain}.{node.op_type}" if registry.is_fused_attention(node.domain, node.op_type) \
+                else default
         return attr(node, name, default)
 
     def alive(self, node: ir.Node) -> bool:
@@ -116,6 +120,12 @@ class OnnxGraph:
         self.graph.insert_after(after, replacement.nodes)
         for old, new in replacement.claims:
             replace_uses(old, new)
+
+    def padding_mask(self) -> ir.Value | None:
+        return self.mask
+
+    def attention_lowerings(self, match, view, options):
+        return attention_lowering.lowerings(match, self, view, options)
 
     def _opset(self) -> int:
         return self.view.opset

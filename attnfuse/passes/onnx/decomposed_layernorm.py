@@ -21,7 +21,7 @@ from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import Builder, NoMatch, constant, observed, opset
 from attnfuse.passes.onnx.proof import evaluate, prove, substitute
 from attnfuse.passes.onnx.rmsnorm import OPS, as_vector, epsilon, graph_vector, own_constant, row_error
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 
 OP = "LayerNormalization"
 _SHIFT = 3.0  # a row moved by this much gives the same output

@@ -16,7 +16,7 @@ import onnx_ir as ir
 from attnfuse.core import tolerance as precision
 from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, opset
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 from attnfuse.passes.onnx.proof import evaluate, prove, substitute
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Erf", "Tanh", "Cast"}

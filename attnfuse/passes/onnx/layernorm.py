@@ -10,7 +10,7 @@ import onnx_ir as ir
 
 from attnfuse.passes.onnx.gelu import split_bias
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, consumers, opset
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 from attnfuse.passes.onnx.proof import prove, substitute
 
 

@@ -27,7 +27,7 @@ from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, constant, observed, opset
 from attnfuse.passes.onnx.layernorm import residual_sum, skip_claims
 from attnfuse.passes.onnx.proof import evaluate, prove, substitute
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 
 PLAIN, SKIP = "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization"
 REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2"})

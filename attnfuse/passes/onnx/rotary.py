@@ -33,7 +33,7 @@ from attnfuse.core import tolerance as precision
 from attnfuse.passes.onnx import regions
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed, opset, runs_seeing
 from attnfuse.passes.onnx.proof import evaluate, prove, relative_error, substitute
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 
 OP = "RotaryEmbedding"
 OPS = frozenset({"Mul", "Add", "Sub", "Neg", "Slice", "Split", "Concat", "Reshape", "Unsqueeze", "Squeeze",
