@@ -38,8 +38,11 @@ def lowerings(match: AttentionMatch, graph, view, options: PassOptions) -> Itera
     out = b.call(ops.attention, q, k, v, padding, bias, match.num_heads, match.scale, causal)
     tag_attention(out, AttentionFacts(match.mask.masks_padded_keys, padding is not None,
                                       "key_padding_mask" if padding is not None else None))
-    if view.value(match.output).ndim == 4:  # the merged output kept as [B, S, H, Dv]
-        out = b.call(aten.unflatten.int, out, -1, [match.num_heads, match.value_size])
+    shape = view.value(match.output).shape  # the merged output laid out [B*S, ...] or [B, S, H, Dv]
+    if match.flat_output:
+        out = b.call(aten.reshape.default, out, [-1, *shape[1:]])
+    elif len(shape) == 4:
+        out = b.call(aten.unflatten.int, out, -1, list(shape[2:]))
     yield b.replacement(LABEL, [(match.output, out)])
 
 

@@ -266,11 +266,9 @@ class _Site:
     # ---- shapes and helpers -----------------------------------------------------------------------
 
     def like_merged(self, b: OnnxBuilder, out: ir.Value) -> ir.Value:
-        """A fused op's [B, S, H*Dv] output in the layout of the merged output it replaces."""
-        m = self.match
-        if self.view.value(m.output).ndim == 3:
-            return out
-        return b.op("Reshape", [out, b.const([0, 0, m.num_heads, m.value_size], np.int64)])
+        """A fused op's [B, S, H*Dv] output laid out as the merged output it replaces."""
+        shape = _merged_shape(self.view, self.match)
+        return out if shape is None else b.op("Reshape", [out, b.const(shape, np.int64)])
 
     def tokens_only(self) -> None:
         """The block-wise lowerings read q, k and v as [batch, seq, hidden] with every head."""
@@ -313,6 +311,15 @@ class _Inputs:
     v: ir.Value
     bias: ir.Value | None
     lengths: ir.Value  # int64 [2]: queries, keys
+
+
+def _merged_shape(view, match: AttentionMatch) -> list[int] | None:
+    """The Reshape target that lays [B, S, H*Dv] out as the merged output ([B, S, H, Dv], or [B*S, ...]
+    ahead of a projection), None when it is [B, S, H*Dv] already."""
+    shape = view.value(match.output).shape
+    if match.flat_output:
+        return [-1, *shape[1:]]
+    return [0, 0, *shape[2:]] if len(shape) == 4 else None
 
 
 def _tokens(b: OnnxBuilder, x: Heads, size: int) -> ir.Value:
@@ -358,8 +365,10 @@ def _int32(b: OnnxBuilder, x: ir.Value) -> ir.Value:
 
 
 def _mean_cosine(expected: np.ndarray, got: np.ndarray, real) -> float:
-    a, c = expected.reshape(-1, expected.shape[-1]), got.reshape(-1, got.shape[-1])
-    if real is not None and expected.shape[:2] == real.shape:
+    """The mean cosine of each token's output vectors, at real tokens."""
+    tokens = real.size if real is not None and expected.size % real.size == 0 else expected.shape[0]
+    a, c = expected.reshape(tokens, -1), got.reshape(tokens, -1)
+    if real is not None and tokens == real.size:
         a, c = a[real.reshape(-1)], c[real.reshape(-1)]
     dot = (a * c).sum(-1)
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(c, axis=-1)

@@ -73,7 +73,7 @@ class AttentionMatch:
     chain: list[Node]  # from the product to the softmax, in order
     scores: Value | None  # the softmax's input, f(q @ k^T)
     weighted: Node  # the probabilities' MatMul with v (SDPA itself)
-    output: Value  # the merged [B, S, H*Dv] output the fused op replaces
+    output: Value  # the merged output the fused op replaces: [B, S, H*Dv] (or [B, S, H, Dv], or [B*S, ...])
     q: Heads
     k: Heads
     v: Heads
@@ -90,6 +90,7 @@ class AttentionMatch:
     dtype: np.dtype  # of the scores
     sdpa_mask: Value | None = None  # SDPA's attn_mask, as the graph has it
     sdpa_causal: bool = False  # SDPA's is_causal
+    flat_output: bool = False  # the merged output holds the tokens in one axis, [B*S, ...] (ahead of a projection)
     rotary: Rotary | None = None
 
     @property
@@ -175,12 +176,10 @@ def _match_softmax(softmax: Node, graph: Graph, view: View) -> AttentionMatch:
     zeros = [_scores_at(graph, view, product, chain, scores, run, 0.0) for run in runs]
     capped = any(graph.op(node) is Op.TANH for node in chain)
     found = _fit(graph, view, product, chain, scores, runs, zeros, capped)
-    q, k, v = _sources(graph, view, reads, (q_operand, kt_operand, v_operand))
-    biases = [_as_4d(zero, r.q.shape[0]) for zero, r in zip(zeros, reads)]
-    match = _matched(graph, view, softmax, product, chain, weighted, graph.outputs(weighted)[0], (q, k, v), reads,
-                     biases, found.scale * q.factor * k.factor, found.softcap, nan_guard, dtype_of(view, scores))
-    match.scores = scores
-    return match
+    return _attention(graph, view, reads, (q_operand, kt_operand, v_operand), graph.outputs(weighted)[0],
+                      anchor=softmax, product=product, chain=chain, scores=scores, weighted=weighted,
+                      scale=found.scale, softcap=found.softcap, nan_guard=nan_guard, dtype=dtype_of(view, scores),
+                      biases=[_as_4d(zero, r.q.shape[0]) for zero, r in zip(zeros, reads)])
 
 
 def score_chain(graph: Graph, view: View, scores: Value) -> tuple[Node, list[Node]]:
@@ -272,13 +271,12 @@ def _match_sdpa(sdpa: Node, graph: Graph, view: View) -> AttentionMatch:
         if q4.shape[1] % k4.shape[1] or q4.shape[1] % v4.shape[1]:
             raise NoMatch(f"q has {q4.shape[1]} heads, k {k4.shape[1]} and v {v4.shape[1]}")
         reads.append(_Reads(run, q4, repeat_heads(k4, q4.shape[1]), repeat_heads(v4, q4.shape[1])))
-    q, k, v = _sources(graph, view, reads, (q_operand, k_operand, v_operand))
-    biases = [_sdpa_bias(view.value(mask, r.run) if mask is not None else None, r, causal) for r in reads]
-    scale = graph.attribute(sdpa, "scale") or reads[0].q.shape[-1] ** -0.5
-    match = _matched(graph, view, sdpa, None, [], sdpa, graph.outputs(sdpa)[0], (q, k, v), reads, biases,
-                     scale * q.factor * k.factor, 0.0, False, dtype_of(view, q_operand))
-    match.sdpa_mask, match.sdpa_causal = mask, causal
-    return match
+    return _attention(graph, view, reads, (q_operand, k_operand, v_operand), graph.outputs(sdpa)[0],
+                      anchor=sdpa, product=None, chain=[], scores=None, weighted=sdpa,
+                      scale=graph.attribute(sdpa, "scale") or reads[0].q.shape[-1] ** -0.5, softcap=0.0,
+                      nan_guard=False, dtype=dtype_of(view, q_operand), sdpa_mask=mask, sdpa_causal=causal,
+                      biases=[_sdpa_bias(view.value(mask, r.run) if mask is not None else None, r, causal)
+                              for r in reads])
 
 
 def _sdpa_bias(mask: np.ndarray | None, reads: _Reads, causal: bool) -> np.ndarray:
@@ -307,10 +305,11 @@ class _Reads:
     v: np.ndarray
 
 
-def _matched(graph: Graph, view: View, anchor: Node, product: Node | None, chain: list[Node], weighted: Node,
-             attended: Value, heads: tuple[Heads, Heads, Heads], reads: list[_Reads], biases: list[np.ndarray],
-             scale: float, softcap: float, nan_guard: bool, dtype) -> AttentionMatch:
-    q, k, v = heads
+def _attention(graph: Graph, view: View, reads: list[_Reads], operands: tuple[Value, Value, Value],
+               attended: Value, *, scale: float, biases: list[np.ndarray], dtype, **parts) -> AttentionMatch:
+    """The match, once q, k and v are traced to their heads, the output to its merge, and the mask read:
+    `attended` is the attention output with its heads first, `scale` the one the product gets."""
+    q, k, v = _sources(graph, view, reads, operands)
     num_heads = reads[0].q.shape[1]
     if q.heads != num_heads:
         raise NoMatch(f"q has {q.heads} of {num_heads} heads")
@@ -318,13 +317,14 @@ def _matched(graph: Graph, view: View, anchor: Node, product: Node | None, chain
         raise NoMatch(f"k has {k.heads} heads but v {v.heads}")
     if v.factor != 1.0:
         raise NoMatch("the values are scaled")
-    output = _merged_output(graph, view, attended, reads)
+    output, flat = _merged_output(graph, view, attended, reads)
     cache, kv_cache = _cache(graph, view, k, v, [r.run for r in reads])
     mask = read_mask([Run(bias, view.real(r.run), None if cache is CacheKind.CROSS else _real_keys(view, r))
                       for bias, r in zip(biases, reads)])
-    return AttentionMatch(anchor, product, chain, None, weighted, output, q, k, v, cache, kv_cache, num_heads,
-                          reads[0].q.shape[3], reads[0].v.shape[3], scale, softcap, nan_guard, biases, mask,
-                          np.dtype(dtype), rotary=_rotary(graph, q))
+    return AttentionMatch(output=output, q=q, k=k, v=v, cache=cache, kv_cache=kv_cache, num_heads=num_heads,
+                          head_size=reads[0].q.shape[3], value_size=reads[0].v.shape[3],
+                          scale=scale * q.factor * k.factor, biases=biases, mask=mask, dtype=np.dtype(dtype),
+                          rotary=_rotary(graph, q), flat_output=flat, **parts)
 
 
 def _output(graph: Graph, node: Node) -> Value:
@@ -379,7 +379,7 @@ def _fit(graph: Graph, view: View, product: Node, chain: list[Node], scores: Val
             at = view.value(scores, run) if times == 1.0 else _scores_at(graph, view, product, chain, scores, run, times)
             f = at.astype(np.float64)
             seen = (zero > MASKED) & np.isfinite(zero) & np.isfinite(f)
-            points.append(Points(x[seen], (f - zero)[seen], float(np.abs(f[seen]).max(initial=0.0)), times))
+            points.append(Points(x[seen], f[seen] - zero[seen], float(np.abs(f[seen]).max(initial=0.0)), times))
     # The coarser of the product's and the scores' precision: a chain may cast float16 scores up.
     dtype = max(dtype_of(view, scores), dtype_of(view, _output(graph, product)), key=tolerance)
     found = fit(points, capped, dtype)
@@ -440,30 +440,37 @@ def _scalar(view: View, value: Value) -> bool:
     return array is not None and array.size == 1
 
 
-def _merged_output(graph: Graph, view: View, attended: Value, reads: list[_Reads]) -> Value:
-    """The farthest tensor after the attention output ([B, H, S, Dv] or [B*H, S, Dv]) that holds it
-    merged as [B, S, H*Dv] (or [B, S, H, Dv]), through layout ops read by nothing else."""
+def _merged_output(graph: Graph, view: View, attended: Value, reads: list[_Reads]) -> tuple[Value, bool]:
+    """The tensor after the attention output ([B, H, S, Dv] or [B*H, S, Dv]) that holds it merged, through
+    layout ops read by nothing else: [B, S, H*Dv], what the fused ops write, if the graph has it; else the
+    farthest one with its tokens first ([B, S, H, Dv], or [B*S, H*Dv] ahead of a projection); and whether
+    that one holds the tokens in one axis."""
     merged = [_heads_first(view.value(attended, r.run), r.q.shape[0]).transpose(0, 2, 1, 3) for r in reads]
-    found, value = None, attended
+    runs = [r.run for r in reads]
+    holding, value = [], attended
     for _ in range(8):
         users = [node for node in graph.users(value) if graph.op(node) is not Op.SHAPE]
         if graph.is_output(value) or len(users) != 1 or graph.op(users[0]) not in LAYOUT:
             break
         value = graph.outputs(users[0])[0]
-        if _holds(view, value, merged, [r.run for r in reads]):
-            found = value
-        elif found is not None:
+        if _holds(view, value, merged, runs):
+            holding.append(value)
+        elif holding:
             break
-    if found is None:
+    if not holding:
         raise NoMatch("the attention output is not merged back to [batch, seq, hidden]")
-    return found
+    batch, length, heads, size = merged[0].shape
+    exact = [x for x in holding if view.value(x, runs[0]).shape == (batch, length, heads * size)]
+    found = exact[0] if exact else holding[-1]
+    return found, view.value(found, runs[0]).shape[:2] != (batch, length)
 
 
 def _holds(view: View, value: Value, merged: list[np.ndarray], runs: list[int]) -> bool:
-    """Whether `value` is `merged` ([B, S, H, Dv]) as [B, S, H*Dv] or [B, S, H, Dv] on every run."""
+    """Whether `value` is `merged` ([B, S, H, Dv]) with its tokens first ([B, S, ...] or [B*S, ...]) on every run."""
     for want, run in zip(merged, runs):
         got = view.value(value, run)
-        if got is None or got.ndim not in (3, 4) or got.shape[:2] != want.shape[:2] or got.size != want.size:
+        batch, length = want.shape[:2]
+        if got is None or got.size != want.size or (got.shape[:2] != (batch, length) and got.shape[0] != batch * length):
             return False
         got, want = got.reshape(want.shape).astype(np.float64), want.astype(np.float64)
         if np.abs(got - want).max(initial=0.0) > tolerance(view.value(value, run).dtype) / 10 * \
