@@ -41,7 +41,7 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
-    options = PassOptions(target=Target.TORCH_CPU, padding_free=padding_free_on)
+    options = PassOptions(target=Target.TORCH_CPU, padding_free=padding_free_on)  # the lowering is the same on CUDA
     sites = [applied.outcome for applied in driver.rewrite(adapter, view, [Attention(options)], _Named(exclude))]
     remove_dead(graph)
     found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, [SkipLayerNorm()], _Named(exclude))]

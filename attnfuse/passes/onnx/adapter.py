@@ -31,7 +31,8 @@ _EPSILON = 1e-5
 
 
 class OnnxGraph:
-    """One onnx_ir graph (the model's, or a subgraph) through canonical ops."""
+    """One onnx_ir graph (the model's, or a subgraph) through canonical ops; `mask` is the model's padding
+    mask input (a subgraph reads it from the model's graph)."""
 
     def __init__(self, graph: ir.Graph, view, mask: ir.Value | None = None):
         self.graph, self.view, self.mask = graph, view, mask
