@@ -404,12 +404,13 @@ def _onnx_grouped(q, k, v, key_padding_mask, bias, num_heads: int, groups: int, 
         past = keys - queries
         inputs.update(key=merge_heads(k[:, :, past:]), value=merge_heads(v[:, :, past:]), past_key=k[:, :, :past],
                       past_value=v[:, :, :past], query_seqlens=batch * queries)
-    attributes = {"num_heads": num_heads, "kv_num_heads": groups, "scale": float(scale), "causal": int(causal or cached)}
+    attributes = {"num_heads": num_heads, "kv_num_heads": groups, "scale": float(scale),
+                  "causal": int(causal or cached)}
     form = onnx_forms.GROUP_QUERY_ATTENTION
+    present = (q.shape[0], groups, keys, k.shape[-1])
     output, _, _ = torch.onnx.ops.symbolic_multi_out(
         f"{form.domain}::{form.op_type}", form.arguments(**inputs), attributes,
-        dtypes=(q.dtype,) * 3, shapes=(shape, (q.shape[0], groups, keys, k.shape[-1]), (q.shape[0], groups, keys, k.shape[-1])),
-        version=1,
+        dtypes=(q.dtype,) * 3, shapes=(shape, present, present), version=1,
     )
     return output
 

@@ -118,7 +118,8 @@ def batches(spec: Tiny, seed: int) -> list[dict[str, np.ndarray]]:
             feeds["attention_mask"] = real.astype(np.int64)
         if spec.cache:
             for name in ("key", "value"):
-                feeds[f"past_key_values.0.{name}"] = rng.normal(size=(batch, spec.kv_heads, past, SIZE)).astype(np.float32)
+                cache = rng.normal(size=(batch, spec.kv_heads, past, SIZE))
+                feeds[f"past_key_values.0.{name}"] = cache.astype(np.float32)
         found.append(feeds)
     return found
 
@@ -472,3 +473,48 @@ def test_the_tiny_graphs_are_what_they_claim():
         feeds = batches(spec, seed=5)[0]
         with pytest.raises(AssertionError):
             assert_equal_at_real_tokens(replace(spec, defect="none"), feeds, run_onnx(onnx_model(spec), feeds))
+
+
+# ---- the measurements alone, over arrays -------------------------------------------------------------
+
+
+def test_heads_are_read_in_their_layout_with_repeats_and_a_factor():
+    from attnfuse.core.measure.heads import read_heads
+
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(2, 5, 1 * SIZE)).astype(np.float32)  # one k head, [B, L, G*D]
+    wanted = np.repeat(tokens.reshape(2, 5, 1, SIZE).transpose(0, 2, 1, 3), HEADS, axis=1) * 0.5
+    found = read_heads([tokens], [wanted])
+    assert (found.layout, found.heads, found.factor) == (Layout.TOKENS, 1, pytest.approx(0.5))
+    transposed = wanted[:, :1].transpose(0, 1, 3, 2) / 0.5  # [B, G, D, L], as BLOOM keeps its keys
+    assert read_heads([transposed], [wanted]).layout is Layout.HEADS_FIRST_T
+    assert read_heads([tokens[:, ::-1].copy()], [wanted]) is None  # other values: no layout holds them
+
+
+def test_masks_are_read_bottom_right_against_the_real_tokens():
+    from attnfuse.core.measure.masks import Run, read_mask
+
+    queries, keys = 2, 5  # the last 2 of 5 positions (a cache of 3)
+    i, j = np.arange(queries)[:, None] + keys - queries, np.arange(keys)[None, :]
+    real = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], bool)  # left padding
+    hidden = (j > i) | ~real[:, None, None, :]
+    causal = read_mask([Run(np.where(hidden, FILL, 0.0), real[:, -queries:], real)])
+    assert (causal.kind, causal.causal, causal.masks_padded_keys) == (MaskKind.CAUSAL_PADDING, True, True)
+    window = read_mask([Run(np.where(hidden | (i - j > 1), FILL, 0.0), real[:, -queries:], real)])
+    assert (window.kind, window.window) == (MaskKind.WINDOW, (1, 0))
+    alibi = read_mask([Run(np.where(hidden, FILL, np.array(SLOPES)[:, None, None] * (j - i)), None, real)])
+    assert alibi.bias is BiasKind.ALIBI and alibi.alibi_slopes == pytest.approx(SLOPES)
+    boosting = read_mask([Run(np.where(real, 0.0, 10000.0)[:, None, None, :], None, real)])
+    assert (boosting.kind, boosting.bias) == (MaskKind.NONE, BiasKind.ADDITIVE)  # favours padding: no mask
+
+
+def test_scores_give_their_scale_and_cap():
+    from attnfuse.core.measure.scores import SATURATING, Points, fit
+
+    x = np.random.default_rng(1).normal(size=200) * 4
+    plain = fit([Points(x, 0.125 * x, 1.0)], capped=False, dtype=np.float32)
+    assert plain.scale == pytest.approx(0.125) and plain.softcap == 0.0
+    capped = [Points(x, 5.0 * np.tanh(0.125 * t * x / 5.0), 5.0, t) for t in (1.0, SATURATING)]
+    found = fit(capped, capped=True, dtype=np.float32)
+    assert (found.scale, found.softcap) == (pytest.approx(0.125), 5.0)
+    assert fit([Points(x, 0.125 * x * (1 + (x > 0)), 1.0)], capped=False, dtype=np.float32) is None  # gated

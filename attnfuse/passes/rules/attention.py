@@ -327,10 +327,6 @@ def _attention(graph: Graph, view: View, reads: list[_Reads], operands: tuple[Va
                           rotary=_rotary(graph, q), flat_output=flat, **parts)
 
 
-def _output(graph: Graph, node: Node) -> Value:
-    return graph.outputs(node)[0]
-
-
 def _batch(view: View, scores: Value, run: int) -> int:
     value = view.value(scores, run)
     return value.shape[0] if value.ndim == 4 else view.batch(run)
@@ -376,12 +372,13 @@ def _fit(graph: Graph, view: View, product: Node, chain: list[Node], scores: Val
             raise NoMatch("the scores do not have the q @ k^T product's shape")
         x, zero = x.reshape(zero.shape), zero.astype(np.float64)
         for times in (1.0, SATURATING) if capped else (1.0,):
-            at = view.value(scores, run) if times == 1.0 else _scores_at(graph, view, product, chain, scores, run, times)
+            at = view.value(scores, run) if times == 1.0 else \
+                _scores_at(graph, view, product, chain, scores, run, times)
             f = at.astype(np.float64)
             seen = (zero > MASKED) & np.isfinite(zero) & np.isfinite(f)
             points.append(Points(x[seen], f[seen] - zero[seen], float(np.abs(f[seen]).max(initial=0.0)), times))
     # The coarser of the product's and the scores' precision: a chain may cast float16 scores up.
-    dtype = max(dtype_of(view, scores), dtype_of(view, _output(graph, product)), key=tolerance)
+    dtype = max(dtype_of(view, scores), dtype_of(view, graph.outputs(product)[0]), key=tolerance)
     found = fit(points, capped, dtype)
     if found is None:
         raise NoMatch("the scores are not cap * tanh(scale * q.k / cap) + bias" if capped
@@ -470,12 +467,12 @@ def _holds(view: View, value: Value, merged: list[np.ndarray], runs: list[int]) 
     for want, run in zip(merged, runs):
         got = view.value(value, run)
         batch, length = want.shape[:2]
-        if got is None or got.size != want.size or (got.shape[:2] != (batch, length) and got.shape[0] != batch * length):
+        tokens_first = got is not None and (got.shape[:2] == (batch, length) or got.shape[0] == batch * length)
+        if not tokens_first or got.size != want.size:
             return False
-        got, want = got.reshape(want.shape).astype(np.float64), want.astype(np.float64)
-        if np.abs(got - want).max(initial=0.0) > tolerance(view.value(value, run).dtype) / 10 * \
-                max(np.abs(want).max(initial=0.0), 1e-30):
-            return False
+        limit = tolerance(got.dtype) / 10 * max(float(np.abs(want.astype(np.float64)).max(initial=0.0)), 1e-30)
+        if float(np.abs(got.reshape(want.shape).astype(np.float64) - want).max(initial=0.0)) > limit:
+            return False  # a merge moves values, it does not change them
     return True
 
 
