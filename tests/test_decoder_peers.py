@@ -149,19 +149,29 @@ def test_token_verdicts():
     assert generation.token_mismatch(expected[:, :2], expected) == "shape [2, 2] instead of [2, 3]"
 
 
+def test_a_row_that_ends_at_the_end_id_is_compared_up_to_it():
+    """genai ends a row at the end-of-sequence id (pad after it); torch's reference goes on."""
+    expected = np.array([[5, 2, 7, 2], [4, 5, 6, 7]])
+    ended = np.array([[5, 2, 0, 0], [4, 5, 6, 7]])
+    assert generation.token_mismatch(ended, expected, ends_at=2) is None
+    assert generation.token_mismatch(ended, expected) == "1 of 2 rows differ, from token 3"
+    assert generation.token_mismatch(np.array([[5, 3, 0, 0], [4, 5, 6, 7]]), expected, ends_at=2) is not None
+
+
 def test_generation_check_marks_wrong_and_failed_contenders():
     reference = np.array([[1, 2], [3, 4]])
 
     def fails():
         raise RuntimeError("boom")
 
+    ended = np.array([[1, 2], [3, 0]])  # row 1 ended at id 3 (the pad id after it)
     checked, mismatches = generation.check_and_time(
-        {bench.TORCH: lambda: reference, "same": lambda: reference.copy(), "other": lambda: reference + 1, "fails": fails},
-        repeats=1, desc="test")
-    assert checked.errors == {bench.TORCH: 0.0, "same": 0.0, "other": np.inf}
-    assert mismatches == {bench.TORCH: None, "same": None, "other": "2 of 2 rows differ, from token 1"}
+        {bench.TORCH: lambda: reference, "same": lambda: reference.copy(), "other": lambda: reference + 1, "fails": fails,
+         "ended": lambda: ended}, repeats=1, desc="test", ends_at={"ended": 3})
+    assert checked.errors == {bench.TORCH: 0.0, "same": 0.0, "other": np.inf, "ended": 0.0}
+    assert mismatches == {bench.TORCH: None, "same": None, "other": "2 of 2 rows differ, from token 1", "ended": None}
     assert checked.failures == {"fails": "generate failed: RuntimeError: boom"}
-    assert set(checked.seconds) == {bench.TORCH, "same", "other"}
+    assert set(checked.seconds) == {bench.TORCH, "same", "other", "ended"}
 
 
 def test_generation_flops_are_a_prefill_and_single_token_steps():

@@ -277,7 +277,9 @@ def measure_generation(model: DecoderBench, workload: DecoderWorkload, built: Co
     generators.update({c.name: functools.partial(generation.greedy_over_runner, c.run, input_names, model.config,
                                                  prompt, n) for c in built.onnx[1:] if c.run is not None})
     generators.update({name: functools.partial(peer.generate, prompts, n) for name, peer in built.opened.items()})
-    checked, mismatches = generation.check_and_time(generators, repeats, desc=f"{model.name} {workload.name}")
+    ends_at = {name: model.config.eos_token_id for name, peer in built.opened.items() if peer.peer.rows_end_at_eos}
+    checked, mismatches = generation.check_and_time(generators, repeats, desc=f"{model.name} {workload.name}",
+                                                    ends_at=ends_at)
     flops = generation.generation_flops(lambda step: decoder_flops(model.config, step), workload.step, n)
     records = []
     for c in built.in_order():

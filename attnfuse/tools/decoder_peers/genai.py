@@ -5,6 +5,8 @@ that a fresh process can load it by path to weigh the peer's peak memory without
 
 genai takes padding only at the end of a row: prompts come right padded with the pad id, from
 which genai derives each row's length (its GroupQueryAttention keeps a per-row cache length).
+A row ends at the end-of-sequence id: genai cannot be told to go on past it without forbidding it
+(min_length), so its generated tokens are compared up to each row's end (generation.token_mismatch).
 """
 from __future__ import annotations
 
@@ -51,12 +53,15 @@ class Model:
                    "session.force_spinning_stop": "1"}
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
+        self.pad = json.loads((Path(model_dir) / "genai_config.json").read_text())["model"]["pad_token_id"]
 
-    def generator(self, ids: np.ndarray, max_length: int):
+    def generator(self, ids: np.ndarray, max_length: int, to_the_end: bool = False):
         """A greedy generator for right-padded `ids` [batch, width] that has run the prompts' forward.
-        min_length = max_length: no row stops at the end-of-sequence id, as in torch's reference."""
+        `to_the_end`: no row stops before max_length (min_length = max_length, which keeps genai from
+        choosing the end-of-sequence id at all); else a row ends at that id, as genai's users get it."""
         params = self._og.GeneratorParams(self.model)
-        params.set_search_options(do_sample=False, batch_size=len(ids), max_length=max_length, min_length=max_length)
+        params.set_search_options(do_sample=False, batch_size=len(ids), max_length=max_length,
+                                  min_length=max_length if to_the_end else 0)
         generator = self._og.Generator(self.model, params)
         generator.append_tokens(np.ascontiguousarray(ids, dtype=np.int32))
         return generator
@@ -73,7 +78,7 @@ class Model:
     def stepper(self, ids: np.ndarray, steps: int):
         """A function that runs one decoding step per call (the model on each row's last token, then
         the greedy choice), after the prompts' forward and the first token, up to `steps` calls."""
-        generator = self.generator(ids, ids.shape[1] + steps + 1)
+        generator = self.generator(ids, ids.shape[1] + steps + 1, to_the_end=True)
         generator.generate_next_token()  # the first token: taken from the prompts' logits
 
         def step() -> None:
@@ -83,10 +88,13 @@ class Model:
         return step
 
     def generate(self, ids: np.ndarray, new_tokens: int) -> np.ndarray:
-        """[batch, new_tokens] greedy tokens after the right-padded prompts."""
+        """[batch, new_tokens] greedy tokens after the right-padded prompts. A row that chose the
+        end-of-sequence id gets the pad id after it (all rows done: the generation ends there)."""
         generator = self.generator(ids, ids.shape[1] + new_tokens)
-        tokens = []
-        for _ in range(new_tokens):
+        tokens = np.full((len(ids), new_tokens), self.pad, dtype=np.int64)
+        for step in range(new_tokens):
+            if generator.is_done():
+                break
             generator.generate_next_token()
-            tokens.append(generator.get_next_tokens().astype(np.int64))
-        return np.stack(tokens, axis=1)
+            tokens[:, step] = generator.get_next_tokens()
+        return tokens

@@ -41,21 +41,27 @@ def greedy_over_runner(run: bench.Runner, input_names: list[str], config, prompt
     return np.concatenate(tokens, axis=1)
 
 
-def token_mismatch(tokens: np.ndarray, expected: np.ndarray) -> str | None:
-    """None if `tokens` are `expected`, else what differs: rows, and the first step that differs."""
+def token_mismatch(tokens: np.ndarray, expected: np.ndarray, ends_at: int | None = None) -> str | None:
+    """None if `tokens` are `expected`, else what differs: rows, and the first step that differs.
+    `ends_at`: the end-of-sequence id, for a contender whose rows end there (genai): what comes after
+    the first one in a row of `expected` is not compared."""
     if tokens.shape != expected.shape:
         return f"shape {list(tokens.shape)} instead of {list(expected.shape)}"
     differ = tokens != expected
+    if ends_at is not None:
+        ended = np.cumsum(expected == ends_at, axis=1) - (expected == ends_at) > 0  # after a row's first end id
+        differ &= ~ended
     if not differ.any():
         return None
     first = int(np.argmax(differ.any(axis=0)))
     return f"{int(differ.any(axis=1).sum())} of {len(tokens)} rows differ, from token {first + 1}"
 
 
-def check_and_time(generators: dict[str, Generate], repeats: int, desc: str
+def check_and_time(generators: dict[str, Generate], repeats: int, desc: str, ends_at: dict[str, int] | None = None
                    ) -> tuple[bench.Checked, dict[str, str | None]]:
     """Generate once with each (the first is the reference), then time those that ran, interleaved:
     the check run is the warm-up (a generation is long; the contenders' sessions are warm already).
+    `ends_at`: the end-of-sequence id of the contenders whose rows end there (token_mismatch).
     Returns the timings (errors: 0.0 for tokens equal to the reference's, inf for others) and each
     contender's mismatch (None: equal)."""
     from attnfuse.models.peers import describe_error
@@ -71,7 +77,7 @@ def check_and_time(generators: dict[str, Generate], repeats: int, desc: str
             checked.failures[name] = f"generate failed: {describe_error(error)}"
             continue
         expected = tokens if expected is None else expected
-        mismatches[name] = token_mismatch(tokens, expected)
+        mismatches[name] = token_mismatch(tokens, expected, (ends_at or {}).get(name))
         checked.errors[name] = 0.0 if mismatches[name] is None else np.inf
     checked.seconds = interleaved_medians({name: generators[name] for name in checked.errors}, repeats, warmup=0,
                                           desc=desc)

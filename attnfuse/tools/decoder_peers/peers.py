@@ -29,6 +29,7 @@ class RuntimePeer:
     package: str  # the import that says whether it is installed
     runtime: ModuleType  # genai or ct2
     build_tag: str  # its built model's folder is <build_tag>-<transformers folder's name>, in the zoo cache
+    rows_end_at_eos: bool = False  # its generation ends a row at the end-of-sequence id (genai)
 
     def missing(self) -> str | None:
         """Why it cannot run here, or None."""
@@ -45,7 +46,7 @@ class RuntimePeer:
 
 
 def runtime_peers() -> tuple[RuntimePeer, ...]:
-    return (RuntimePeer("onnxruntime-genai", "onnxruntime_genai", genai, "genai-fp32"),
+    return (RuntimePeer("onnxruntime-genai", "onnxruntime_genai", genai, "genai-fp32", rows_end_at_eos=True),
             RuntimePeer("CTranslate2", "ctranslate2", ct2, "ct2-float32"))
 
 
