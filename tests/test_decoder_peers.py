@@ -165,12 +165,13 @@ def test_generation_check_marks_wrong_and_failed_contenders():
         raise RuntimeError("boom")
 
     ended = np.array([[1, 2], [3, 0]])  # row 1 ended at id 3 (the pad id after it)
-    checked, mismatches = generation.check_and_time(
-        {bench.TORCH: lambda: reference, "same": lambda: reference.copy(), "other": lambda: reference + 1, "fails": fails,
-         "ended": lambda: ended}, repeats=1, desc="test", ends_at={"ended": 3})
+    generators = {bench.TORCH: lambda: reference, "same": lambda: reference.copy(), "other": lambda: reference + 1,
+                  "fails": fails, "ended": lambda: ended}
+    checked, mismatches = generation.check(generators, ends_at={"ended": 3})
     assert checked.errors == {bench.TORCH: 0.0, "same": 0.0, "other": np.inf, "ended": 0.0}
     assert mismatches == {bench.TORCH: None, "same": None, "other": "2 of 2 rows differ, from token 1", "ended": None}
     assert checked.failures == {"fails": "generate failed: RuntimeError: boom"}
+    generation.time_generations(checked, generators, repeats=1, desc="test")
     assert set(checked.seconds) == {bench.TORCH, "same", "other", "ended"}
 
 

@@ -51,6 +51,7 @@ PEERS = CONTENDERS[:-1]
 TARGETS = {"prefill": 1.5, "decode": 1.1}  # issue 21's targets for attnfuse vs the fastest correct peer
 ZOO_CASE = "llama-dynamo-sdpa-past"  # --quick: the decoder zoo's tiny Llama
 NEW_TOKENS = {False: 32, True: 8}  # generate N, by --quick
+GENERATE_REPEATS = 3  # a generation takes seconds: its median is of 3 runs (at most --repeats) after the check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +101,6 @@ class DecoderWorkload:
     step: decoder_inputs.Step  # generate: its prompts' forward
     feeds: dict[str, np.ndarray]
     new_tokens: int = 0  # generate: tokens generated; 0: one forward
-
-    @property
-    def generates(self) -> bool:
-        return self.new_tokens > 0
 
     @property
     def new_real(self) -> np.ndarray:
@@ -221,7 +218,7 @@ def peak_memory(model: DecoderBench, contender: bench.Contender, workload: Decod
 # ---- measuring ----------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class Contenders:
+class BuiltContenders:
     """Everything `run` built: torch and the ONNX contenders (bench.Contender), the runtime peers
     (an entry each, with the reason where one did not open, and the opened ones), and torch's module."""
     onnx: list[bench.Contender]  # torch first
@@ -233,7 +230,7 @@ class Contenders:
         return sorted(self.onnx + self.peer_entries, key=lambda c: CONTENDERS.index(c.name))
 
 
-def measure(model: DecoderBench, workload: DecoderWorkload, built: Contenders, tokens_equal: dict[str, bool],
+def measure(model: DecoderBench, workload: DecoderWorkload, built: BuiltContenders, tokens_equal: dict[str, bool],
             repeats: int, threads: int, memory: bool) -> list[dict]:
     """Prefill or decode: every contender checked against torch and timed in one interleaved run. A
     runtime peer's decode step is right if its greedy tokens were (`tokens_equal`, by contender)."""
@@ -266,10 +263,21 @@ def measure(model: DecoderBench, workload: DecoderWorkload, built: Contenders, t
     return records
 
 
-def measure_generation(model: DecoderBench, workload: DecoderWorkload, built: Contenders, repeats: int
-                       ) -> tuple[list[dict], dict[str, bool]]:
-    """generate N: each contender's greedy tokens from the prefill prompts, against torch's `generate`,
-    and the end-to-end time. Returns the records and whether each contender's tokens were torch's."""
+@dataclasses.dataclass
+class Generation:
+    """generate N: each contender's greedy tokens from the prefill prompts against torch's `generate`
+    (checked before the other workloads: they judge the runtime peers' decode steps), and the end-to-end
+    time (measured after them)."""
+    generators: dict[str, generation.Generate]
+    checked: bench.Checked
+    mismatches: dict[str, str | None]
+
+    @property
+    def tokens_equal(self) -> dict[str, bool]:
+        return {name: mismatch is None for name, mismatch in self.mismatches.items()}
+
+
+def check_generation(model: DecoderBench, workload: DecoderWorkload, built: BuiltContenders) -> Generation:
     prompt = {name: workload.feeds[name] for name in ("input_ids", "attention_mask")}
     prompts, n = Prompts.from_feeds(prompt, model.pad), workload.new_tokens
     input_names = built.module.signature.input_names
@@ -278,16 +286,22 @@ def measure_generation(model: DecoderBench, workload: DecoderWorkload, built: Co
                                                  prompt, n) for c in built.onnx[1:] if c.run is not None})
     generators.update({name: functools.partial(peer.generate, prompts, n) for name, peer in built.opened.items()})
     ends_at = {name: model.config.eos_token_id for name, peer in built.opened.items() if peer.peer.rows_end_at_eos}
-    checked, mismatches = generation.check_and_time(generators, repeats, desc=f"{model.name} {workload.name}",
-                                                    ends_at=ends_at)
-    flops = generation.generation_flops(lambda step: decoder_flops(model.config, step), workload.step, n)
+    return Generation(generators, *generation.check(generators, ends_at))
+
+
+def time_generation(model: DecoderBench, workload: DecoderWorkload, built: BuiltContenders, checked: Generation,
+                    repeats: int) -> list[dict]:
+    generation.time_generations(checked.checked, checked.generators, min(repeats, GENERATE_REPEATS),
+                                desc=f"{model.name} {workload.name}")
+    flops = generation.generation_flops(lambda step: decoder_flops(model.config, step), workload.step,
+                                        workload.new_tokens)
     records = []
     for c in built.in_order():
-        record = dict(workload_fields(model, workload), **bench.contender_record(c, checked, flops, PEERS))
-        record.update(check="greedy tokens", token_mismatch=mismatches.get(c.name), target=None, peak_mb=None)
+        record = dict(workload_fields(model, workload), **bench.contender_record(c, checked.checked, flops, PEERS))
+        record.update(check="greedy tokens", token_mismatch=checked.mismatches.get(c.name), target=None, peak_mb=None)
         records.append(record)
     bench.add_speedups(records)
-    return records, {name: mismatch is None for name, mismatch in mismatches.items()}
+    return records
 
 
 def workload_fields(model: DecoderBench, workload: DecoderWorkload) -> dict:
@@ -305,8 +319,8 @@ def check_kind(runtime_peer: bool, by_tokens: bool) -> str:
 
 
 def run(model: DecoderBench, threads: int, repeats: int, memory: bool, step: Callable[[str], None]) -> list[dict]:
-    """Build every contender once, then check, time (and weigh) them on each workload: generate N
-    first, whose tokens judge the runtime peers' decode steps; the records come prefill, decode, generate."""
+    """Build every contender once, then check, time (and weigh) them on each workload: generate N's
+    tokens first, which judge the runtime peers' decode steps, its end-to-end times last."""
     loads = decoder_workloads(model)
     step(f"{model.name}: torch")
     module = model.torch_model()
@@ -315,15 +329,16 @@ def run(model: DecoderBench, threads: int, repeats: int, memory: bool, step: Cal
         onnx_contenders = bench.build_contenders(model.name, bench.torch_runner(module, positional=True),
                                                  onnx_builders(path, model.config), threads, step,
                                                  save_to=Path(folder) if memory else None)
-        built = Contenders(onnx_contenders, *open_peers(model, threads, step), module)
+        built = BuiltContenders(onnx_contenders, *open_peers(model, threads, step), module)
         *forwards, generate = loads
-        step(f"{model.name}: {generate.name}")
-        generated, tokens_equal = measure_generation(model, generate, built, repeats)
+        generated = check_generation(model, generate, built)
         records = []
         for workload in forwards:
             step(f"{model.name}: {workload.name}")
-            records += measure(model, workload, built, tokens_equal, repeats, threads, memory)
-    return records + generated
+            records += measure(model, workload, built, generated.tokens_equal, repeats, threads, memory)
+        step(f"{model.name}: {generate.name}")
+        records += time_generation(model, generate, built, generated, repeats)
+    return records
 
 
 def progress_steps(model: DecoderBench) -> int:

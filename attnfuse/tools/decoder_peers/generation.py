@@ -3,7 +3,8 @@
 torch runs transformers' own `generate` (the reference); an ONNX contender runs the deployment loop
 of attnfuse.models.decoders.generate.greedy_causal, here over the benchmark's runner of its
 session (the prompt once with an empty past, then one token at a time, the presents fed back);
-a runtime peer runs its own generation. Each is checked once, then all are timed interleaved.
+a runtime peer runs its own generation. Each is checked once (first: its tokens judge the runtime
+peers' decode steps), then all are timed interleaved (last: a generation is long).
 """
 from __future__ import annotations
 
@@ -57,13 +58,11 @@ def token_mismatch(tokens: np.ndarray, expected: np.ndarray, ends_at: int | None
     return f"{int(differ.any(axis=1).sum())} of {len(tokens)} rows differ, from token {first + 1}"
 
 
-def check_and_time(generators: dict[str, Generate], repeats: int, desc: str, ends_at: dict[str, int] | None = None
-                   ) -> tuple[bench.Checked, dict[str, str | None]]:
-    """Generate once with each (the first is the reference), then time those that ran, interleaved:
-    the check run is the warm-up (a generation is long; the contenders' sessions are warm already).
-    `ends_at`: the end-of-sequence id of the contenders whose rows end there (token_mismatch).
-    Returns the timings (errors: 0.0 for tokens equal to the reference's, inf for others) and each
-    contender's mismatch (None: equal)."""
+def check(generators: dict[str, Generate], ends_at: dict[str, int] | None = None
+          ) -> tuple[bench.Checked, dict[str, str | None]]:
+    """Generate once with each (the first is the reference). `ends_at`: the end-of-sequence id of the
+    contenders whose rows end there (token_mismatch). Returns what ran (errors: 0.0 for tokens equal
+    to the reference's, inf for others; failures) and each contender's mismatch (None: equal)."""
     from attnfuse.models.peers import describe_error
 
     checked, mismatches = bench.Checked({}, {}, {}), {}
@@ -79,9 +78,14 @@ def check_and_time(generators: dict[str, Generate], repeats: int, desc: str, end
         expected = tokens if expected is None else expected
         mismatches[name] = token_mismatch(tokens, expected, (ends_at or {}).get(name))
         checked.errors[name] = 0.0 if mismatches[name] is None else np.inf
+    return checked, mismatches
+
+
+def time_generations(checked: bench.Checked, generators: dict[str, Generate], repeats: int, desc: str) -> None:
+    """Times those that generated in `check`, interleaved, into checked.seconds: the check run was their
+    warm-up (a generation is long; the contenders' sessions are warm already)."""
     checked.seconds = interleaved_medians({name: generators[name] for name in checked.errors}, repeats, warmup=0,
                                           desc=desc)
-    return checked, mismatches
 
 
 def generation_flops(flops_of: Callable[[decoder_inputs.Step], int], prompt: decoder_inputs.Step, new_tokens: int) -> int:
