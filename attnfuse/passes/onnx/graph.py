@@ -11,8 +11,6 @@ import numpy as np
 import onnx_ir as ir
 
 MS_DOMAIN = "com.microsoft"
-# Fused ops ONNX Runtime defines in the ONNX domain (it registers them nowhere else).
-ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 
 class NoMatch(Exception):
