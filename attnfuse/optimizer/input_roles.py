@@ -238,7 +238,7 @@ def _masks_attention(value: ir.Value, depth: int = 24) -> bool:
     """Whether `value` reaches attention scores as a mask: a Softmax, or a fused attention op (its
     mask, or the mask slot of a fused embedding), through ops that carry a mask only."""
     embed = registry.EMBED_LAYER_NORMALIZATION
-    for node, index in _uses_through(value, _MASK_CARRIERS, depth):
+    for node, index in _uses_through(value, _MASK_CARRIERS, depth, any_input=True):
         if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") \
                 or registry.is_fused_attention(node.domain, node.op_type):
             return True
@@ -248,15 +248,20 @@ def _masks_attention(value: ir.Value, depth: int = 24) -> bool:
     return False
 
 
-def _uses_through(value: ir.Value, carriers: frozenset[str], depth: int) -> Iterator[tuple[ir.Node, int]]:
-    """The uses of `value` and of what carriers make of it, nearest first."""
-    frontier = [value]
+def _uses_through(value: ir.Value, carriers: frozenset[str], depth: int, any_input: bool = False
+                  ) -> Iterator[tuple[ir.Node, int]]:
+    """The uses of `value` and of what carriers make of it (of their first input, or of `any_input`),
+    nearest first, each node once."""
+    frontier, seen = [value], set()
     for _ in range(depth):
         following = []
         for v in frontier:
             for node, index in v.uses():
+                if (id(node), index) in seen:
+                    continue
+                seen.add((id(node), index))
                 yield node, index
-                if node.op_type in carriers and index == 0:
+                if node.op_type in carriers and (index == 0 or any_input):
                     following.extend(node.outputs)
         frontier = following
 

@@ -58,6 +58,11 @@ def constant(value: ir.Value | None, probe=None) -> np.ndarray | None:
     return None
 
 
+def named_inputs(node: ir.Node, form) -> dict[str, ir.Value]:
+    """A fused node's inputs by the slot names of its form (core/registry.py's OnnxForm); absent ones left out."""
+    return {name: x for name, x in zip(form.inputs, node.inputs) if x is not None}
+
+
 def scalar(value: ir.Value | None, probe=None) -> float | None:
     array = constant(value, probe)
     if array is None or array.size != 1:

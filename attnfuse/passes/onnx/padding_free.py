@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from attnfuse.core import registry
 from attnfuse.core.facts import attention_facts, is_padding_free, tag_padding_free
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, replace_uses
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, named_inputs, replace_uses
 
 NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
@@ -175,8 +175,7 @@ def _fused_token_wise(node: ir.Node, fused: registry.FusedOp, spelled: registry.
     """A fused op the registry calls token-wise, normalizing (if it does) over the last axis. Position
     ids (RotaryEmbedding's: [B, S] ints, which are not packed, or an offset into the sequence) would
     be read at the wrong place on packed tokens."""
-    positions = spelled.slot("position_ids") if "position_ids" in spelled.inputs else len(node.inputs)
-    reads_positions = positions < len(node.inputs) and node.inputs[positions] is not None
+    reads_positions = "position_ids" in named_inputs(node, spelled)
     return fused.token_wise and _over_last_axis(node, form) and not reads_positions
 
 
@@ -449,19 +448,15 @@ def _attends_packed(node: ir.Node, layout: Layout) -> bool:
     facts = attention_facts(node)
     if _attention(node) is not MHA or facts is None or not facts.key_padding_only:
         return False
-    inputs = _named_inputs(node, MHA)
-    return all(layout.form(inputs[name]) == Form(TOKENS, 3) for name in _QKV)
-
-
-def _named_inputs(node: ir.Node, form: registry.OnnxForm) -> dict[str, ir.Value | None]:
-    return {name: x for name, x in zip(form.inputs, node.inputs) if x is not None}
+    inputs = named_inputs(node, MHA)
+    return all(layout.form(inputs.get(name)) == Form(TOKENS, 3) for name in _QKV)
 
 
 def _attend_packed(node: ir.Node, packer: Packer) -> None:
     """MultiHeadAttention on padded q, k, v -> PackedMultiHeadAttention on the packed tokens (ORT CUDA)."""
     b = Builder(f"{NAME}/attention")
     token_dim = b.const([0], np.int64)
-    inputs = _named_inputs(node, MHA)
+    inputs = named_inputs(node, MHA)
     q, k, v = (b.op("Squeeze", [packer.packed(inputs[name]), token_dim]) for name in _QKV)
     packed = registry.PACKED_MULTI_HEAD_ATTENTION
     arguments = packed.arguments(query=q, key=k, value=v, bias=inputs.get("bias"), token_offset=packer.token_offsets,
@@ -474,7 +469,7 @@ def _attend_cpu(node: ir.Node, packer: Packer) -> None:
     """MultiHeadAttention on padded q, k, v, for ONNX Runtime's CPU provider, which has no packed
     attention: If(the batch is padded to PER_SEQUENCE_WIDTH tokens or more) one sequence at a time,
     else on the padded layout. Either way its output comes back packed."""
-    inputs = _named_inputs(node, MHA)
+    inputs = named_inputs(node, MHA)
     q, k, v = (packer.packed(inputs[name]) for name in _QKV)  # [1, n, hidden]
     alternatives = {"then_branch": _per_sequence(node, packer, q, k, v),
                     "else_branch": _on_padded_layout(node, packer, q, k, v)}
@@ -489,7 +484,7 @@ def _per_sequence(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
     no padded copies of q, k, v, no scores for padded keys, and no mask (ONNX Runtime's CPU
     MultiHeadAttention takes a slower path whenever it has one). Each step costs some 50 us, so
     short rows do better on the padded layout."""
-    bias = _named_inputs(node, MHA).get("bias")
+    bias = named_inputs(node, MHA).get("bias")
     rows, count = packer.nonempty_rows
     cumulative = packer.cumulative_lengths
 
@@ -521,7 +516,7 @@ def _on_padded_layout(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
     """q, k, v restored to the padded layout, MultiHeadAttention with its mask, the result packed."""
     b = Builder(f"{NAME}/attention")
     padded = {name: packer.restore(b, x, Form(TOKENS, 3)) for name, x in zip(_QKV, (q, k, v))}
-    arguments = MHA.arguments(**{**_named_inputs(node, MHA), **padded})
+    arguments = MHA.arguments(**{**named_inputs(node, MHA), **padded})
     attended = b.op(MHA.op_type, arguments, _heads_and_scale(node), domain=MHA.domain, name=node.name)
     packed = packer.pack(b, attended, Form(TOKENS, 3))
     return ir.Graph([], [packed], nodes=_own(b.nodes), name=f"{node.name}/padded_layout")

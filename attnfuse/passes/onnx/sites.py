@@ -15,7 +15,7 @@ from attnfuse.core import modes, registry
 from attnfuse.core.facts import AttentionFacts, tag_attention
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import attention, heads, lower_sparse, masks
-from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, runs_seeing
+from attnfuse.passes.onnx.graph import Builder, NoMatch, named_inputs, observed, opset, runs_seeing
 from attnfuse.passes.onnx.lower_ort import (
     cache_concat, group_query_attention, like_merged, lower_to_mha, multi_head_attention,
 )
@@ -52,16 +52,10 @@ def _tag_fused(builder: Builder, site: AttentionSite) -> None:
     if node is None:
         return
     slot = "key_padding_mask"
-    key_padding_only = site.masks_padded_keys and _takes(node, slot) \
+    takes_mask = slot in named_inputs(node, registry.of_onnx(node.domain, node.op_type)[1])
+    key_padding_only = site.masks_padded_keys and takes_mask \
         and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)
     tag_attention(node, AttentionFacts(site.masks_padded_keys, key_padding_only, slot if key_padding_only else None))
-
-
-def _takes(node: ir.Node, slot: str) -> bool:
-    """Whether the fused node is given an input in `slot`."""
-    spelled = registry.of_onnx(node.domain, node.op_type)[1]
-    index = spelled.slot(slot) if slot in spelled.inputs else len(node.inputs)
-    return index < len(node.inputs) and node.inputs[index] is not None
 
 
 def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) -> tuple[Builder, list]:
