@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, for captures with a cache)
 
-from attnfuse.kernels import ops
+from attnfuse.core import registry
 from attnfuse.optimizer import torch_cache, torch_sentence
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report, VerifyResult
@@ -26,9 +26,6 @@ from attnfuse.passes.fx import PassResult, run_passes
 from attnfuse.passes.fx import padding_free as padding_free_pass
 
 TARGETS = ("cpu", "cuda")
-FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
-             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu",
-             ops.rms_norm: "rms_norm", ops.skip_rms_norm: "skip_rms_norm", ops.rotary: "rotary"}
 
 
 class Graphs(torch.nn.Module):
@@ -147,7 +144,7 @@ def optimize_module(
     def attempt(exclude: frozenset[str], packed: bool) -> tuple[OptimizedModule, PassResult, VerifyResult]:
         graph_module = capture(model, call, capture_example, inputs)
         try:
-            passes = run_passes(graph_module, probe_runs, packed, exclude)
+            passes = run_passes(graph_module, probe_runs, packed, exclude, mask=inputs.mask)
         except Exception as e:  # the capture does not run on other batch sizes or lengths
             raise UserError(f"the captured model does not run on other batches: {first_line(e)}") from None
         optimized = OptimizedModule(Graphs(graph_module, passes, inputs.mask), signature, call, inputs, model)
@@ -236,4 +233,5 @@ class _TracedOnly(torch.nn.Module):
 
 
 def count_fused(graph_module: torch.fx.GraphModule) -> dict[str, int]:
-    return dict(Counter(FUSED_OPS[node.target] for node in graph_module.graph.nodes if node.target in FUSED_OPS))
+    fused = [registry.of_torch(node.target) for node in graph_module.graph.nodes if node.op == "call_function"]
+    return dict(Counter(op.name for op in fused if op is not None))

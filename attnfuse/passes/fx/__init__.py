@@ -13,7 +13,7 @@ from attnfuse.passes.fx import fusions, padding_free, rotary
 from attnfuse.passes.fx.attention import fuse_attention
 from attnfuse.core import driver
 from attnfuse.passes.fx.adapter import FxGraph
-from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, find_tokens, remove_dead, remove_no_ops
+from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_tokens, placeholders, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.passes.site import AttentionSite, Fusion
@@ -30,13 +30,13 @@ class PassResult:
 
 
 def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_free_on: bool,
-               exclude: frozenset[str] = frozenset()) -> PassResult:
-    """Rewrite `module` in place, probing it on `runs` ((args, kwargs) check inputs).
-    Sites and fusions named in `exclude` are left as they are."""
+               exclude: frozenset[str] = frozenset(), *, mask: str | None) -> PassResult:
+    """Rewrite `module` in place, probing it on `runs` ((args, kwargs) check inputs); `mask` names
+    the padding-mask input. Sites and fusions named in `exclude` are left as they are."""
     graph = module.graph
     probe = FxProbe(module, runs)
     remove_no_ops(graph)
-    mask = find_mask(graph, probe)
+    mask = _placeholder(graph, probe, runs, mask)
     turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
     sites = fuse_attention(graph, probe, mask, exclude)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
@@ -49,6 +49,13 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     if padding_free_on:
         found.append(_padding_free(module, runs, mask, exclude, result))
     return result
+
+
+def _placeholder(graph: fx.Graph, probe: FxProbe, runs: list[tuple[tuple, dict]], name: str | None
+                 ) -> fx.Node | None:
+    """The placeholder the input `name` is fed to (the very tensor on the first run)."""
+    given = runs[0][1].get(name) if name is not None else None
+    return next((node for node in placeholders(graph) if given is not None and probe.get(node, 0) is given), None)
 
 
 class _Named:

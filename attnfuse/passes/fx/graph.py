@@ -171,16 +171,6 @@ def placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [node for node in graph.nodes if node.op == "placeholder"]
 
 
-def find_mask(graph: fx.Graph, probe: FxProbe) -> fx.Node | None:
-    """The padding mask input: a rank-2 integer or bool placeholder named as a mask."""
-    for node in placeholders(graph):
-        value = probe.tensor(node, 0)
-        if "mask" in node.name.lower() and value is not None and value.dim() == 2 \
-                and not value.dtype.is_floating_point:
-            return node
-    return None
-
-
 def find_tokens(graph: fx.Graph, probe: FxProbe, mask: fx.Node | None) -> fx.Node | None:
     """The input of this step's tokens: [B, S] integer ids, or [B, S, hidden] embeddings, other than the mask."""
     for node in placeholders(graph):

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.core import modes
+from attnfuse.core import modes, registry
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import (
     decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,
@@ -43,6 +43,15 @@ class Probe(Protocol):
     def same_as(self, new: str, original: str) -> None: ...  # a proven replacement reads as the original
     def inputs(self, run: int) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
+    plan: InputNames
+
+
+class InputNames(Protocol):
+    """The graph inputs the passes read, by name, as the optimizer read their roles from the graph."""
+
+    padding_mask: str | None  # integer or bool [B, T]: the padding mask of this step's tokens (and cached ones)
+    token_ids: str | None  # [B, S]: this step's token ids
+
 
 @dataclass
 class PassResult:
@@ -66,7 +75,7 @@ def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[st
 
 def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str]) -> PassResult:
     graph = model.graph
-    mask = padding_free.find_mask(graph)
+    mask = padding_mask(graph, probe)
     mode = modes.parse_attention(getattr(config, "attention", "exact"))
     sites, fusions = already_fused(graph), []
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
@@ -74,7 +83,7 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
             sites += _in_loop_body(subgraph)
             continue
         canonicalize(subgraph, probe)
-        sites += fuse_attention(subgraph, probe, exclude, mode, mask)
+        sites += fuse_attention(subgraph, probe, exclude, mode, mask.value if mask else None)
         fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
             + embed.fuse(subgraph, probe, exclude) \
             + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude) \
@@ -85,12 +94,12 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
         if why_not_branch is None:
             graph.sort()  # cloning follows the nodes in order
             fused = graph.clone()  # what a batch without padding will run
-        fusion, positions = _padding_free(graph, probe, config, exclude, sites)
+        fusion, positions = _padding_free(graph, probe, config, exclude, mask)
         fusions.append(fusion)
         remove_unused(model)
         if fusion.fused:
             if why_not_branch is None:
-                unpadded_branch.add(graph, fused, mask, _key_padding_only(sites), positions)
+                unpadded_branch.add(graph, fused, mask.value, positions)
                 remove_unused(model)
             fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
     graph.sort()  # a replaced value may be read before the node that now makes it
@@ -115,16 +124,19 @@ def _rules(graph: ir.Graph, probe, exclude, rules) -> list:
     return [applied.outcome for applied in driver.rewrite(OnnxGraph(graph, view), view, rules, _Named(exclude))]
 
 
-# ONNX Runtime's fused attention ops: a model optimized before (by attnfuse or ONNX Runtime) has them.
-FUSED_ATTENTION = frozenset({"Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-                             "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
+def padding_mask(graph: ir.Graph, probe: Probe) -> padding_free.PaddingMask | None:
+    """The padding-mask input the probe's plan names, with the input of this step's token ids."""
+    inputs = {value.name: value for value in graph.inputs}
+    mask = inputs.get(probe.plan.padding_mask)
+    return padding_free.PaddingMask(mask, inputs.get(probe.plan.token_ids)) if mask is not None else None
 
 
 def already_fused(graph: ir.Graph) -> list[AttentionSite]:
-    """The fused attention the model came with, once per attention a run takes: kept, and counted."""
+    """The fused attention the model came with (by attnfuse or ONNX Runtime), once per attention a
+    run takes: kept, and counted."""
     return [AttentionSite(name=node.name, fused=True, already_fused=True, num_heads=attr(node, "num_heads", 0),
-                          reason=f"already fused (com.microsoft.{node.op_type} in the input)")
-            for node in nodes_on_one_path(graph) if node.domain == MS_DOMAIN and node.op_type in FUSED_ATTENTION]
+                          reason=f"already fused ({node.domain}.{node.op_type} in the input)")
+            for node in nodes_on_one_path(graph) if registry.is_fused_attention(node.domain, node.op_type)]
 
 
 def _observed(graph: ir.Graph, probe: Probe) -> bool:
@@ -148,27 +160,18 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[AttentionSite]
+def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, mask: padding_free.PaddingMask | None
                   ) -> tuple[Fusion, list[int]]:
     """The padding-free fusion, and the sequence positions the graph reads by index."""
     name = padding_free.NAME
     if name in exclude:
         return Fusion(name, "PaddingFree", False, "excluded (rolled back)"), []
-    masked = {site.fused_node for site in sites if site.fused and site.masks_padded_keys}
     target = getattr(config, "target", "ort-cpu")
     try:
-        positions = padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
-                                       verified=getattr(config, "verify", True))
+        positions = padding_free.apply(graph, probe, mask, target, verified=getattr(config, "verify", True))
     except NoMatch as why:
         return Fusion(name, "PaddingFree", False, str(why)), []
     return Fusion(name, "PaddingFree", True), positions
-
-
-def _key_padding_only(sites: list[AttentionSite]) -> set[str]:
-    """The MultiHeadAttention nodes whose only mask is the mask input as key_padding_mask: those
-    that can run on the packed tokens, and whose masks an unpadded batch can drop."""
-    return {site.fused_node for site in sites if site.fused and site.masks_padded_keys
-            and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
 
 
 def _why_no_unpadded_branch(config, exclude, sites: list[AttentionSite]) -> str | None:

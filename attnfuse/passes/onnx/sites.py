@@ -11,10 +11,11 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.core import modes
+from attnfuse.core import modes, registry
+from attnfuse.core.facts import AttentionFacts, tag_attention
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import attention, heads, lower_sparse, masks
-from attnfuse.passes.onnx.graph import Builder, NoMatch, observed, opset, runs_seeing
+from attnfuse.passes.onnx.graph import Builder, NoMatch, named_inputs, observed, opset, runs_seeing
 from attnfuse.passes.onnx.lower_ort import (
     cache_concat, group_query_attention, like_merged, lower_to_mha, multi_head_attention,
 )
@@ -38,10 +39,23 @@ def fuse_attention(graph: ir.Graph, probe, exclude, mode: modes.AttentionMode, m
             sites.append(found.site)
             continue
         builder.commit(graph, after=found.output_node)
+        _tag_fused(builder, found.site)
         substitute(claims, probe)
         found.site.fused = True
         sites.append(found.site)
     return sites
+
+
+def _tag_fused(builder: Builder, site: AttentionSite) -> None:
+    """Say on the committed attention node what padding-free reads of it (core/facts.py)."""
+    node = next((node for node in builder.nodes if node.name == site.fused_node), None)
+    if node is None:
+        return
+    slot = "key_padding_mask"
+    takes_mask = slot in named_inputs(node, registry.of_onnx(node.domain, node.op_type)[1])
+    key_padding_only = site.masks_padded_keys and takes_mask \
+        and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)
+    tag_attention(node, AttentionFacts(site.masks_padded_keys, key_padding_only, slot if key_padding_only else None))
 
 
 def lower(found: attention.Candidate, probe, graph: ir.Graph, mask_input, mode) -> tuple[Builder, list]:
