@@ -15,6 +15,8 @@ from attnfuse.core import driver
 from attnfuse.passes.fx.adapter import FxGraph
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_tokens, placeholders, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
+from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
+from attnfuse.passes.rules.normalization import Normalization
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.passes.site import AttentionSite, Fusion
 
@@ -41,7 +43,8 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     sites = fuse_attention(graph, probe, mask, exclude)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
-    found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, [SkipLayerNorm()], _Named(exclude))]
+    rules = [Normalization(), EmbedLayerNorm(), SkipLayerNorm()]
+    found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, rules, _Named(exclude))]
     remove_dead(graph)
     found += fusions.fuse(graph, probe, exclude)
     module.recompile()

@@ -1,5 +1,4 @@
-"""Residual + bias + layernorm -> attnfuse::skip_layernorm; bias + gelu -> attnfuse::bias_gelu;
-(residual +) RMSNorm -> attnfuse::rms_norm / skip_rms_norm (the rules in `rmsnorm.py`).
+"""Residual + bias + layernorm -> attnfuse::skip_layernorm; bias + gelu -> attnfuse::bias_gelu.
 
 Each rule is a pattern that reads like the math it matches, a check, and a
 replacement; every replacement is evaluated on the probe and kept only if it
@@ -15,7 +14,6 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from attnfuse.kernels import ops
-from attnfuse.passes.fx import rmsnorm
 from attnfuse.passes.fx.graph import (
     FxProbe, NoMatch, Rewrite, aten, close_enough,
     is_op, only_user, remove_dead, rewrite_unless_excluded,
@@ -59,7 +57,7 @@ def _bias_gelu(node: fx.Node, probe: FxProbe) -> Rewrite | None:
     return None
 
 
-RULES = [("bias_gelu", _bias_gelu), *rmsnorm.RULES]
+RULES = [("bias_gelu", _bias_gelu)]
 
 
 def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusion]:

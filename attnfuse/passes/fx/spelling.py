@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from attnfuse.core import registry
-from attnfuse.core.rule import Replacement
+from attnfuse.core.rule import NoMatch, Replacement
 
 aten = torch.ops.aten
 
@@ -64,6 +64,9 @@ class FxBuilder:
             x = self.call(aten.add.Tensor, x, bias)
         y, total = self.items(self.call(registry.SKIP_RMS_NORM.torch, x, skip, gamma, float(eps)), 2)
         return y, total
+
+    def embed_layer_norm(self, *arguments) -> tuple[fx.Node, fx.Node]:
+        raise NoMatch(f"{registry.EMBED_LAYER_NORMALIZATION.op_type} has no torch form")
 
     def bias_gelu(self, x, bias, approximate: str) -> fx.Node:
         if bias is None:

@@ -12,9 +12,7 @@ import onnx_ir as ir
 
 from attnfuse.core import modes, registry
 from attnfuse.passes import site as kinds
-from attnfuse.passes.onnx import (
-    decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,
-)
+from attnfuse.passes.onnx import gelu, padding_free, rotary, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
@@ -23,6 +21,8 @@ from attnfuse.passes.onnx.graph import (
 from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
+from attnfuse.passes.rules.normalization import Normalization
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.core import driver
 from attnfuse.passes.site import AttentionSite, Fusion
@@ -84,9 +84,8 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
             continue
         canonicalize(subgraph, probe)
         sites += fuse_attention(subgraph, probe, exclude, mode, mask.value if mask else None)
-        fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
-            + embed.fuse(subgraph, probe, exclude) \
-            + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude) \
+        fusions += gelu.fuse(subgraph, probe, exclude) \
+            + _rules(subgraph, probe, exclude, [Normalization(), EmbedLayerNorm(), SkipLayerNorm()]) \
             + rotary.fuse(subgraph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):

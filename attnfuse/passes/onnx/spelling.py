@@ -63,6 +63,22 @@ class OnnxBuilder(Builder):
                               {"epsilon": eps}, outputs=("output", "input_skip_bias_sum"))
         return y, total
 
+    def embed_layer_norm(self, ids: Value, segment_ids: Value | None, word: Value, position: Value,
+                         segment: Value | None, positions: Value, gamma: Value | None, beta: Value | None,
+                         eps: float) -> tuple[Value, Value]:
+        """(layernorm(word[ids] + position[positions] (+ segment[segment_ids])), the sum); the indices
+        as int32 and the positions broadcast to the ids' shape, as the op takes them."""
+        ids32, segments32, positions32 = (None if v is None else self.op("Cast", [v], {"to": ir.DataType.INT32})
+                                          for v in (ids, segment_ids, positions))
+        positions32 = self.op("Expand", [positions32, self.op("Shape", [ids])])
+        y, total = self.fused(registry.EMBED_LAYER_NORMALIZATION,
+                              dict(input_ids=ids32, segment_ids=segments32, word_embedding=word,
+                                   position_embedding=position, segment_embedding=segment,
+                                   gamma=self.vector(gamma, word, 1.0), beta=self.vector(beta, word, 0.0),
+                                   position_ids=positions32),
+                              {"epsilon": eps}, outputs=("output", "embedding_sum"))
+        return y, total
+
     def bias_gelu(self, x: Value, bias: Value | None, approximate: str) -> Value:
         """gelu(x + bias): BiasGelu (erf), FastGelu (tanh), or com.microsoft's Gelu (erf, no bias)."""
         if approximate == "tanh":
