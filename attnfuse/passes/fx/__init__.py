@@ -1,4 +1,4 @@
-"""Rewrites of torch.export graphs: rotary, attention, skip+layernorm, RMSNorm, bias+gelu, padding-free.
+"""Rewrites of torch.export graphs: rotary, attention, skip+layernorm, bias+gelu, RMSNorm, padding-free.
 
 The one entry point the optimizer calls is `run_passes`.
 """
@@ -9,12 +9,14 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from attnfuse.passes.fx import fusions, padding_free, rotary
+from attnfuse.passes.fx import fusions, padding_free
 from attnfuse.passes.fx.attention import fuse_attention
 from attnfuse.core import driver
 from attnfuse.passes.fx.adapter import FxGraph
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, find_tokens, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
+from attnfuse.passes.rules.gelu import Gelu
+from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.passes.site import AttentionSite, Fusion
 
@@ -37,11 +39,12 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     probe = FxProbe(module, runs)
     remove_no_ops(graph)
     mask = find_mask(graph, probe)
-    turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
-    sites = fuse_attention(graph, probe, mask, exclude)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
-    found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, [SkipLayerNorm()], _Named(exclude))]
+    found = _rules(adapter, view, [Rotary()], exclude)  # first: attention then reads q and k as token-wise rows
+    remove_dead(graph)
+    sites = fuse_attention(graph, probe, mask, exclude)
+    found += _rules(adapter, view, [SkipLayerNorm(), Gelu()], exclude)
     remove_dead(graph)
     found += fusions.fuse(graph, probe, exclude)
     module.recompile()
@@ -49,6 +52,10 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     if padding_free_on:
         found.append(_padding_free(module, runs, mask, exclude, result))
     return result
+
+
+def _rules(adapter: FxGraph, view: TorchView, rules, exclude: frozenset[str]) -> list[Fusion]:
+    return [applied.outcome for applied in driver.rewrite(adapter, view, rules, _Named(exclude))]
 
 
 class _Named:

@@ -1,4 +1,4 @@
-"""Residual + bias + layernorm -> attnfuse::skip_layernorm; bias + gelu -> attnfuse::bias_gelu;
+"""Residual + bias + layernorm -> attnfuse::skip_layernorm;
 (residual +) RMSNorm -> attnfuse::rms_norm / skip_rms_norm (the rules in `rmsnorm.py`).
 
 Each rule is a pattern that reads like the math it matches, a check, and a
@@ -12,7 +12,6 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from attnfuse.kernels import ops
 from attnfuse.passes.fx import rmsnorm
@@ -42,24 +41,7 @@ def _skip_layernorm(node: fx.Node, probe: FxProbe) -> Rewrite | None:
     return Rewrite(ops.skip_layernorm, (x, skip, None, weight, beta, eps))
 
 
-def _bias_gelu(node: fx.Node, probe: FxProbe) -> Rewrite | None:
-    """gelu(x + bias), the bias a vector over the last dim: a linear's own, or an add's."""
-    if not is_op(node, aten.gelu.default):
-        return None
-    approximate = node.kwargs.get("approximate", "none")
-    source = node.args[0]
-    if only_user(source) is not node:
-        return None
-    if is_op(source, aten.linear.default) and len(source.args) > 2 and source.args[2] is not None:
-        x, weight, bias = source.args
-        return Rewrite(ops.bias_gelu, (("linear", x, weight), bias, approximate))
-    if is_op(source, aten.add.Tensor) and probe.tensor(source.args[1], 0) is not None \
-            and probe.tensor(source.args[1], 0).dim() == 1:
-        return Rewrite(ops.bias_gelu, (source.args[0], source.args[1], approximate))
-    return None
-
-
-RULES = [("bias_gelu", _bias_gelu), *rmsnorm.RULES]
+RULES = [*rmsnorm.RULES]
 
 
 def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusion]:
@@ -84,22 +66,13 @@ def fuse(graph: fx.Graph, probe: FxProbe, exclude: frozenset[str]) -> list[Fusio
 
 def _replace(graph: fx.Graph, replaced: list[fx.Node], rewrite: Rewrite, probe: FxProbe) -> None:
     first, rest = rewrite.args[0], rewrite.args[1:]
-    inputs = []
     for run in range(probe.runs):
-        # ("linear", x, weight): the linear without its bias, which moves into the fused op.
-        x = F.linear(probe.get(first[1], run), probe.get(first[2], run)) if isinstance(first, tuple) \
-            else probe.get(first, run)
         with torch.no_grad():
-            got = rewrite.function(x, *(probe.get(a, run) for a in rest))
+            got = rewrite.function(probe.get(first, run), *(probe.get(a, run) for a in rest))
         outputs = got if isinstance(got, tuple) else (got,)
         if not all(close_enough(out, probe.tensor(node, run), TOLERANCE) for out, node in zip(outputs, replaced)):
             raise NoMatch("the fused op does not reproduce the original")
-        inputs.append(x)
     with _insertion_point(graph, replaced, rewrite.args):
-        if isinstance(first, tuple):
-            first = graph.call_function(aten.linear.default, first[1:])
-            for values, x in zip(probe.values, inputs):
-                values[first] = x
         fused = graph.call_function(rewrite.function, (first, *rest))
         outputs = [graph.call_function(operator.getitem, (fused, i)) for i in range(len(replaced))] \
             if len(replaced) > 1 else [fused]

@@ -12,9 +12,7 @@ import onnx_ir as ir
 
 from attnfuse.core import modes
 from attnfuse.passes import site as kinds
-from attnfuse.passes.onnx import (
-    decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,
-)
+from attnfuse.passes.onnx import decomposed_layernorm, embed, padding_free, rmsnorm, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
@@ -23,6 +21,8 @@ from attnfuse.passes.onnx.graph import (
 from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.rules.gelu import Gelu
+from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.core import driver
 from attnfuse.passes.site import AttentionSite, Fusion
@@ -74,11 +74,11 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
             sites += _in_loop_body(subgraph)
             continue
         canonicalize(subgraph, probe)
+        fusions += _rules(subgraph, probe, exclude, [Rotary()])  # first: attention then reads rotated q and k
         sites += fuse_attention(subgraph, probe, exclude, mode, mask)
-        fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
+        fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + _rules(subgraph, probe, exclude, [Gelu()]) \
             + embed.fuse(subgraph, probe, exclude) \
-            + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude) \
-            + rotary.fuse(subgraph, probe, exclude)
+            + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude)
     remove_unused(model)
     if getattr(config, "padding_free", False):
         why_not_branch = _why_no_unpadded_branch(config, exclude, sites)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.gelu import split_bias
+from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, consumers, opset
+from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.rules.patterns import bias_add
 from attnfuse.passes.site import Fusion
 from attnfuse.passes.onnx.proof import prove, substitute
 
@@ -57,10 +59,11 @@ def residual_sum(x: ir.Value, probe) -> tuple[ir.Value, ir.Value, ir.Value | Non
     if total is None or total.op_type != "Add" or any(constant(v, probe) is not None for v in total.inputs):
         raise NoMatch("the input is not a residual sum")
     skip, other = total.inputs
-    h, bias = split_bias(other, probe)
+    view = OrtView(probe, opset(x.graph))
+    h, bias = bias_add(OnnxGraph(x.graph, view), view, other) or (other, None)
     if bias is None:
         skip, other = other, skip
-        h, bias = split_bias(other, probe)
+        h, bias = bias_add(OnnxGraph(x.graph, view), view, other) or (other, None)
     return (other if bias is None else h), skip, bias
 
 

@@ -13,9 +13,11 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.attention import Candidate, ScoreStep
-from attnfuse.passes.onnx.gelu import split_bias
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed
+from attnfuse.passes.onnx.adapter import OnnxGraph
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed, opset
 from attnfuse.passes.onnx.heads import HEADS_FIRST, TOKENS, TOKENS_HEADS, Heads, as_heads_first, as_tokens, repeated
+from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.rules.patterns import bias_add
 
 
 def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Value, ir.Value | None]:
@@ -236,7 +238,8 @@ def like_merged(site, probe, b: Builder, output: ir.Value) -> ir.Value:
 def _projection_bias(qkv: list[ir.Value], sizes, heads: int, probe, builder: Builder
                      ) -> tuple[list[ir.Value], ir.Value | None]:
     """When q, k, v are h + b with constant vectors b: the h's and one [3 * hidden] bias."""
-    split = [split_bias(x, probe) for x in qkv]
+    view = OrtView(probe, opset(qkv[0].graph))
+    split = [bias_add(OnnxGraph(x.graph, view), view, x) or (x, None) for x in qkv]
     widths = [heads * size for size in sizes]
     vectors = [None if b is None else constant(b, probe) for _, b in split]
     if all(b is None for b in vectors) or any(b is not None and b.shape != (w,) for b, w in zip(vectors, widths)):
