@@ -130,6 +130,14 @@ def token_rows(cos: np.ndarray, sin: np.ndarray, rows: Rows, batch: int, tokens:
     return cos.reshape(lead, tokens, width)[..., pick], sin.reshape(lead, tokens, width)[..., pick], batch_shared
 
 
+def batch_axis(shapes: list[tuple[int, ...]], batches: list[int]) -> int | None:
+    """The axis of a per-token cos (its shape on each run) that counts the rows of the batch (of
+    `batches` rows on each run): the first of the axes before the last that does on every run."""
+    axes = range(len(shapes[0]) - 1)
+    return next((a for a in axes if all(len(s) == len(shapes[0]) and s[a] == b for s, b in zip(shapes, batches))),
+                None)
+
+
 def rotate(x: np.ndarray, layout: Layout, cos: np.ndarray, sin: np.ndarray, interleaved: bool) -> np.ndarray:
     """kernels/reference.py's rotary of x (in float64) in its layout, with each token's cos and sin
     rows ([B or 1, S, rd / 2])."""

@@ -69,12 +69,14 @@ class FxBuilder:
     def bias_gelu(self, x, bias, approximate: str) -> fx.Node:
         return self.call(registry.BIAS_GELU.torch, x, bias, str(approximate))
 
-    def rotary_caches(self, cos, sin, like, form: RotaryForm, tables=None) -> tuple[fx.Node, fx.Node]:
-        """attnfuse::rotary's cos and sin for the tensors a rotary of `like` multiplies by (one row per
-        token): each token's rd / 2 angles, [B, S, rd / 2] ([S, rd / 2] when the batch shares them)."""
+    def rotary_caches(self, cos, sin, batch_axis: int | None, form: RotaryForm, tables=None
+                      ) -> tuple[fx.Node, fx.Node]:
+        """attnfuse::rotary's cos and sin for the tensors a rotary multiplies by (one row per token;
+        `batch_axis` counts the batch's rows, None where the batch shares them): each token's rd / 2
+        angles, [B, S, rd / 2] ([S, rd / 2] when the batch shares them)."""
         width = self.view.value(cos).shape[-1]
         pick = form.rows.pick(width)
-        shape = [-1, width] if form.batch_shared else [self.call(aten.sym_size.int, like, 0), -1, width]
+        shape = [-1, width] if batch_axis is None else [self.call(aten.sym_size.int, cos, batch_axis), -1, width]
 
         def rows(value) -> fx.Node:
             flat = self.call(aten.reshape.default, value, shape)

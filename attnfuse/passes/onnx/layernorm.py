@@ -60,10 +60,11 @@ def residual_sum(x: ir.Value, probe) -> tuple[ir.Value, ir.Value, ir.Value | Non
         raise NoMatch("the input is not a residual sum")
     skip, other = total.inputs
     view = OrtView(probe, opset(x.graph))
-    h, bias = bias_add(OnnxGraph(x.graph, view), view, other) or (other, None)
+    adapter = OnnxGraph(x.graph, view)
+    h, bias = bias_add(adapter, view, other) or (other, None)
     if bias is None:
         skip, other = other, skip
-        h, bias = bias_add(OnnxGraph(x.graph, view), view, other) or (other, None)
+        h, bias = bias_add(adapter, view, other) or (other, None)
     return (other if bias is None else h), skip, bias
 
 

@@ -69,10 +69,11 @@ class OnnxBuilder(Builder):
         form = registry.gelu_form(approximate, bias is not None)
         return self.fused(form, dict(zip(form.inputs, (x, bias))))
 
-    def rotary_caches(self, cos: Value, sin: Value, like: Value, form: RotaryForm, tables=None
+    def rotary_caches(self, cos: Value, sin: Value, batch_axis: int | None, form: RotaryForm, tables=None
                       ) -> tuple[Value, Value, Value]:
-        """RotaryEmbedding's (cos_cache, sin_cache, position_ids) for the tensors a rotary of `like`
-        multiplies by (one row per token): the graph's constant tables and position ids where cos
+        """RotaryEmbedding's (cos_cache, sin_cache, position_ids) for the tensors a rotary multiplies
+        by (one row per token; `batch_axis` counts the batch's rows, None where the batch shares
+        them): the graph's constant tables and position ids where cos
         and sin are gathered from tables (cheaper: no per-token rows to build; measured on ONNX
         Runtime's CPU provider, see benchmarks/decoder_fusions.py), else each token's own row, with
         position ids that pick it (exact for any position, with no table of a guessed length)."""
@@ -97,8 +98,9 @@ class OnnxBuilder(Builder):
             return cos_cache, sin_cache, self.const([0], np.int64)  # token s reads row 0 + s
         count = self.op("Squeeze", [self.op("Shape", [cos_cache], {"start": 0, "end": 1}), self.const([0], np.int64)])
         every = self.op("Range", [self.const(0, np.int64), count, self.const(1, np.int64)])
-        axes = self.const([0, form.layout.token_axis], np.int64)  # batch and tokens
-        return cos_cache, sin_cache, self.op("Reshape", [every, self.op("Gather", [self.op("Shape", [like]), axes])])
+        rows = self.op("Shape", [cos], {"start": batch_axis, "end": batch_axis + 1})
+        batch_and_tokens = self.op("Concat", [rows, self.const([-1], np.int64)], {"axis": 0})
+        return cos_cache, sin_cache, self.op("Reshape", [every, batch_and_tokens])
 
     def rotary(self, x: Value, tokens: Value | None, caches: tuple[Value, Value, Value], form: RotaryForm) -> Value:
         """x rotated by RotaryEmbedding, in x's layout. The op takes x's heads tokens first, merged

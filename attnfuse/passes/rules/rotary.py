@@ -60,6 +60,7 @@ class RotaryMatch:
     cos: Value  # the tensors the region multiplies by (the tensors they are views of), one row per token
     sin: Value
     form: RotaryForm
+    batch_axis: int | None  # the axis of cos that counts the rows of the batch (None: the batch shares them)
     tokens: Value | None  # x's heads tokens first ([B, S, H*D] or [B, S, H, D]), the farthest up the head split
     tables: Tables | None  # when cos and sin are gathered from constant tables
 
@@ -106,7 +107,7 @@ class Rotary:
         if built is not None and all(graph.alive(node) for node in built[0]):
             return built
         before = len(b.nodes)
-        caches = b.rotary_caches(match.cos, match.sin, match.x, match.form, match.tables)
+        caches = b.rotary_caches(match.cos, match.sin, match.batch_axis, match.form, match.tables)
         self._caches[key] = (b.nodes[before:], caches)
         return [], caches
 
@@ -217,8 +218,18 @@ def _recognise(anchor: Node, x: Value, y: Value, nodes: list[Node], factors: lis
     if form is None:
         raise NoMatch(NOT_A_ROTARY)
     cos, sin = (_viewed(f, graph, view) for f in (factors[::-1] if form.swapped else factors))
-    tables = None if form.batch_shared else _tables(cos, sin, graph, view)
-    return RotaryMatch(anchor, x, y, nodes, cos, sin, form, _tokens_first(x, form, graph, view), tables)
+    tables = batch = None
+    if not form.batch_shared:
+        tables, batch = _tables(cos, sin, graph, view), _batch_axis(cos, x, view)
+    return RotaryMatch(anchor, x, y, nodes, cos, sin, form, batch, _tokens_first(x, form, graph, view), tables)
+
+
+def _batch_axis(cos: Value, x: Value, view: View) -> int:
+    runs = view.runs(cos, x)
+    found = measure.batch_axis([view.value(cos, r).shape for r in runs], [view.value(x, r).shape[0] for r in runs])
+    if found is None:
+        raise NoMatch("the cos tensor has no axis of the batch's rows")
+    return found
 
 
 def _viewed(value: Value, graph: Graph, view: View) -> Value:
