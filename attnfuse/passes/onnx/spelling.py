@@ -71,36 +71,21 @@ class OnnxBuilder(Builder):
 
     def rotary_caches(self, cos: Value, sin: Value, batch_axis: int | None, form: RotaryForm, tables=None
                       ) -> tuple[Value, Value, Value]:
-        """RotaryEmbedding's (cos_cache, sin_cache, position_ids) for the tensors a rotary multiplies
-        by (one row per token; `batch_axis` counts the batch's rows, None where the batch shares
-        them): the graph's constant tables and position ids where cos
-        and sin are gathered from tables (cheaper: no per-token rows to build; measured on ONNX
-        Runtime's CPU provider, see benchmarks/decoder_fusions.py), else each token's own row, with
-        position ids that pick it (exact for any position, with no table of a guessed length)."""
+        """RotaryEmbedding's (cos_cache, sin_cache, position_ids) for the cos and sin a rotary multiplies
+        by (one row per token; `batch_axis` counts the batch's rows, None where the batch shares them).
+        Where cos and sin are rows of constant tables, the tables and the position ids that gather them
+        (cheaper: no per-token rows to build; measured on ONNX Runtime's CPU provider, see
+        benchmarks/decoder_fusions.py); else each token's own row, with position ids that pick it
+        (exact for any position, with no table of a guessed length)."""
         width = self.view.value(cos).shape[-1]
         pick = form.rows.pick(width)
         if tables is not None:
-            ids = tables.positions
-            if self.view.value(ids).dtype != np.int64:
-                ids = self.op("Cast", [ids], {"to": ir.DataType.INT64})
             cos_table, sin_table = (self.const(self.view.constant(t)[:, pick]) for t in (tables.cos, tables.sin))
-            return cos_table, sin_table, ids
-
-        def rows(value: Value) -> Value:  # [B * S or S, rd / 2]
-            flat = self.op("Reshape", [value, self.const([-1, width], np.int64)])
-            if pick == slice(0, width, 1):
-                return flat
-            starts, ends, axes, steps = ([v] for v in (pick.start, pick.stop, -1, pick.step))
-            return self.op("Slice", [flat, *(self.const(v, np.int64) for v in (starts, ends, axes, steps))])
-
-        cos_cache, sin_cache = rows(cos), rows(sin)
-        if form.batch_shared:
+            return cos_table, sin_table, self._int64(tables.positions)
+        cos_cache, sin_cache = (self._token_rows(value, width, pick) for value in (cos, sin))
+        if batch_axis is None:
             return cos_cache, sin_cache, self.const([0], np.int64)  # token s reads row 0 + s
-        count = self.op("Squeeze", [self.op("Shape", [cos_cache], {"start": 0, "end": 1}), self.const([0], np.int64)])
-        every = self.op("Range", [self.const(0, np.int64), count, self.const(1, np.int64)])
-        rows = self.op("Shape", [cos], {"start": batch_axis, "end": batch_axis + 1})
-        batch_and_tokens = self.op("Concat", [rows, self.const([-1], np.int64)], {"axis": 0})
-        return cos_cache, sin_cache, self.op("Reshape", [every, batch_and_tokens])
+        return cos_cache, sin_cache, self._own_rows(cos_cache, cos, batch_axis)
 
     def rotary(self, x: Value, tokens: Value | None, caches: tuple[Value, Value, Value], form: RotaryForm) -> Value:
         """x rotated by RotaryEmbedding, in x's layout. The op takes x's heads tokens first, merged
@@ -140,3 +125,23 @@ class OnnxBuilder(Builder):
         if array is not None and array.dtype != dtype:
             value = self.op("Cast", [value], {"to": ir.DataType.from_numpy(dtype)})
         return value
+
+    def _token_rows(self, value: Value, width: int, pick: slice) -> Value:
+        """[B * S (or S), rd / 2]: the angles of each token's row."""
+        flat = self.op("Reshape", [value, self.const([-1, width], np.int64)])
+        if pick == slice(0, width, 1):
+            return flat
+        starts, ends, axes, steps = ([v] for v in (pick.start, pick.stop, -1, pick.step))
+        return self.op("Slice", [flat, *(self.const(v, np.int64) for v in (starts, ends, axes, steps))])
+
+    def _own_rows(self, cache: Value, cos: Value, batch_axis: int) -> Value:
+        """Position ids [B, S] that give each token its own row of `cache` (0 to B * S - 1)."""
+        count = self.op("Squeeze", [self.op("Shape", [cache], {"start": 0, "end": 1}), self.const([0], np.int64)])
+        every = self.op("Range", [self.const(0, np.int64), count, self.const(1, np.int64)])
+        batch = self.op("Shape", [cos], {"start": batch_axis, "end": batch_axis + 1})
+        return self.op("Reshape", [every, self.op("Concat", [batch, self.const([-1], np.int64)], {"axis": 0})])
+
+    def _int64(self, value: Value) -> Value:
+        if self.view.value(value).dtype == np.int64:
+            return value
+        return self.op("Cast", [value], {"to": ir.DataType.INT64})
