@@ -1,4 +1,4 @@
-"""Rewrites of torch.export graphs: rotary, attention, skip+layernorm, RMSNorm, bias+gelu, padding-free.
+"""Rewrites of torch.export graphs: rotary, attention, skip+layernorm, bias+gelu, RMSNorm, padding-free.
 
 The one entry point the optimizer calls is `run_passes`.
 """
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from attnfuse.passes.fx import fusions, padding_free, rotary
+from attnfuse.passes.fx import padding_free
 from attnfuse.passes.fx.attention import fuse_attention
 from attnfuse.core import driver
 from attnfuse.passes.fx.adapter import FxGraph
@@ -17,6 +17,8 @@ from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_tokens, placeholders
 from attnfuse.passes.fx.view import TorchView
 from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
 from attnfuse.passes.rules.normalization import Normalization
+from attnfuse.passes.rules.gelu import Gelu
+from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.passes.site import AttentionSite, Fusion
 
@@ -39,14 +41,13 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_f
     probe = FxProbe(module, runs)
     remove_no_ops(graph)
     mask = _placeholder(graph, probe, runs, mask)
-    turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
-    sites = fuse_attention(graph, probe, mask, exclude)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
-    rules = [Normalization(), EmbedLayerNorm(), SkipLayerNorm()]
-    found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, rules, _Named(exclude))]
+    found = _rules(adapter, view, [Rotary()], exclude)  # first: attention then reads q and k as token-wise rows
     remove_dead(graph)
-    found += fusions.fuse(graph, probe, exclude)
+    sites = fuse_attention(graph, probe, mask, exclude)
+    found += _rules(adapter, view, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()], exclude)
+    remove_dead(graph)
     module.recompile()
     result = PassResult(sites, found)
     if padding_free_on:
@@ -59,6 +60,10 @@ def _placeholder(graph: fx.Graph, probe: FxProbe, runs: list[tuple[tuple, dict]]
     """The placeholder the input `name` is fed to (the very tensor on the first run)."""
     given = runs[0][1].get(name) if name is not None else None
     return next((node for node in placeholders(graph) if given is not None and probe.get(node, 0) is given), None)
+
+
+def _rules(adapter: FxGraph, view: TorchView, rules, exclude: frozenset[str]) -> list[Fusion]:
+    return [applied.outcome for applied in driver.rewrite(adapter, view, rules, _Named(exclude))]
 
 
 class _Named:

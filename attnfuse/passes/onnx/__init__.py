@@ -12,7 +12,7 @@ import onnx_ir as ir
 
 from attnfuse.core import modes, registry
 from attnfuse.passes import site as kinds
-from attnfuse.passes.onnx import gelu, padding_free, rotary, unpadded_branch
+from attnfuse.passes.onnx import padding_free, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
@@ -23,6 +23,8 @@ from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
 from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
 from attnfuse.passes.rules.normalization import Normalization
+from attnfuse.passes.rules.gelu import Gelu
+from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.core import driver
 from attnfuse.passes.site import AttentionSite, Fusion
@@ -83,10 +85,9 @@ def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[s
             sites += _in_loop_body(subgraph)
             continue
         canonicalize(subgraph, probe)
+        fusions += _rules(subgraph, probe, exclude, [Rotary()])  # first: attention then reads rotated q and k
         sites += fuse_attention(subgraph, probe, exclude, mode, mask.value if mask else None)
-        fusions += gelu.fuse(subgraph, probe, exclude) \
-            + _rules(subgraph, probe, exclude, [Normalization(), EmbedLayerNorm(), SkipLayerNorm()]) \
-            + rotary.fuse(subgraph, probe, exclude)
+        fusions += _rules(subgraph, probe, exclude, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()])
     remove_unused(model)
     if getattr(config, "padding_free", False):
         why_not_branch = _why_no_unpadded_branch(config, exclude, sites)

@@ -109,11 +109,11 @@ class OnnxGraph:
     def commit(self, replacement: Replacement) -> None:
         """Insert the nodes after the last node that made a claimed value, and point the claimed values'
         readers at their replacements. (The pass sorts the graph at its end: a new node may read a
-        value made further down.)"""
+        value made further down.) Nodes an earlier rewrite committed, which this one shares, stay where they are."""
         order = {id(node): i for i, node in enumerate(self.graph)}
         makers = [old.producer() for old, _ in replacement.claims if old.producer() is not None]
         after = max(makers, key=lambda node: order.get(id(node), -1))
-        self.graph.insert_after(after, replacement.nodes)
+        self.graph.insert_after(after, [node for node in replacement.nodes if node.graph is None])
         for old, new in replacement.claims:
             replace_uses(old, new)
 

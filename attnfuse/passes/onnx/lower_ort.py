@@ -13,9 +13,11 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.passes.onnx.attention import Candidate, ScoreStep
-from attnfuse.passes.onnx.gelu import split_bias
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed
+from attnfuse.passes.onnx.adapter import OnnxGraph
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, observed, opset
 from attnfuse.passes.onnx.heads import HEADS_FIRST, TOKENS, TOKENS_HEADS, Heads, as_heads_first, as_tokens, repeated
+from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.rules.patterns import bias_add
 
 
 def lower_to_mha(candidate: Candidate, probe, builder: Builder) -> tuple[ir.Value, ir.Value | None]:
@@ -68,7 +70,7 @@ def attention_inputs(candidate: Candidate, probe, b: Builder) -> AttentionInputs
     if all(x.layout in (TOKENS, TOKENS_HEADS) and x.heads == site.num_heads for x in (k, v)):
         qkv = [q_tokens, as_tokens(b, k, sizes[1]), as_tokens(b, v, sizes[2])]
         seq_k = b.op("Shape", [qkv[1]], {"start": 1, "end": 2})
-        (qkv, bias) = _projection_bias(qkv, sizes, site.num_heads, probe, b)
+        (qkv, bias) = _projection_bias(qkv, sizes, site.num_heads, probe, b, candidate.softmax.graph)
         return AttentionInputs(*qkv, bias, b.op("Concat", [seq_q, seq_k], {"axis": 0}))
     groups = site.num_heads // k.heads
     k4, v4 = (repeated(b, as_heads_first(b, x, size), groups) for x, size in ((k, sizes[1]), (v, sizes[2])))
@@ -233,10 +235,12 @@ def like_merged(site, probe, b: Builder, output: ir.Value) -> ir.Value:
     return b.op("Reshape", [output, b.const([-1, *merged.shape[1:]], np.int64)])
 
 
-def _projection_bias(qkv: list[ir.Value], sizes, heads: int, probe, builder: Builder
+def _projection_bias(qkv: list[ir.Value], sizes, heads: int, probe, builder: Builder, graph: ir.Graph
                      ) -> tuple[list[ir.Value], ir.Value | None]:
     """When q, k, v are h + b with constant vectors b: the h's and one [3 * hidden] bias."""
-    split = [split_bias(x, probe) for x in qkv]
+    view = OrtView(probe, opset(graph))
+    adapter = OnnxGraph(graph, view)
+    split = [bias_add(adapter, view, x) or (x, None) for x in qkv]
     widths = [heads * size for size in sizes]
     vectors = [None if b is None else constant(b, probe) for _, b in split]
     if all(b is None for b in vectors) or any(b is not None and b.shape != (w,) for b, w in zip(vectors, widths)):
