@@ -18,7 +18,7 @@ from attnfuse.optimizer.api import STAGES, inspect_onnx, make_config, optimize_o
 from attnfuse.optimizer.config import TARGETS
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report
-from attnfuse.passes.modes import USAGE
+from attnfuse.core.modes import USAGE
 from attnfuse.passes.onnx import padding_free, unpadded_branch
 
 FORCE_HELP = (

@@ -4,13 +4,16 @@ The one entry point the optimizer calls is `run_passes`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.core import modes
+from attnfuse.core.driver import Applied, Candidate
+from attnfuse.core.options import PassOptions, Target
+from attnfuse.passes import legacy
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import (
     decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,
@@ -23,9 +26,12 @@ from attnfuse.passes.onnx.graph import (
 from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.result import PassResult
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.core import driver
 from attnfuse.passes.site import AttentionSite, Fusion
+
+ATTENTION = "attention"
 
 
 class Probe(Protocol):
@@ -44,12 +50,6 @@ class Probe(Protocol):
     def inputs(self, run: int) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
 
-@dataclass
-class PassResult:
-    sites: list[AttentionSite]
-    fusions: list[Fusion]
-
-
 def prepare(model: ir.Model) -> ir.Model:
     """The model in the spellings the matchers know (Einsum as MatMul), before it is probed; the
     model itself when nothing changes. A copy shares the weights."""
@@ -57,62 +57,60 @@ def prepare(model: ir.Model) -> ir.Model:
     return copy if lower_einsums(copy) else model
 
 
-def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str] = frozenset()) -> PassResult:
-    """Rewrite `model` in place. Sites and fusions named in `exclude` are left as they are
-    (the optimizer rolls a rewrite back by running again without it)."""
+def run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate] = ()) -> PassResult:
+    """Rewrite `model` in place. The `excluded` candidates are left as they are (the optimizer
+    rolls a rewrite back by running again without it)."""
     with speaking_opset(opset(model.graph)):
-        return _run_passes(model, probe, config, exclude)
+        return _run_passes(model, probe, options, excluded)
 
 
-def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str]) -> PassResult:
+def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate]) -> PassResult:
     graph = model.graph
     mask = padding_free.find_mask(graph)
-    mode = modes.parse_attention(getattr(config, "attention", "exact"))
-    sites, fusions = already_fused(graph), []
+    old = functools.partial(legacy.run, excluded)
+    result = PassResult(legacy.applied(ATTENTION, already_fused(graph)))
+    applied = result.applied
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
         if in_loop and not _observed(subgraph, probe):
-            sites += _in_loop_body(subgraph)
+            applied += legacy.applied(ATTENTION, _in_loop_body(subgraph))
             continue
         canonicalize(subgraph, probe)
-        sites += fuse_attention(subgraph, probe, exclude, mode, mask)
-        fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
-            + embed.fuse(subgraph, probe, exclude) \
-            + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude) \
-            + rotary.fuse(subgraph, probe, exclude)
+        applied += old(ATTENTION, fuse_attention, subgraph, probe, mode=options.attention, mask_input=mask)
+        applied += old("decomposed_layernorm", decomposed_layernorm.fuse, subgraph, probe) \
+            + old("gelu", gelu.fuse, subgraph, probe) + old("embed", embed.fuse, subgraph, probe) \
+            + _rules(subgraph, probe, excluded, [SkipLayerNorm()]) + old("rmsnorm", rmsnorm.fuse, subgraph, probe) \
+            + old("rotary", rotary.fuse, subgraph, probe)
     remove_unused(model)
-    if getattr(config, "padding_free", False):
-        why_not_branch = _why_no_unpadded_branch(config, exclude, sites)
+    sites = result.sites
+    if options.padding_free:
+        branch = Candidate(unpadded_branch.NAME, _anchor(mask))
+        why_not_branch = _why_no_unpadded_branch(options, branch in excluded, sites)
         if why_not_branch is None:
             graph.sort()  # cloning follows the nodes in order
             fused = graph.clone()  # what a batch without padding will run
-        fusion, positions = _padding_free(graph, probe, config, exclude, sites)
-        fusions.append(fusion)
+        packed, positions = _padding_free(graph, probe, options, excluded, sites, mask)
+        applied.append(packed)
         remove_unused(model)
-        if fusion.fused:
+        if packed.outcome.fused:
             if why_not_branch is None:
                 unpadded_branch.add(graph, fused, mask, _key_padding_only(sites), positions)
                 remove_unused(model)
-            fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
+            applied.append(Applied(branch, Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch)))
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
     if any(node.domain == MS_DOMAIN for node in graph.all_nodes()):
         model.opset_imports[MS_DOMAIN] = 1
-    return PassResult(sites=sites, fusions=fusions)
+    return result
 
 
-class _Named:
-    """Candidates excluded by name (the rollback's current currency)."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __contains__(self, candidate) -> bool:
-        return candidate.anchor in self.names
-
-
-def _rules(graph: ir.Graph, probe, exclude, rules) -> list:
+def _rules(graph: ir.Graph, probe, excluded: Collection[Candidate], rules) -> list[Applied]:
     view = OrtView(probe, opset(graph))
-    return [applied.outcome for applied in driver.rewrite(OnnxGraph(graph, view), view, rules, _Named(exclude))]
+    return driver.rewrite(OnnxGraph(graph, view), view, rules, excluded)
+
+
+def _anchor(mask: ir.Value | None) -> str:
+    """What a rewrite of the whole model (padding-free, its unpadded branch) is anchored at: the padding mask."""
+    return mask.name if mask is not None else ""
 
 
 # ONNX Runtime's fused attention ops: a model optimized before (by attnfuse or ONNX Runtime) has them.
@@ -148,20 +146,20 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, sites: list[AttentionSite]
-                  ) -> tuple[Fusion, list[int]]:
+def _padding_free(graph: ir.Graph, probe: Probe, options: PassOptions, excluded: Collection[Candidate],
+                  sites: list[AttentionSite], mask: ir.Value | None) -> tuple[Applied, list[int]]:
     """The padding-free fusion, and the sequence positions the graph reads by index."""
     name = padding_free.NAME
-    if name in exclude:
-        return Fusion(name, "PaddingFree", False, "excluded (rolled back)"), []
+    candidate = Candidate(name, _anchor(mask))
+    if candidate in excluded:
+        return Applied(candidate, Fusion(name, "PaddingFree", False, driver.EXCLUDED)), []
     masked = {site.fused_node for site in sites if site.fused and site.masks_padded_keys}
-    target = getattr(config, "target", "ort-cpu")
     try:
-        positions = padding_free.apply(graph, probe, masked, _key_padding_only(sites), target,
-                                       verified=getattr(config, "verify", True))
+        positions = padding_free.apply(graph, probe, masked, _key_padding_only(sites), options.target,
+                                       verified=options.verified)
     except NoMatch as why:
-        return Fusion(name, "PaddingFree", False, str(why)), []
-    return Fusion(name, "PaddingFree", True), positions
+        return Applied(candidate, Fusion(name, "PaddingFree", False, str(why))), []
+    return Applied(candidate, Fusion(name, "PaddingFree", True)), positions
 
 
 def _key_padding_only(sites: list[AttentionSite]) -> set[str]:
@@ -171,10 +169,10 @@ def _key_padding_only(sites: list[AttentionSite]) -> set[str]:
             and (site.mask, site.bias) == (kinds.MASK_KEY_PADDING, kinds.BIAS_NONE)}
 
 
-def _why_no_unpadded_branch(config, exclude, sites: list[AttentionSite]) -> str | None:
-    if unpadded_branch.NAME in exclude:
-        return "excluded (rolled back)"
-    if getattr(config, "target", "") != "ort-cpu":
+def _why_no_unpadded_branch(options: PassOptions, excluded: bool, sites: list[AttentionSite]) -> str | None:
+    if excluded:
+        return driver.EXCLUDED
+    if options.target != Target.ORT_CPU:
         return "only for ort-cpu: packed attention has no copies to skip on CUDA"
     if any(site.cache == kinds.CACHE_PAST for site in sites):
         # Measured on the benchmark Llama: ONNX Runtime pre-packs the weights of each branch's
