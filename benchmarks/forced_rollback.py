@@ -2,8 +2,9 @@
 
 Verification is made to fail whenever the run it checks made one chosen rewrite (by its report
 name): the attention site applied last, the fusion in the middle of the run, or padding-free.
-Printed: the median seconds of each case against the same run with nothing to roll back, and how
-many times the passes ran.
+Printed: the median wall and CPU seconds of each case (CPU time, all threads, is the steadier of the
+two on a shared machine), against the same run with nothing to roll back, and how many times the
+passes ran.
 
     python -m benchmarks.forced_rollback [--repeats N]   (from the repository root)
 """
@@ -67,22 +68,23 @@ def culprits(report) -> dict[str, str | None]:
             "middle fusion": fused[len(fused) // 2], "padding-free": "padding-free"}
 
 
-def timed(optimize, culprit: Culprit, repeats: int) -> tuple[float, int, list[str]]:
-    seconds = []
+def timed(optimize, culprit: Culprit, repeats: int) -> tuple[float, float, int, list[str]]:
+    wall, cpu = [], []
     for _ in range(repeats):
         culprit.runs = 0
         with culprit.installed():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             report = optimize().report
-            seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds), culprit.runs, report.rolled_back
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu), culprit.runs, report.rolled_back
 
 
 def cases_of(name: str, optimize, module, check: str, repeats: int) -> None:
     for role, rewrite in culprits(optimize().report).items():
-        median, runs, rolled_back = timed(optimize, Culprit(module, check, rewrite), repeats)
-        print(f"{name:12} {role:15} {median:6.2f} s  {runs:2} runs of the passes  rolled back {rolled_back}",
-              flush=True)
+        wall, cpu, runs, rolled_back = timed(optimize, Culprit(module, check, rewrite), repeats)
+        print(f"{name:16} {role:15} {wall:6.2f} s wall {cpu:6.2f} s CPU {runs:3} runs of the passes  "
+              f"rolled back {rolled_back}", flush=True)
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ def pass_options(target: str, padding_free: bool, attention: str, verify: bool) 
 
 @dataclass
 class _Attempt:
-    """One capture of the model, rewritten, and its check (None when not verified)."""
+    """One rewrite of the captured program, and its check (None when not verified)."""
 
     optimized: OptimizedModule
     passes: PassResult
