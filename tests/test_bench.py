@@ -150,6 +150,8 @@ def test_quick_llama_run_checks_prefill_decode_and_generation(tmp_path, capsys):
         assert r["target"] == bench_decoder.TARGETS.get(r["workload"])
         if r["contender"] in bench_decoder.RUNTIME_PEERS:
             continue  # installed here or not: their bookkeeping is tests/test_decoder_peers.py's
+        if (r["build_error"] or "").startswith("SameGraph: the graph of ORT optimizer"):
+            continue  # ORT's optimizer wrote one graph for two model types: run once
         assert r["build_error"] is None, r
         assert r["correct"] and r["max_rel_error"] <= bench.TOLERANCE, r
         generates = r["workload"].startswith("generate")

@@ -126,6 +126,29 @@ def test_peak_memory_runs_the_runtime_module_without_attnfuse(tmp_path):
     assert peers.peak_memory(opened, Prompts.from_feeds(LEFT, 0), "prefill", threads=1) > 100
 
 
+@pytest.mark.parametrize("second_op, same", [("Relu", True), ("Sigmoid", False)])
+def test_an_optimizer_type_that_writes_the_same_graph_is_not_run_twice(monkeypatch, second_op, same):
+    import onnx
+    from onnx import helper
+
+    from attnfuse.tools import bench_decoder
+
+    def model(op):
+        x, y = (helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2]) for n in "xy")
+        return helper.make_model(helper.make_graph([helper.make_node(op, ["x"], ["y"])], "g", [x], [y]))
+
+    graphs = {"gpt2": model("Relu"), "qwen3": model(second_op)}
+    monkeypatch.setattr(bench, "peer_model", lambda path, peer, model_type, **geometry: graphs[model_type])
+    builders = bench_decoder.ort_optimizer_builders("x.onnx", SimpleNamespace(num_attention_heads=2, hidden_size=4))
+    assert list(builders) == ["ORT optimizer (gpt2)", "ORT optimizer (qwen3)"]
+    assert builders["ORT optimizer (gpt2)"]() is graphs["gpt2"]
+    if same:
+        with pytest.raises(bench_decoder.SameGraph, match=r"the graph of ORT optimizer \(gpt2\), not run twice"):
+            builders["ORT optimizer (qwen3)"]()
+    else:
+        assert builders["ORT optimizer (qwen3)"]() is graphs["qwen3"]
+
+
 # ---- generation ------------------------------------------------------------------------------------
 
 def test_greedy_loop_over_a_runner_is_transformers_generate():

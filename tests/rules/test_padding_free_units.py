@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from attnfuse.core import registry
 from attnfuse.core.facts import AttentionFacts, attention_facts, is_padding_free, tag_attention
+from attnfuse.core.options import PassOptions, Target
 from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.input_roles import MASK, read_roles
 from attnfuse.optimizer.inputs import InputPlan
@@ -267,7 +268,7 @@ def test_the_padding_mask_is_the_input_the_roles_call_a_mask(name):
     assert roles[name] == MASK  # "am": because it masks the softmax's scores
     assert InputPlan(original).padding_mask == name  # not the encoder's, listed first
     rewritten = original.clone()
-    result = run_passes(rewritten, Probe.capture(rewritten), OptimizeConfig())
+    result = run_passes(rewritten, Probe.capture(rewritten), OptimizeConfig().pass_options())
     assert [(s.fused, s.mask) for s in result.sites] == [(True, "key_padding")]
     assert {f.name: f.fused for f in result.fusions}[padding_free.NAME]
     assert_same_on_real_tokens(original, rewritten, mask_name=name)
@@ -303,7 +304,7 @@ def test_fx_runs_a_token_wise_fused_op_packed_and_takes_the_signature_s_mask():
     graph_module = torch.export.export(module, (), example, dynamic_shapes=shapes, strict=False).module()
     runs = [((), {"x": torch.randn(*m.shape, HIDDEN), "am": torch.from_numpy(m.copy())})
             for m in (masks()["right"], masks()["holes"])]
-    result = fx_passes.run_passes(graph_module, runs, True, mask="am")  # as the captured Signature names it
+    result = fx_passes.run_passes(graph_module, runs, PassOptions(Target.TORCH_CPU), mask="am")  # as the captured Signature names it
     assert [f.fused for f in result.fusions] == [True, True]  # skip + layernorm, padding-free
     probe = FxProbe(graph_module, runs)
     (fused,) = [node for node in graph_module.graph.nodes if registry.of_torch(node.target) is registry.SKIP_LAYER_NORM]

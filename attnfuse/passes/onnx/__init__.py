@@ -4,13 +4,17 @@ The one entry point the optimizer calls is `run_passes`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.core import modes, registry
+from attnfuse.core import registry
+from attnfuse.core.driver import Applied, Candidate
+from attnfuse.core.options import PassOptions, Target
+from attnfuse.passes import legacy
 from attnfuse.passes import site as kinds
 from attnfuse.passes.onnx import padding_free, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
@@ -21,6 +25,7 @@ from attnfuse.passes.onnx.graph import (
 from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.result import PassResult
 from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
 from attnfuse.passes.rules.normalization import Normalization
 from attnfuse.passes.rules.gelu import Gelu
@@ -28,6 +33,8 @@ from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 from attnfuse.core import driver
 from attnfuse.passes.site import AttentionSite, Fusion
+
+ATTENTION = "attention"
 
 
 class Probe(Protocol):
@@ -55,12 +62,6 @@ class InputNames(Protocol):
     token_ids: str | None  # [B, S]: this step's token ids
 
 
-@dataclass
-class PassResult:
-    sites: list[AttentionSite]
-    fusions: list[Fusion]
-
-
 def prepare(model: ir.Model) -> ir.Model:
     """The model in the spellings the matchers know (Einsum as MatMul), before it is probed; the
     model itself when nothing changes. A copy shares the weights."""
@@ -68,60 +69,59 @@ def prepare(model: ir.Model) -> ir.Model:
     return copy if lower_einsums(copy) else model
 
 
-def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str] = frozenset()) -> PassResult:
-    """Rewrite `model` in place. Sites and fusions named in `exclude` are left as they are
-    (the optimizer rolls a rewrite back by running again without it)."""
+def run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate] = ()) -> PassResult:
+    """Rewrite `model` in place. The `excluded` candidates are left as they are (the optimizer
+    rolls a rewrite back by running again without it)."""
     with speaking_opset(opset(model.graph)):
-        return _run_passes(model, probe, config, exclude)
+        return _run_passes(model, probe, options, excluded)
 
 
-def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str]) -> PassResult:
+def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate]) -> PassResult:
     graph = model.graph
     mask = padding_mask(graph, probe)
-    mode = modes.parse_attention(getattr(config, "attention", "exact"))
-    sites, fusions = already_fused(graph), []
+    old = functools.partial(legacy.run, excluded)
+    result = PassResult(legacy.applied(ATTENTION, already_fused(graph)))
+    applied = result.applied
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
         if in_loop and not _observed(subgraph, probe):
-            sites += _in_loop_body(subgraph)
+            applied += legacy.applied(ATTENTION, _in_loop_body(subgraph))
             continue
         canonicalize(subgraph, probe)
-        fusions += _rules(subgraph, probe, exclude, [Rotary()])  # first: attention then reads rotated q and k
-        sites += fuse_attention(subgraph, probe, exclude, mode, mask.value if mask else None)
-        fusions += _rules(subgraph, probe, exclude, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()])
+        applied += _rules(subgraph, probe, excluded, [Rotary()])  # first: attention then reads rotated q and k
+        applied += old(ATTENTION, fuse_attention, subgraph, probe, mode=options.attention,
+                       mask_input=mask.value if mask else None)
+        applied += _rules(subgraph, probe, excluded, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()])
     remove_unused(model)
-    if getattr(config, "padding_free", False):
-        why_not_branch = _why_no_unpadded_branch(config, exclude, sites)
+    sites = result.sites
+    if options.padding_free:
+        branch = Candidate(unpadded_branch.NAME, _anchor(mask))
+        why_not_branch = _why_no_unpadded_branch(options, branch in excluded, sites)
         if why_not_branch is None:
             graph.sort()  # cloning follows the nodes in order
             fused = graph.clone()  # what a batch without padding will run
-        fusion, positions = _padding_free(graph, probe, config, exclude, mask)
-        fusions.append(fusion)
+        packed, positions = _padding_free(graph, probe, options, excluded, mask)
+        applied.append(packed)
         remove_unused(model)
-        if fusion.fused:
+        if packed.outcome.fused:
             if why_not_branch is None:
                 unpadded_branch.add(graph, fused, mask.value, positions)
                 remove_unused(model)
-            fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
+            applied.append(Applied(branch, Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch)))
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
     if any(node.domain == MS_DOMAIN for node in graph.all_nodes()):
         model.opset_imports[MS_DOMAIN] = 1
-    return PassResult(sites=sites, fusions=fusions)
+    return result
 
 
-class _Named:
-    """Candidates excluded by name (the rollback's current currency)."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __contains__(self, candidate) -> bool:
-        return candidate.anchor in self.names
-
-
-def _rules(graph: ir.Graph, probe, exclude, rules) -> list:
+def _rules(graph: ir.Graph, probe, excluded: Collection[Candidate], rules) -> list[Applied]:
     view = OrtView(probe, opset(graph))
-    return [applied.outcome for applied in driver.rewrite(OnnxGraph(graph, view), view, rules, _Named(exclude))]
+    return driver.rewrite(OnnxGraph(graph, view), view, rules, excluded)
+
+
+def _anchor(mask) -> str:
+    """What a rewrite of the whole model (padding-free, its unpadded branch) is anchored at: the padding mask."""
+    return mask.value.name if mask is not None else ""
 
 
 def padding_mask(graph: ir.Graph, probe: Probe) -> padding_free.PaddingMask | None:
@@ -160,24 +160,24 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, config, exclude, mask: padding_free.PaddingMask | None
-                  ) -> tuple[Fusion, list[int]]:
+def _padding_free(graph: ir.Graph, probe: Probe, options: PassOptions, excluded: Collection[Candidate],
+                  mask: padding_free.PaddingMask | None) -> tuple[Applied, list[int]]:
     """The padding-free fusion, and the sequence positions the graph reads by index."""
     name = padding_free.NAME
-    if name in exclude:
-        return Fusion(name, "PaddingFree", False, "excluded (rolled back)"), []
-    target = getattr(config, "target", "ort-cpu")
+    candidate = Candidate(name, _anchor(mask))
+    if candidate in excluded:
+        return Applied(candidate, Fusion(name, "PaddingFree", False, driver.EXCLUDED)), []
     try:
-        positions = padding_free.apply(graph, probe, mask, target, verified=getattr(config, "verify", True))
+        positions = padding_free.apply(graph, probe, mask, options.target, verified=options.verified)
     except NoMatch as why:
-        return Fusion(name, "PaddingFree", False, str(why)), []
-    return Fusion(name, "PaddingFree", True), positions
+        return Applied(candidate, Fusion(name, "PaddingFree", False, str(why))), []
+    return Applied(candidate, Fusion(name, "PaddingFree", True)), positions
 
 
-def _why_no_unpadded_branch(config, exclude, sites: list[AttentionSite]) -> str | None:
-    if unpadded_branch.NAME in exclude:
-        return "excluded (rolled back)"
-    if getattr(config, "target", "") != "ort-cpu":
+def _why_no_unpadded_branch(options: PassOptions, excluded: bool, sites: list[AttentionSite]) -> str | None:
+    if excluded:
+        return driver.EXCLUDED
+    if options.target != Target.ORT_CPU:
         return "only for ort-cpu: packed attention has no copies to skip on CUDA"
     if any(site.cache == kinds.CACHE_PAST for site in sites):
         # Measured on the benchmark Llama: ONNX Runtime pre-packs the weights of each branch's
