@@ -37,6 +37,7 @@ from attnfuse.models.decoders import bench, inputs
 from attnfuse.optimizer import io
 from attnfuse.optimizer.api import capture, make_config
 from attnfuse.passes.onnx import prepare, run_passes
+from attnfuse.passes.result import is_site
 from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -112,14 +113,16 @@ MODEL_STEPS = {"prefill 8x256": inputs.Step(new=256, lengths=(256,) * 8),
 def model_variants(path) -> dict[str, bytes]:
     """The benchmark Llama rewritten with each variant's fusions (and attention), serialized."""
     config = make_config(None, {"padding_free": False, "verify": False})
+    options = config.pass_options()
     prepared = prepare(io.load_model(path))
     probe = capture(prepared, config)
-    full = run_passes(prepared.clone(), probe, config)
+    full = run_passes(prepared.clone(), probe.for_rewrite(), options)
     made = {}
     for name, ops in MODEL_VARIANTS.items():
-        left_out = frozenset(f.name for f in full.fusions if f.fused and f.op not in ops)
+        left_out = frozenset(entry.candidate for entry in full.applied if not is_site(entry.outcome)
+                             and entry.outcome.fused and entry.outcome.op not in ops)
         model = prepared.clone()
-        run_passes(model, probe, config, left_out)
+        run_passes(model, probe.for_rewrite(), options, left_out)
         made[name] = io.to_proto(model).SerializeToString()
     return made
 

@@ -8,8 +8,9 @@ import pytest
 from onnx import TensorProto, helper
 from test_io import VOCAB, toy_attention_model
 
+from attnfuse.core.driver import Applied, Candidate
+from attnfuse.core.options import PassOptions
 from attnfuse.optimizer import api, optimize_onnx
-from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import VerificationError
 from attnfuse.optimizer.inputs import make_inputs
 from attnfuse.optimizer.io import load_model
@@ -103,7 +104,7 @@ def test_the_verifier_leaves_out_a_set_the_original_cannot_take():
     model = load_model(toy_attention_model())
     checks = check_inputs(model, Probe.capture(model), seed=0)
     checks[-1].feeds["input_ids"][:] = VOCAB + 100  # past the embedding table: the original fails
-    verifier = Verifier(model, OptimizeConfig(), checks)
+    verifier = Verifier(model, PassOptions(), checks)
     assert verifier.inputs_list == checks[:-1] and len(verifier.references) == len(checks) - 1
 
 
@@ -154,14 +155,14 @@ def test_probe_sees_every_tensor_and_leaves_the_model_alone():
 
 def _fake_passes(bad: str, wrong_when_excluded: bool = False):
     """A stand-in for run_passes: 'fuses' ok_fusion harmlessly and `bad` by doubling wq (a
-    wrong rewrite); excluded names are left alone, unless the damage is elsewhere."""
+    wrong rewrite); excluded candidates are left alone, unless the damage is elsewhere."""
 
-    def run_passes(model, probe, config, exclude=frozenset()):
-        fusions = [Fusion(name, "Fake", fused=name not in exclude) for name in ("ok_fusion", bad)]
-        if bad not in exclude or wrong_when_excluded:
+    def run_passes(model, probe, options, excluded=()):
+        candidates = [Candidate("fake", name) for name in ("ok_fusion", bad)]
+        if Candidate("fake", bad) not in excluded or wrong_when_excluded:
             wq = model.graph.initializers["wq"]
             wq.const_value = ir.tensor(wq.const_value.numpy() * 2)
-        return PassResult(sites=[], fusions=fusions)
+        return PassResult([Applied(c, Fusion(c.anchor, "Fake", fused=c not in excluded)) for c in candidates])
 
     return run_passes
 
@@ -171,10 +172,10 @@ def test_verify_reports_the_error_of_a_wrong_rewrite():
     probe = Probe.capture(original)
     changed = original.clone()
     _fake_passes("bad")(changed, probe, None)
-    config = OptimizeConfig()
-    result = verify(original, changed, config, [probe.inputs(0), probe.inputs(1)])
+    options = PassOptions()
+    result = verify(original, changed, options, [probe.inputs(0), probe.inputs(1)])
     assert not result.ok and result.max_rel_error > result.tolerance == 1e-4 and len(result.inputs) == 2
-    assert verify(original, original.clone(), config, [probe.inputs(0)]).ok
+    assert verify(original, original.clone(), options, [probe.inputs(0)]).ok
 
 
 def test_a_wrong_rewrite_is_rolled_back(monkeypatch):

@@ -56,6 +56,7 @@ class Op(enum.Enum):
     SLICE = "slice"
     SPLIT = "split"
     CONCAT = "concat"  # operands: the pieces
+    STACK = "stack"  # operands: the pieces, stacked along a new axis
     GATHER = "gather"  # (data, indices)
     ITEM = "item"  # one output of a multi-output node (fx's getitem)
     SHAPE = "shape"  # reads a shape, not values

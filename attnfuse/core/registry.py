@@ -56,6 +56,13 @@ FUSED_OPS = (ATTENTION, PACKED_ATTENTION, SKIP_LAYER_NORM, LAYER_NORM, EMBED_LAY
 FOREIGN_ATTENTION = frozenset({"Attention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
 
 
+def gelu_form(approximate: str, bias: bool) -> OnnxForm:
+    """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
+    if approximate == "tanh":
+        return FAST_GELU
+    return BIAS_GELU_FORM if bias else GELU_FORM
+
+
 def of_onnx(domain: str, op_type: str) -> tuple[FusedOp, OnnxForm] | None:
     """The fused op (and its form) an ONNX node is, or None. ONNX's own LayerNormalization is not
     counted as fused (the model may have come with it)."""

@@ -55,3 +55,9 @@ def real_positions(shape: tuple[int, ...], real: np.ndarray):
 def close(expected: np.ndarray, got: np.ndarray, real: np.ndarray | None = None) -> bool:
     """Within the tolerance of the expected values' dtype."""
     return relative_error(expected, got, real) <= tolerance(expected.dtype)
+
+
+def least_precise(dtypes) -> float:
+    """The tolerance of the least precise of `dtypes` (float32's when there are none): one bound
+    for a model's outputs together."""
+    return max(map(tolerance, dtypes), default=FLOAT32)

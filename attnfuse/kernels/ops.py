@@ -221,9 +221,9 @@ def _(x, skip, bias, weight, beta, eps):
 
 
 @torch.library.custom_op("attnfuse::bias_gelu", mutates_args=())
-def bias_gelu_op(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> torch.Tensor:
-    """gelu(x + bias), erf or tanh form."""
-    return F.gelu(x + bias, approximate=approximate)
+def bias_gelu_op(x: torch.Tensor, bias: Optional[torch.Tensor], approximate: str) -> torch.Tensor:
+    """gelu(x + bias) (gelu(x) without a bias), erf or tanh form."""
+    return F.gelu(x if bias is None else x + bias, approximate=approximate)
 
 
 @bias_gelu_op.register_kernel("cuda")
@@ -317,7 +317,9 @@ def skip_layernorm(x, skip, bias, weight, beta, eps: float):
 
 def bias_gelu(x, bias, approximate: str):
     if _exporting():
-        return _symbolic("FastGelu" if approximate == "tanh" else "BiasGelu", (x, bias), {}, x)
+        if approximate == "tanh":
+            return _symbolic("FastGelu", (x, bias), {}, x)
+        return _symbolic("Gelu", (x,), {}, x) if bias is None else _symbolic("BiasGelu", (x, bias), {}, x)
     return bias_gelu_op(x, bias, approximate)
 
 

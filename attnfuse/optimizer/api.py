@@ -1,7 +1,7 @@
 """optimize_onnx and inspect_onnx: the pipeline behind the Python API and the command line.
 
 load -> probe the original -> rewrite a copy -> verify against the original ->
-roll back the rewrites that change the result.
+roll back the rewrites that change the result (optimizer/rollback.py).
 """
 from __future__ import annotations
 
@@ -15,19 +15,22 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from attnfuse.core.driver import Candidate
+from attnfuse.core.options import PassOptions, Target
 from attnfuse.optimizer import io
 from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
 from attnfuse.optimizer.inputs import InputPlan
 from attnfuse.optimizer.probe import Probe
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
+from attnfuse.optimizer.rollback import mark_rolled_back, rewrites, roll_back
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
 from attnfuse.passes.onnx import PassResult, prepare, run_passes
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 Progress = Callable[[str], None]
 # The stages an optimize run goes through, in order, as given to `progress`.
-# Roll-back trials are announced as "roll back <name>" between "verify" and the end.
+# Roll-back trials are announced as "roll back: <k> of <n> rewrites" between "verify" and the end.
 STAGES = ("load", "probe", "rewrite", "verify")
 
 
@@ -54,7 +57,7 @@ class _Attempt:
 
     model: ir.Model
     passes: PassResult
-    exclude: frozenset[str]
+    excluded: frozenset[Candidate]
     verify: VerifyResult | None = None
 
 
@@ -68,6 +71,7 @@ def optimize_onnx(
     (unless `force`, which returns the fully rewritten model with the failed check).
     """
     config = make_config(config, overrides)
+    options = config.pass_options()
     stage = progress or _quiet
     start = time.perf_counter()
     stage("load")
@@ -76,19 +80,21 @@ def optimize_onnx(
     prepared = prepare(original)  # rewrites start from this; verification compares with the original
     probe = capture(prepared, config)
     stage("rewrite")
-    checked = checkable(config)
-    attempt = _rewrite(prepared, probe, checked)
-    rolled_back: dict[str, str] = {}
+    checked = checkable(options)
+    first = attempt = _rewrite(prepared, probe, checked)
+    culprits: dict[Candidate, str] = {}
     if config.verify:
         stage("verify")
-        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed), probe.run_count)
-        attempt, rolled_back = _verified(attempt, prepared, probe, checked, verifier, stage)
-    if checked is not config:
+        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed), probe.run_count,
+                            config.tolerance)
+        attempt, culprits = _verified(first, prepared, probe, checked, verifier, stage)
+    if checked is not options:
         # The verified rewrites again, with the target's own ops (CUDA-only ones that this
         # machine cannot run) in place of their CPU equivalents.
-        final = _rewrite(prepared, probe, config, attempt.exclude)
+        final = _rewrite(prepared, probe, options, attempt.excluded)
         final.verify = attempt.verify
         attempt = final
+    rolled_back = mark_rolled_back(attempt.passes.applied, culprits, first.passes.applied)
     report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
     if report.verify is not None and not report.verify.ok and not config.force:
         raise VerificationError(f"verification failed: {report.verify.message}", report)
@@ -100,8 +106,8 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     config = make_config(config, overrides)
     start = time.perf_counter()
     prepared = prepare(io.load_model(model))
-    attempt = _rewrite(prepared, capture(prepared, config), config)
-    return _report(model, config, attempt, {}, time.perf_counter() - start)
+    attempt = _rewrite(prepared, capture(prepared, config), config.pass_options())
+    return _report(model, config, attempt, [], time.perf_counter() - start)
 
 
 def capture(original: ir.Model, config: OptimizeConfig) -> Probe:
@@ -109,12 +115,12 @@ def capture(original: ir.Model, config: OptimizeConfig) -> Probe:
     return Probe.capture(original, seed=config.seed, plan=InputPlan(original, config.input_shapes))
 
 
-def checkable(config: OptimizeConfig) -> OptimizeConfig:
-    """The config whose output this machine can run and so verify: the CUDA target's
+def checkable(options: PassOptions) -> PassOptions:
+    """The options whose output this machine can run and so verify: the CUDA target's
     rewrites are checked in their CPU form when no CUDA provider is here."""
-    if config.target == "ort-cuda" and providers(config.target) == ["CPUExecutionProvider"]:
-        return dataclasses.replace(config, target="ort-cpu")
-    return config
+    if options.target == Target.ORT_CUDA and providers(options.target) == ["CPUExecutionProvider"]:
+        return dataclasses.replace(options, target=Target.ORT_CPU)
+    return options
 
 
 def make_config(config: OptimizeConfig | None, overrides: dict[str, Any]) -> OptimizeConfig:
@@ -133,63 +139,39 @@ def _quiet(stage: str) -> None:
     pass
 
 
-def _rewrite(original: ir.Model, probe: Probe, config: OptimizeConfig, exclude: frozenset[str] = frozenset()) -> _Attempt:
+def _rewrite(original: ir.Model, probe: Probe, options: PassOptions,
+             excluded: frozenset[Candidate] = frozenset()) -> _Attempt:
     copy = original.clone()  # graph copied, weights shared
-    return _Attempt(copy, run_passes(copy, probe, config, exclude), exclude)
+    return _Attempt(copy, run_passes(copy, probe.for_rewrite(), options, excluded), excluded)
 
 
 def _verified(
-    first: _Attempt, original: ir.Model, probe: Probe, config: OptimizeConfig, verifier: Verifier, stage: Progress
-) -> tuple[_Attempt, dict[str, str]]:
+    first: _Attempt, original: ir.Model, probe: Probe, options: PassOptions, verifier: Verifier, stage: Progress
+) -> tuple[_Attempt, dict[Candidate, str]]:
     """The first attempt if it verifies; otherwise the rewrites that verify together, and the
     reasons the others were rolled back. Returns `first` unchanged when nothing verifies."""
 
-    def attempt(exclude: frozenset[str]) -> _Attempt:
-        result = _rewrite(original, probe, config, exclude)
+    def attempt(excluded: frozenset[Candidate]) -> _Attempt:
+        result = _rewrite(original, probe, options, excluded)
         result.verify = verifier.check(result.model)
         return result
 
     first.verify = verifier.check(first.model)
-    candidates = _fused_names(first.passes)
-    if first.verify.ok or not candidates:
-        return first, {}
-    # Start from no rewrite at all and enable them one at a time, keeping those that pass.
-    stage("roll back")
-    best = attempt(frozenset(candidates))
-    if not best.verify.ok:  # the failure is not any one rewrite's: nothing to roll back to
-        return first, {}
-    rolled_back = {}
-    for name in candidates:
-        stage(f"roll back {name}")
-        trial = attempt(best.exclude - {name})
-        if trial.verify.ok:
-            best = trial
-        else:
-            rolled_back[name] = trial.verify.message
-    return best, rolled_back
-
-
-def _fused_names(passes: PassResult) -> list[str]:
-    """The rewrites this run made (what the input came with already is not one)."""
-    return [item.name for item in [*passes.sites, *passes.fusions] if item.fused and not getattr(item, "already_fused", False)]
+    return roll_back(first, rewrites(first.passes.applied), attempt, stage)
 
 
 def _report(
-    source: ModelSource, config: OptimizeConfig, attempt: _Attempt, rolled_back: dict[str, str], seconds: float
+    source: ModelSource, config: OptimizeConfig, attempt: _Attempt, rolled_back: list[str], seconds: float
 ) -> Report:
-    for item in [*attempt.passes.sites, *attempt.passes.fusions]:
-        if item.name in rolled_back:
-            item.fused = False
-            item.reason = f"rolled back: {rolled_back[item.name]}"
     return Report(
         model=_source_name(source),
-        target=config.target,
-        attention_mode=config.attention,
+        target=str(config.target),
+        attention_mode=str(config.attention),
         sites=attempt.passes.sites,
         fusions=attempt.passes.fusions,
         fused_ops=count_fused_ops(ops_on_one_path(attempt.model.graph)),
         verify=attempt.verify,
-        rolled_back=list(rolled_back),
+        rolled_back=rolled_back,
         seconds=seconds,
     )
 

@@ -4,17 +4,18 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from attnfuse.core.modes import parse_attention
+from attnfuse.core.modes import AttentionMode, parse_attention
+from attnfuse.core.options import PassOptions, Target
 
-TARGETS = ("ort-cpu", "ort-cuda")
+TARGETS = (Target.ORT_CPU, Target.ORT_CUDA)
 
 
 @dataclass
 class OptimizeConfig:
-    target: str = "ort-cpu"
+    target: Target | str = Target.ORT_CPU
     verify: bool = True  # compare optimized with original on generated inputs
     force: bool = False  # write even when verification fails
-    attention: str = "exact"
+    attention: AttentionMode | str = "exact"  # parsed into an AttentionMode
     padding_free: bool = True
     tolerance: float | None = None  # max error relative to the output's scale; None: by the model's dtype
     seed: int = 0
@@ -23,4 +24,9 @@ class OptimizeConfig:
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
-        self.attention = str(parse_attention(self.attention))  # ValueError with the usage
+        self.target = Target(self.target)
+        self.attention = parse_attention(self.attention)  # ValueError with the usage
+
+    def pass_options(self) -> PassOptions:
+        """What the passes are asked to do."""
+        return PassOptions(self.target, self.padding_free, self.verify, self.attention)

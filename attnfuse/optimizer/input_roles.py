@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from attnfuse.core import registry
+
 # Roles.
 IDS, MASK, TOKEN_TYPES, POSITIONS = "ids", "mask", "token_types", "positions"
 CACHE, ENCODER_CACHE, CACHE_FLAG, ENCODER_STATES = "cache", "encoder_cache", "cache_flag", "encoder_states"
@@ -29,6 +31,12 @@ BATCH, NEW, PAST, TOTAL, ENCODER, IMAGE, HEADS = "batch", "new", "past", "total"
 # Ops that carry a value unchanged in meaning (ids to their Gather, a flag to its If).
 _CARRIERS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"})
 _FLAG_CARRIERS = _CARRIERS | {"Not", "And", "Or", "Equal", "Greater", "Less", "ReduceMax", "ReduceMin"}
+# Ops a mask passes through on its way to the attention scores: it is cast, broadcast to
+# [B, 1, S, T], inverted, scaled, combined with a causal triangle, selected by.
+_MASK_CARRIERS = _FLAG_CARRIERS | {
+    "CastLike", "Tile", "Slice", "Concat", "Transpose", "Sub", "Mul", "Add", "Div", "Neg", "Xor", "LessOrEqual",
+    "GreaterOrEqual", "Where", "Min", "Max", "Clip",
+}
 DEFAULT_IMAGE = 224  # the side most vision models are trained at, when the graph does not say
 
 
@@ -104,6 +112,18 @@ def read_roles(model: ir.Model) -> list[InputRole]:
     return [_role(model, value, has_cache) for value in values]
 
 
+def padding_mask(roles: list[InputRole]) -> InputRole | None:
+    """The mask of this step's tokens that padding-free packs by: the first [B, T] integer or bool
+    mask that is not an encoder's (with a KV cache T counts the cached tokens too)."""
+    return next((role for role in roles if role.role == MASK and role.dtype.kind in "biu" and role.dims is not None
+                 and len(role.dims) == 2 and role.dims[-1].quantity != ENCODER), None)
+
+
+def token_ids(roles: list[InputRole]) -> InputRole | None:
+    """The [B, S] ids of this step's tokens."""
+    return next((role for role in roles if role.role == IDS and role.dims is not None and len(role.dims) == 2), None)
+
+
 def _role(model: ir.Model, value: ir.Value, has_cache: bool) -> InputRole:
     name = (value.name or "").lower()
     dtype = value.dtype.numpy() if value.dtype is not None and value.dtype != ir.DataType.UNDEFINED \
@@ -128,6 +148,8 @@ def _role(model: ir.Model, value: ir.Value, has_cache: bool) -> InputRole:
         role = PIXELS
     elif not is_float and (rows is not None or "ids" in name):
         role = IDS
+    elif not is_float and shape is not None and len(shape) == 2 and _masks_attention(value):
+        role = MASK
     elif is_float:
         role = FLOAT
     dims = None if shape is None else tuple(_dim(d, axis, shape, role, name, has_cache) for axis, d in enumerate(shape))
@@ -212,21 +234,41 @@ def _decides_an_if(value: ir.Value, depth: int = 4) -> bool:
     return False
 
 
-def _uses_through(value: ir.Value, carriers: frozenset[str], depth: int) -> Iterator[tuple[ir.Node, int]]:
-    """The uses of `value` and of what carriers make of it, nearest first."""
-    frontier = [value]
+def _masks_attention(value: ir.Value, depth: int = 24) -> bool:
+    """Whether `value` reaches attention scores as a mask: a Softmax, or a fused attention op (its
+    mask, or the mask slot of a fused embedding), through ops that carry a mask only."""
+    embed = registry.EMBED_LAYER_NORMALIZATION
+    for node, index in _uses_through(value, _MASK_CARRIERS, depth, any_input=True):
+        if node.op_type == "Softmax" and node.domain in ("", "ai.onnx") \
+                or registry.is_fused_attention(node.domain, node.op_type):
+            return True
+        found = registry.of_onnx(node.domain, node.op_type)
+        if found is not None and found[1] is embed and index == embed.slot("mask"):
+            return True
+    return False
+
+
+def _uses_through(value: ir.Value, carriers: frozenset[str], depth: int, any_input: bool = False
+                  ) -> Iterator[tuple[ir.Node, int]]:
+    """The uses of `value` and of what carriers make of it (of their first input, or of `any_input`),
+    nearest first, each node once."""
+    frontier, seen = [value], set()
     for _ in range(depth):
         following = []
         for v in frontier:
             for node, index in v.uses():
+                if (id(node), index) in seen:
+                    continue
+                seen.add((id(node), index))
                 yield node, index
-                if node.op_type in carriers and index == 0:
+                if node.op_type in carriers and (index == 0 or any_input):
                     following.extend(node.outputs)
         frontier = following
 
 
-# Fused embedding ops: which input indexes which table (com.microsoft EmbedLayerNormalization).
-_FUSED_LOOKUPS = {"EmbedLayerNormalization": {0: 2, 1: 4, 8: 3}}
+# Fused embedding ops: which input indexes which table.
+_FUSED_LOOKUPS = {registry.EMBED_LAYER_NORMALIZATION: {
+    "input_ids": "word_embedding", "segment_ids": "segment_embedding", "position_ids": "position_embedding"}}
 
 
 def _table(value: ir.Value) -> tuple[int, int | None] | None:
@@ -236,12 +278,24 @@ def _table(value: ir.Value) -> tuple[int, int | None] | None:
         table = None
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
             table = node.inputs[0]
-        elif index in _FUSED_LOOKUPS.get(node.op_type, {}):
-            table = node.inputs[_FUSED_LOOKUPS[node.op_type][index]]
+        else:
+            table = _fused_table(node, index)
         dims = _static_dims(table)
         if dims:
             return dims[0], dims[-1] if len(dims) == 2 else None
     return None
+
+
+def _fused_table(node: ir.Node, index: int) -> ir.Value | None:
+    """The table a fused embedding op looks its input `index` up in, or None."""
+    found = registry.of_onnx(node.domain, node.op_type)
+    form = found[1] if found is not None else None
+    lookups = _FUSED_LOOKUPS.get(form, {})
+    looked_up = form.inputs[index] if lookups and index < len(form.inputs) else None
+    if looked_up not in lookups:
+        return None
+    table = form.slot(lookups[looked_up])
+    return node.inputs[table] if table < len(node.inputs) else None
 
 
 def _image_dims(pixels: ir.Value, dims: tuple[Dim, ...]) -> tuple[Dim, ...]:

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from attnfuse.optimizer.errors import UserError
 from attnfuse.optimizer.input_roles import (
     BATCH, CACHE, CACHE_FLAG, DEFAULT_IMAGE, ENCODER, ENCODER_CACHE, ENCODER_STATES, FLOAT, HEADS, IDS, IMAGE, MASK,
-    NEW, OTHER, PAST, PIXELS, POSITIONS, TOKEN_TYPES, TOTAL, Dim, InputRole, read_roles,
+    NEW, OTHER, PAST, PIXELS, POSITIONS, TOKEN_TYPES, TOTAL, Dim, InputRole, padding_mask, read_roles, token_ids,
 )
 
 DEFAULT_VOCAB = 100
@@ -90,6 +90,10 @@ class InputPlan:
                               for dim in role.dims or ())
         self.image_side = DEFAULT_IMAGE
         self.cache_heads = _cache_heads(self.roles)
+        # The inputs padding-free reads, by name (the passes rewrite a copy of the graph).
+        mask, ids = padding_mask(self.roles), token_ids(self.roles)
+        self.padding_mask: str | None = mask.name if mask else None
+        self.token_ids: str | None = ids.name if ids else None
 
     def describe(self, case: Case) -> str:
         return case.describe(self.has_cache)
@@ -203,7 +207,7 @@ class _Maker:
         real = real_positions(lengths, width, padding)
         if not encoder:
             self.lengths[role.name] = lengths
-            if self.real is None or role.name == "attention_mask":
+            if self.real is None or role.name == self.plan.padding_mask:
                 self.real_total, self.real = real, real[:, width - new:]
         # A 3-D [B, S, T] or 4-D [B, 1, S, T] mask hides the padded keys from every query.
         return np.broadcast_to(real.reshape(batch, *([1] * (len(shape) - 2)), width), shape)

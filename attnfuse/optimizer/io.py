@@ -3,6 +3,11 @@
 Models are held as `onnx_ir.Model`s: weights stored as external data stay on disk
 (memory-mapped) until something reads them, so models over the 2 GB protobuf limit
 work as long as no one serialises them into a single proto.
+
+External data may hold any tensor ONNX lets it hold: initializers and nodes' tensor
+attributes (a Constant's value), in the main graph and in subgraphs, in files of any
+name, several files to a model. Loading checks every such file; sessions read the
+weights where they lie (see `session`); saving writes them all to OUT.onnx.data.
 """
 from __future__ import annotations
 
@@ -10,9 +15,10 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -37,7 +43,9 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     passes and the probe know them by name)."""
     if isinstance(src, onnx.ModelProto):
         _check_structure(src, "the given ModelProto")
-        return _named(ir.serde.deserialize_model(src))
+        model = ir.serde.deserialize_model(src)
+        _check_external_data(model, "the given ModelProto (its external data is read from the current directory)")
+        return _named(model)
     if not isinstance(src, (str, os.PathLike)):
         raise UserError(f"expected a path or an onnx.ModelProto, got {type(src).__name__}")
     path = Path(src)
@@ -54,8 +62,9 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     _check_structure(proto, str(path))
     model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, path.parent)
-    _check_external_data(model, path)
+    for tensor in external_tensors(model):  # functions' tensors too, which ir.external_data.set_base_dir skips
+        tensor.base_dir = path.parent
+    _check_external_data(model, str(path))
     return _named(model)
 
 
@@ -115,29 +124,99 @@ def _named(model: ir.Model) -> ir.Model:
     return model
 
 
-def _check_external_data(model: ir.Model, path: Path) -> None:
+def _check_external_data(model: ir.Model, name: str) -> None:
+    """Every external tensor's file is inside the model's folder, readable and long enough."""
     for tensor in external_tensors(model):
-        data = Path(tensor.path)
-        if not data.is_file():
-            raise UserError(f"{path}: external data file {tensor.location} not found next to the model")
-        end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
-        if data.stat().st_size < end:
-            raise UserError(f"{path}: external data file {tensor.location} is truncated")
+        problem = _external_data_problem(tensor)
+        if problem:
+            raise UserError(f"{name}: external data {problem}")
+
+
+def _external_data_problem(tensor: ir.ExternalTensor) -> str | None:
+    location = os.fspath(tensor.location)
+    if os.path.isabs(location) or os.path.normpath(location).split(os.sep)[0] == os.pardir:
+        return f"location {location!r} is outside the model's folder"
+    data = Path(tensor.path)
+    if not data.is_file():
+        return f"file {location} not found next to the model"
+    if tensor.base_dir:  # onnx_ir checks links only for files read from a folder; so do we
+        problem = _link_problem(data, Path(tensor.base_dir), location)
+        if problem:
+            return problem
+    end = (tensor.offset or 0) + (tensor.length if tensor.length is not None else tensor.nbytes)
+    if data.stat().st_size < end:
+        return f"file {location} is truncated ({data.stat().st_size} bytes, tensor {tensor.name!r} ends at {end})"
+    return None
+
+
+def _link_problem(data: Path, folder: Path, location: str) -> str | None:
+    """The rules onnx_ir reads weights by (ONNX Runtime keeps the first too), said at load in one
+    line, rather than as an error from deep inside the first pass that reads the weight."""
+    if not data.resolve().is_relative_to(folder.resolve()):
+        return f"file {location} is a link to a file outside the model's folder"
+    if data.stat().st_nlink > 1:
+        return (f"file {location} has {data.stat().st_nlink} hard links, and onnx_ir, which attnfuse reads "
+                f"weights with, refuses such files; copy it")
+    return None
+
+
+# --- tensors, wherever the model holds them ----------------------------------
+
+# Puts a tensor in the place another one was taken from (an initializer, an attribute).
+Put = Callable[[ir.TensorProtocol], None]
+
+
+def tensor_slots(model: ir.Model) -> Iterator[tuple[ir.TensorProtocol, Put]]:
+    """Every tensor of `model` (initializers and nodes' tensor attributes, subgraphs included)
+    with a function that puts another tensor in its place."""
+    for graph in _all_graphs(model):
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value, _initializer_put(value)
+        for node in graph:
+            for attribute in list(node.attributes.values()):
+                if attribute.is_ref() or attribute.value is None:
+                    continue
+                if attribute.type == ir.AttributeType.TENSOR:
+                    yield attribute.value, _attribute_put(node, attribute.name)
+                elif attribute.type == ir.AttributeType.TENSORS:
+                    for index, tensor in enumerate(attribute.value):
+                        yield tensor, _attribute_put(node, attribute.name, index)
+
+
+def _all_graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    """The main graph, its subgraphs, and the graphs of the model's functions and their subgraphs."""
+    yield from model.graphs()
+    for function in model.functions.values():
+        yield function.graph
+        yield from function.graph.subgraphs()
+
+
+def _initializer_put(value: ir.Value) -> Put:
+    def put(tensor: ir.TensorProtocol) -> None:
+        value.const_value = tensor
+    return put
+
+
+def _attribute_put(node: ir.Node, name: str, index: int | None = None) -> Put:
+    def put(tensor: ir.TensorProtocol) -> None:
+        if index is None:
+            node.attributes[name] = ir.AttrTensor(name, tensor)
+        else:  # read the list when putting: earlier puts into it must stay
+            tensors = list(node.attributes[name].value)
+            tensors[index] = tensor
+            node.attributes[name] = ir.AttrTensors(name, tensors)
+    return put
 
 
 def external_tensors(model: ir.Model) -> Iterator[ir.ExternalTensor]:
-    for value in _initializers(model):
-        if isinstance(value.const_value, ir.ExternalTensor):
-            yield value.const_value
-
-
-def _initializers(model: ir.Model) -> Iterator[ir.Value]:
-    for graph in model.graphs():
-        yield from graph.initializers.values()
+    for tensor, _ in tensor_slots(model):
+        if isinstance(tensor, ir.ExternalTensor):
+            yield tensor
 
 
 def weight_bytes(model: ir.Model) -> int:
-    return sum(v.const_value.nbytes for v in _initializers(model) if v.const_value is not None)
+    return sum(tensor.nbytes for tensor, _ in tensor_slots(model))
 
 
 def is_large(model: ir.Model) -> bool:
@@ -147,6 +226,12 @@ def is_large(model: ir.Model) -> bool:
 def needs_external_data(model: ir.Model) -> bool:
     """Large models, and models whose weights came from external data, keep them outside."""
     return is_large(model) or any(True for _ in external_tensors(model))
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.Tensor:
+    """A copy of `tensor` in memory. The file stays open: closing it (ExternalTensor.release)
+    fails while anyone, an ONNX Runtime session for one, holds a view of it."""
+    return ir.Tensor(np.array(tensor.numpy()), name=tensor.name, dtype=tensor.dtype)
 
 
 # --- saving ----------------------------------------------------------------
@@ -194,10 +279,27 @@ def _write(model: ir.Model, file: Path, data_name: str | None) -> None:
     if data_name is None:
         ir.save(model, file)
         return
-    # ir.save reads small external weights into memory and closes their files, which
-    # fails while anyone holds a view of them: hand it copies instead.
-    model = _weights_in_memory(model, up_to_bytes=INLINE_BYTES)
-    ir.save(model, file, external_data=data_name, size_threshold_bytes=INLINE_BYTES)
+    ir.save(_weights_written(model, file.parent, data_name), file)
+
+
+def _weights_written(model: ir.Model, folder: Path, data_name: str) -> ir.Model:
+    """A copy of `model` whose tensors over INLINE_BYTES, wherever they are (initializers,
+    attributes, subgraphs), are written to folder/data_name, and whose other tensors are in memory.
+    (ir.save's own external data takes initializers only, and would leave an attribute pointing
+    at the input's data file.)"""
+    copy = model.clone()  # shares the tensors
+    large: dict[int, tuple[ir.TensorProtocol, list[Put]]] = {}
+    for tensor, put in list(tensor_slots(copy)):
+        if tensor.nbytes > INLINE_BYTES:
+            large.setdefault(id(tensor), (tensor, []))[1].append(put)  # a tensor used twice is written once
+        elif isinstance(tensor, ir.ExternalTensor):
+            put(_in_memory(tensor))
+    written = ir.external_data.convert_tensors_to_external(
+        [tensor for tensor, _ in large.values()], base_dir=folder, relative_path=data_name)
+    for (_, puts), external in zip(large.values(), written):
+        for put in puts:
+            put(external)
+    return copy
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -222,6 +324,17 @@ def _staging_dir(path: Path) -> Iterator[Path]:
 # --- running ---------------------------------------------------------------
 
 
+# ONNX Runtime reads the external data of a model given as bytes from this folder.
+_DATA_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# numpy dtypes that ONNX Runtime takes as they are (no ml_dtypes) for an OrtValue over the weights.
+_SHAREABLE = frozenset({
+    ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BOOL,
+    ir.DataType.INT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+    ir.DataType.UINT8, ir.DataType.UINT16, ir.DataType.UINT32, ir.DataType.UINT64,
+})
+_IN_MEMORY = "attnfuse-in-memory"  # the location of a weight that ONNX Runtime is handed directly
+
+
 def session(
     model: ir.Model,
     providers: Sequence[str] = ("CPUExecutionProvider",),
@@ -232,19 +345,100 @@ def session(
 
     `extra_outputs` names values of the main graph to return besides the outputs;
     `optimize=False` turns ONNX Runtime's own graph optimizations off.
+
+    A model with external data, or a large one, is never written anywhere: see `_session_in_place`.
     """
     if extra_outputs:
         model = _with_outputs(model, extra_outputs)
     options = ort.SessionOptions()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    if not is_large(model):
+    if not needs_external_data(model):
         return ort.InferenceSession(to_proto(model).SerializeToString(), options, providers=list(providers))
-    # Over the protobuf limit: go through a file with external data.
-    with tempfile.TemporaryDirectory(prefix="attnfuse-") as tmp:
-        file = Path(tmp) / "model.onnx"
-        _write(model, file, external_data_name(file))
-        return ort.InferenceSession(str(file), options, providers=list(providers))
+    return _session_in_place(model, options, list(providers))
+
+
+def _session_in_place(model: ir.Model, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+    """A session that reads the weights where they are, from a graph proto without them.
+
+    - The main graph's weights in external data are handed to ONNX Runtime as OrtValues over
+      onnx_ir's memory maps of the files (CPU sessions): every session of the model, and
+      attnfuse's own reads, share one mapping, and nothing is copied; ONNX Runtime's
+      pre-packing, which would copy each weight again per session, is off.
+    - Weights in memory over INLINE_BYTES go as OrtValues too (ONNX Runtime copies them, once),
+      so that the graph proto stays small whatever the passes made.
+    - Every other external tensor (a Constant's value, a subgraph's weight, weights of a CUDA
+      session) stays a reference that ONNX Runtime reads itself from the model's folder.
+    """
+    copy = model.clone()  # shares the tensors
+    folder = _single_data_folder(copy)
+    buffers: list[ort.OrtValue] = []
+    if providers == ["CPUExecutionProvider"]:
+        shared = _share_external_weights(copy, options)
+        buffers.extend(shared)
+        if shared:
+            options.add_session_config_entry("session.disable_prepacking", "1")
+    buffers.extend(_hand_over_weights_in_memory(copy, options))
+    if folder is not None:
+        options.add_session_config_entry(_DATA_FOLDER_KEY, str(folder))
+    runner = ort.InferenceSession(ir.to_proto(copy).SerializeToString(), options, providers=providers)
+    # ONNX Runtime reads these buffers for as long as the session lives, and does not keep them alive itself.
+    runner._attnfuse_buffers = buffers
+    return runner
+
+
+def _single_data_folder(model: ir.Model) -> Path | None:
+    """The folder of the model's external data. Tensors from another folder (a model put together
+    from two) are read into memory: ONNX Runtime reads external data from one folder only."""
+    folder = None
+    for tensor, put in list(tensor_slots(model)):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        here = Path(os.path.abspath(tensor.base_dir or "."))
+        folder = folder or here
+        if here != folder:
+            put(_in_memory(tensor))
+    return folder
+
+
+def _share_external_weights(model: ir.Model, options: ort.SessionOptions) -> list[ort.OrtValue]:
+    """Hand the main graph's external weights to ONNX Runtime as OrtValues over their memory maps.
+    The proto keeps their references (ONNX Runtime checks that the file is there, and reads nothing)."""
+    shared = []
+    for value in model.graph.initializers.values():
+        array = _mapped_weight(value)
+        if array is not None:
+            shared.append(ort.OrtValue.ortvalue_from_numpy(array))
+            options.add_initializer(value.name, shared[-1])
+    return shared
+
+
+def _mapped_weight(value: ir.Value) -> np.ndarray | None:
+    """The memory-mapped array of an external weight that ONNX Runtime can take as it is, or None."""
+    tensor = value.const_value
+    if (not isinstance(tensor, ir.ExternalTensor) or tensor.nbytes <= INLINE_BYTES or tensor.dtype not in _SHAREABLE
+            or value.is_graph_input()):  # a weight the caller may feed is not ONNX Runtime's to share
+        return None
+    array = tensor.numpy()
+    return array if array.flags.aligned else None  # a file packed without alignment: ONNX Runtime reads it
+
+
+def _hand_over_weights_in_memory(model: ir.Model, options: ort.SessionOptions) -> list[ort.OrtValue]:
+    """The main graph's weights in memory over INLINE_BYTES, given to ONNX Runtime beside the proto."""
+    names, ort_values = [], []
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if (tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes <= INLINE_BYTES
+                or tensor.dtype not in _SHAREABLE or value.is_graph_input()):
+            continue
+        names.append(value.name)
+        ort_values.append(ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(tensor.numpy())))
+        # ONNX Runtime takes such a weight's data from the OrtValue; the proto only says its type and shape.
+        value.const_value = ir.ExternalTensor(_IN_MEMORY, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                              name=value.name)
+    if names:
+        options.add_external_initializers(names, ort_values)
+    return ort_values
 
 
 def _with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
@@ -256,18 +450,11 @@ def _with_outputs(model: ir.Model, names: Iterable[str]) -> ir.Model:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """A self-contained ModelProto (external weights read in); only for models under 2 GB."""
+    """A self-contained ModelProto (external tensors read in); only for models under 2 GB."""
     if is_large(model):
         raise ValueError("the model is over 2 GB and cannot be one ModelProto; save it to a file instead")
-    return ir.to_proto(_weights_in_memory(model))
-
-
-def _weights_in_memory(model: ir.Model, up_to_bytes: int | None = None) -> ir.Model:
-    """A copy of `model` whose external weights (all, or those up to a size) are read into memory."""
-    copy = model.clone()
-    for value in _initializers(copy):
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and (up_to_bytes is None or tensor.nbytes <= up_to_bytes):
-            value.const_value = ir.Tensor(tensor.numpy().copy(), name=value.name, dtype=tensor.dtype)
-    return copy
-
+    copy = model.clone()  # shares the tensors
+    for tensor, put in list(tensor_slots(copy)):
+        if isinstance(tensor, ir.ExternalTensor):
+            put(_in_memory(tensor))
+    return ir.to_proto(copy)

@@ -50,6 +50,11 @@ class Probe:
         weights = {v.name: v for g in model.graphs() for v in g.initializers.values()}
         return cls(runs, inputs, weights, plan)
 
+    def for_rewrite(self) -> Probe:
+        """The probe for one run of the passes: the same values, none of the aliases that another
+        run's rewrites left (their names mean other values in a fresh copy of the model)."""
+        return Probe(self._runs, self._inputs, self._weights, self.plan)
+
     @property
     def run_count(self) -> int:
         return len(self._runs)

@@ -7,8 +7,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from attnfuse.passes.onnx.graph import ORT_ONNX_DOMAIN_OPS, nodes_on_one_path
+from attnfuse.core import registry
 from attnfuse.core.outcome import AttentionSite
+from attnfuse.passes.onnx.graph import nodes_on_one_path
 
 
 @dataclass
@@ -86,10 +87,10 @@ def ops_on_one_path(graph) -> list[tuple[str, str]]:
 
 
 def count_fused_ops(op_types: list[tuple[str, str]]) -> dict[str, int]:
-    """Count the fused ops (com.microsoft's, and ONNX Runtime's own in the ONNX domain) among
-    (domain, op_type) pairs."""
+    """Count the fused ops among (domain, op_type) pairs: those of the registry (ONNX Runtime's
+    own in the ONNX domain included), and every other com.microsoft op a model came with."""
     return dict(Counter(op for domain, op in op_types
-                        if domain == "com.microsoft" or (domain in ("", "ai.onnx") and op in ORT_ONNX_DOMAIN_OPS)))
+                        if domain == registry.MS_DOMAIN or registry.of_onnx(domain, op) is not None))
 
 
 def _finite_or_none(number: float) -> float | None:

@@ -1,8 +1,9 @@
 """attnfuse.optimize: the PyTorch front-end.
 
 capture (torch.export, dynamic batch and sequence) -> probe on check inputs ->
-fx passes -> verify against the original -> roll back what does not verify. The
-result is an nn.Module called like the original, returning the same structure.
+fx passes -> verify against the original -> roll back what does not verify
+(optimizer/rollback.py). The result is an nn.Module called like the original,
+returning the same structure.
 """
 from __future__ import annotations
 
@@ -11,24 +12,26 @@ import inspect
 import time
 import warnings
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.fx.experimental._config  # noqa: F401  (backed_size_oblivious, for captures with a cache)
 
-from attnfuse.kernels import ops
+from attnfuse.core import registry
+from attnfuse.core.driver import Candidate
+from attnfuse.core.modes import parse_attention
+from attnfuse.core.options import PassOptions, Target
 from attnfuse.optimizer import torch_cache, torch_sentence
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report, VerifyResult
+from attnfuse.optimizer.rollback import mark_rolled_back, rewrites, roll_back
 from attnfuse.optimizer.torch_inputs import Call, Signature, pad_ids
 from attnfuse.optimizer.torch_verify import check
 from attnfuse.passes.fx import PassResult, run_passes
-from attnfuse.passes.fx import padding_free as padding_free_pass
 
-TARGETS = ("cpu", "cuda")
-FUSED_OPS = {ops.attention: "attention", ops.packed_attention: "packed_attention",
-             ops.skip_layernorm: "skip_layernorm", ops.bias_gelu: "bias_gelu",
-             ops.rms_norm: "rms_norm", ops.skip_rms_norm: "skip_rms_norm", ops.rotary: "rotary"}
+TARGETS = (Target.TORCH_CPU, Target.TORCH_CUDA)
 
 
 class Graphs(torch.nn.Module):
@@ -98,31 +101,53 @@ class OptimizedModule(torch.nn.Module):
 def optimize(
     model: torch.nn.Module, example_inputs: tuple | None = None, example_kwargs: dict | None = None, *,
     target: str = "cpu", padding_free: bool = True, attention: str = "exact", verify: bool = True,
-    tolerance: float = 1e-4, seed: int = 0,
+    tolerance: float | None = None, seed: int = 0,
 ):
     """Capture `model` with torch.export, fuse its attention, layernorms and gelus, and run it
     padding-free on real batches. A sentence-transformers model comes back as one, its
-    transformer optimized (see `torch_sentence`). Raises UserError for unusable input and
-    VerificationError when even the unfused capture differs from the model."""
-    options = dict(target=target, padding_free=padding_free, attention=attention, verify=verify,
-                   tolerance=tolerance, seed=seed)
+    transformer optimized (see `torch_sentence`). The result must equal the model to `tolerance`
+    (relative to each output's largest magnitude; None: by the outputs' dtype, core/tolerance.py).
+    Raises UserError for unusable input and VerificationError when even the unfused capture
+    differs from the model."""
+    options = pass_options(target, padding_free, attention, verify)
     if torch_sentence.is_sentence_transformer(model):
-        return torch_sentence.optimize(model, example_inputs, example_kwargs, optimize_module, **options)
-    return optimize_module(model, example_inputs, example_kwargs, **options)
+        return torch_sentence.optimize(model, example_inputs, example_kwargs, optimize_module, options,
+                                       tolerance=tolerance, seed=seed)
+    return optimize_module(model, example_inputs, example_kwargs, options, tolerance=tolerance, seed=seed)
+
+
+def pass_options(target: str, padding_free: bool, attention: str, verify: bool) -> PassOptions:
+    """optimize's options for the passes; UserErrors for what this front-end cannot do."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if target == Target.TORCH_CUDA and not torch.cuda.is_available():
+        raise UserError("target 'cuda' needs a CUDA device, and torch sees none")
+    try:
+        mode = parse_attention(attention)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if mode.approximate:
+        raise UserError(f"attention={attention!r}: the PyTorch front-end does exact attention only; "
+                        "approximations are in optimize_onnx")
+    return PassOptions(Target(target), padding_free, verify, mode)
+
+
+@dataclass
+class _Attempt:
+    """One rewrite of the captured program, and its check (None when not verified)."""
+
+    optimized: OptimizedModule
+    passes: PassResult
+    verify: VerifyResult | None
 
 
 def optimize_module(
-    model: torch.nn.Module, example_inputs: tuple | None, example_kwargs: dict | None, *,
-    target: str, padding_free: bool, attention: str, verify: bool, tolerance: float, seed: int,
+    model: torch.nn.Module, example_inputs: tuple | None, example_kwargs: dict | None, options: PassOptions, *,
+    tolerance: float | None, seed: int, check_also: Callable[[OptimizedModule], VerifyResult] | None = None,
 ) -> OptimizedModule:
+    """optimize on a model that is not a sentence-transformers one. `check_also` verifies an
+    attempt further where the check against the model passes (a sentence-transformers model whole)."""
     start = time.perf_counter()
-    if target not in TARGETS:
-        raise UserError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target == "cuda" and not torch.cuda.is_available():
-        raise UserError("target 'cuda' needs a CUDA device, and torch sees none")
-    if attention != "exact":
-        raise UserError(f"attention={attention!r}: the PyTorch front-end does exact attention only; "
-                        "approximations are in optimize_onnx")
     if not isinstance(model, torch.nn.Module):
         raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not example_inputs and not example_kwargs:
@@ -138,49 +163,41 @@ def optimize_module(
     model = model.eval()
     probe_runs = [((), run) for run in inputs.runs(seed)]
     check_runs = inputs.runs(seed + 100, count=3)
-    with torch.no_grad():  # on copies: a model appends to the cache it is given
-        expected = [model(**copy.deepcopy(run)) for run in check_runs]
+    if options.verified:
+        with torch.no_grad():  # on copies: a model appends to the cache it is given
+            expected = [model(**copy.deepcopy(run)) for run in check_runs]
 
     # Captured on a made-up batch of 2 rows like the example: torch.export fixes a dim of size 1.
-    capture_example = inputs.make(2, 1.0, "right", seed)
+    program = capture(model, call, inputs.make(2, 1.0, "right", seed), inputs)
 
-    def attempt(exclude: frozenset[str], packed: bool) -> tuple[OptimizedModule, PassResult, VerifyResult]:
-        graph_module = capture(model, call, capture_example, inputs)
+    def attempt(excluded: frozenset[Candidate]) -> _Attempt:
+        graph_module = program.module()  # a graph of its own to rewrite, the model's weights shared
         try:
-            passes = run_passes(graph_module, probe_runs, packed, exclude)
+            passes = run_passes(graph_module, probe_runs, options, excluded, mask=inputs.mask)
         except Exception as e:  # the capture does not run on other batch sizes or lengths
             raise UserError(f"the captured model does not run on other batches: {first_line(e)}") from None
         optimized = OptimizedModule(Graphs(graph_module, passes, inputs.mask), signature, call, inputs, model)
-        return optimized, passes, check(optimized, check_runs, expected, inputs, tolerance)
+        if not options.verified:
+            return _Attempt(optimized, passes, None)
+        verdict = check(optimized, check_runs, expected, inputs, tolerance)
+        if verdict.ok and check_also is not None:
+            verdict = check_also(optimized)
+        return _Attempt(optimized, passes, verdict)
 
-    optimized, passes, verdict = attempt(frozenset(), padding_free)
-    rolled_back: list[str] = []
-    if verify and not verdict.ok:
-        optimized, passes, verdict, rolled_back = _roll_back(attempt, passes, verdict, padding_free)
+    first = result = attempt(frozenset())
+    culprits: dict[Candidate, str] = {}
+    if options.verified:
+        result, culprits = roll_back(first, rewrites(first.passes.applied), attempt)
+    rolled_back = mark_rolled_back(result.passes.applied, culprits, first.passes.applied)
+    optimized, passes = result.optimized, result.passes
     optimized.report = Report(
-        model=type(model).__name__, target=f"torch-{target}", attention_mode=attention, sites=passes.sites,
-        fusions=passes.fusions, fused_ops=count_fused(optimized.graph_module), verify=verdict if verify else None,
-        rolled_back=rolled_back, seconds=time.perf_counter() - start,
+        model=type(model).__name__, target=f"torch-{options.target}", attention_mode=str(options.attention),
+        sites=passes.sites, fusions=passes.fusions, fused_ops=count_fused(optimized.graph_module),
+        verify=result.verify, rolled_back=rolled_back, seconds=time.perf_counter() - start,
     )
-    if verify and not verdict.ok:
-        raise VerificationError(f"verification failed: {verdict.message}", optimized.report)
+    if result.verify is not None and not result.verify.ok:
+        raise VerificationError(f"verification failed: {result.verify.message}", optimized.report)
     return optimized
-
-
-def _roll_back(attempt, first: PassResult, failed: VerifyResult, padding_free: bool):
-    """Give up padding-free first, then the other fusions, then attention fusion, until the check passes.
-    The report keeps padding-free, unfused, with the check that failed."""
-    fusions = frozenset(f.name for f in first.fusions if f.name != padding_free_pass.NAME)
-    sites = frozenset(s.name for s in first.sites if s.fused)
-    ladder = [frozenset(), fusions, fusions | sites][0 if padding_free else 1:]
-    for exclude in ladder:
-        optimized, passes, verdict = attempt(exclude, False)
-        rolled_back = ([padding_free_pass.NAME] if padding_free else []) + sorted(exclude)
-        if verdict.ok:
-            break
-    if padding_free:
-        passes.fusions.append(padding_free_pass.rolled_back(failed.message))
-    return optimized, passes, verdict, rolled_back
 
 
 def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -202,8 +219,9 @@ def by_name(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str
     return named
 
 
-def capture(model: torch.nn.Module, call: Call, example: dict[str, Any], inputs: Signature) -> torch.fx.GraphModule:
-    """torch.export's graph of `model` on the example's tensors and caches, batch and sequence dynamic."""
+def capture(model: torch.nn.Module, call: Call, example: dict[str, Any], inputs: Signature
+            ) -> torch.export.ExportedProgram:
+    """torch.export's program of `model` on the example's tensors and caches, batch and sequence dynamic."""
     traced = {name: example[name] for name in call.traced}
     shapes = {name: shape for name, shape in inputs.dynamic_shapes().items() if name in call.traced}
     named = set(inspect.signature(model.forward).parameters)
@@ -215,7 +233,7 @@ def capture(model: torch.nn.Module, call: Call, example: dict[str, Any], inputs:
             program = torch.export.export(exported, (), copy.deepcopy(traced), dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch.export raises many types; the user needs the first line
         raise UserError(f"torch.export could not capture the model: {first_line(e)}") from None
-    return program.module()
+    return program
 
 
 class _TracedOnly(torch.nn.Module):
@@ -236,4 +254,5 @@ class _TracedOnly(torch.nn.Module):
 
 
 def count_fused(graph_module: torch.fx.GraphModule) -> dict[str, int]:
-    return dict(Counter(FUSED_OPS[node.target] for node in graph_module.graph.nodes if node.target in FUSED_OPS))
+    fused = [registry.of_torch(node.target) for node in graph_module.graph.nodes if node.op == "call_function"]
+    return dict(Counter(op.name for op in fused if op is not None))

@@ -7,8 +7,9 @@ length), padding, pooling and normalising stay sentence-transformers' own, so ev
 `encode` option works as before. The model is optimized on the very call the
 transformer module makes (the same inputs by name, `return_dict` included), and the
 copy is verified whole against the original on check batches: token embeddings at
-real tokens, sentence embeddings whole. That is what proves that the pooling (mean,
-cls, max, ...) reads no padded position, where padding-free leaves zeros.
+real tokens, sentence embeddings whole, as a part of the transformer's verification,
+so that what fails it is rolled back like any failure. That is what proves that the
+pooling (mean, cls, max, ...) reads no padded position, where padding-free leaves zeros.
 """
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from collections.abc import Callable
 
 import torch
 
-from attnfuse.optimizer.errors import UserError, VerificationError
+from attnfuse.core.options import PassOptions
+from attnfuse.optimizer.errors import UserError
 from attnfuse.optimizer.torch_inputs import Signature, pad_ids
 from attnfuse.optimizer.torch_verify import check
-from attnfuse.passes.fx import padding_free as padding_free_pass
 
 # Tokenized when no example is given: optimize builds its own check batches from it.
 EXAMPLE_SENTENCES = ["attnfuse captures the model on this sentence.", "And on this one."]
@@ -32,36 +33,31 @@ def is_sentence_transformer(model: object) -> bool:
     return module is not None and isinstance(model, module.SentenceTransformer)
 
 
-def optimize(model, example_inputs: tuple | None, example_kwargs: dict | None, optimize_module: Callable, **options):
+def optimize(model, example_inputs: tuple | None, example_kwargs: dict | None, optimize_module: Callable,
+             options: PassOptions, *, tolerance: float | None, seed: int):
     """`model` with its transformer's model replaced by `optimize_module`'s (attnfuse.optimize's)."""
     _, transformer = _transformer_module(model)
     features = _example_features(model, example_inputs, example_kwargs)
     call = _model_call(transformer, features)
-    inner = optimize_module(transformer.auto_model, None, call, **options)
-    optimized = with_model(model, inner)
-    if not options["verify"]:
-        return _reported(optimized, inner, None, [])
+    check_whole = _whole_check(model, features, tolerance, seed) if options.verified else None
+    inner = optimize_module(transformer.auto_model, None, call, options, tolerance=tolerance, seed=seed,
+                            check_also=check_whole)
+    return _reported(with_model(model, inner), inner)
 
+
+def _whole_check(model, features: dict, tolerance: float | None, seed: int) -> Callable:
+    """The check of the SentenceTransformer with an optimized transformer model against `model`."""
     model.eval()
-    inputs = Signature.of(features, pad_ids=pad_ids(inner))
-    runs = inputs.runs(options["seed"] + 200, count=3)
+    inputs = Signature.of(features, pad_ids=pad_ids(_transformer_module(model)[1].auto_model))
+    runs = inputs.runs(seed + 200, count=3)
     with torch.no_grad():
         expected = [model(dict(run)) for run in runs]
 
-    def verify(candidate):
-        return check(lambda **run: candidate(dict(run)), runs, expected, inputs, options["tolerance"])
-
-    verdict, rolled_back = verify(optimized), []
-    if not verdict.ok and _packed(inner):
-        # The pooling read a padded position: the transformer again, without padding-free.
-        failed = verdict
-        inner = optimize_module(transformer.auto_model, None, call, **dict(options, padding_free=False))
+    def check_whole(inner):
         optimized = with_model(model, inner)
-        verdict, rolled_back = verify(optimized), [padding_free_pass.NAME]
-        inner.report.fusions.append(padding_free_pass.rolled_back(f"the sentence embeddings' {failed.message}"))
-    if not verdict.ok:
-        raise VerificationError(f"verification failed: {verdict.message}", inner.report)
-    return _reported(optimized, inner, verdict, rolled_back)
+        return check(lambda **run: optimized(dict(run)), runs, expected, inputs, tolerance)
+
+    return check_whole
 
 
 def _transformer_module(model) -> tuple[str, torch.nn.Module]:
@@ -132,15 +128,8 @@ def _shallow_copy(module: torch.nn.Module, children: dict[str, torch.nn.Module])
     return new
 
 
-def _packed(optimized) -> bool:
-    return any(f.name == padding_free_pass.NAME and f.fused for f in optimized.report.fusions)
-
-
-def _reported(optimized, inner, verdict, rolled_back: list[str]):
-    report = inner.report
+def _reported(optimized, inner):
+    report = inner.report  # its check is the sentence embeddings', end to end, where it verifies
     report.model = f"{type(optimized).__name__}({report.model})"
-    if verdict is not None:
-        report.verify = verdict  # the sentence embeddings' check, end to end
-    report.rolled_back += rolled_back
     optimized.report = report
     return optimized

@@ -16,7 +16,7 @@ from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.report import VerifyResult
 from attnfuse.core import tolerance as precision
-from attnfuse.core.modes import parse_attention
+from attnfuse.core.options import PassOptions, Target
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 
 
@@ -98,14 +98,25 @@ def check_inputs(model: ir.Model, probe: Any, seed: int = 0) -> list[CheckInputs
 
 
 def model_tolerance(model: ir.Model) -> float:
-    """The default tolerance (passes/precision.py) of the model's least precise float output."""
-    dtypes = [out.dtype.numpy() for out in model.graph.outputs if out.dtype is not None and out.dtype.is_floating_point()]
-    return max((precision.tolerance(dtype) for dtype in dtypes), default=precision.FLOAT32)
+    """The default tolerance (core/tolerance.py) of the model's least precise float output."""
+    return precision.least_precise(out.dtype.numpy() for out in model.graph.outputs
+                                   if out.dtype is not None and out.dtype.is_floating_point())
 
 
-def providers(target: str) -> list[str]:
+def judge(max_abs: float, max_rel: float, tolerance: float, inputs: list[dict[str, Any]], message: str = "",
+          worst: str | None = None) -> VerifyResult:
+    """The check's result: ok when the largest relative error is within `tolerance`; `message`
+    (a failure to run) or the error against the tolerance, on the `worst` output if named."""
+    ok = max_rel <= tolerance
+    if not message:
+        message = f"max relative error {max_rel:.3g} {'within' if ok else 'over'} tolerance {tolerance:g}"
+        message += f" (output {worst})" if worst and not ok else ""
+    return VerifyResult(ok, max_abs, max_rel, tolerance, inputs, message)
+
+
+def providers(target: Target) -> list[str]:
     """ORT CPU, or CUDA when the target asks for it and this machine has it."""
-    if target == "ort-cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+    if target == Target.ORT_CUDA and "CUDAExecutionProvider" in ort.get_available_providers():
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
@@ -113,17 +124,17 @@ def providers(target: str) -> list[str]:
 class Verifier:
     """The original's outputs, computed once, against which candidates are checked."""
 
-    def __init__(self, original: ir.Model, config: Any, inputs_list: list[CheckInputs], probe_runs: int = 2):
-        self.config = config
-        self.tolerance = config.tolerance if config.tolerance is not None else model_tolerance(original)
-        mode = parse_attention(config.attention)
-        self.approximation = str(mode) if mode.approximate else None
+    def __init__(self, original: ir.Model, options: PassOptions, inputs_list: list[CheckInputs], probe_runs: int = 2,
+                 tolerance: float | None = None):
+        self.providers = providers(options.target)
+        self.tolerance = tolerance if tolerance is not None else model_tolerance(original)
+        self.approximation = str(options.attention) if options.attention.approximate else None
         self.output_names = [o.name for o in original.graph.outputs]
         # The conditions of the original's Ifs come out too, to say which branches each set checks.
         self.branches = {node.name: node.inputs[0].name for node in original.graph if node.op_type == "If"}
         fed = {value.name for value in original.graph.inputs}
         conditions = [cond for cond in self.branches.values() if cond not in fed]
-        runner = session(original, providers(config.target), extra_outputs=conditions, optimize=False)
+        runner = session(original, self.providers, extra_outputs=conditions, optimize=False)
         names = [o.name for o in runner.get_outputs()]
         self.inputs_list, self.references, self.cases = [], [], []
         for i, inputs in enumerate(inputs_list):
@@ -148,7 +159,7 @@ class Verifier:
 
     def check(self, candidate: ir.Model) -> VerifyResult:
         try:
-            runner = session(candidate, providers(self.config.target))
+            runner = session(candidate, self.providers)
             results = [self._run(runner, inputs) for inputs in self.inputs_list]
         except Exception as e:  # a rewrite that does not even run fails verification
             return self._result([], message=f"the optimized model does not run: {first_line(e)}")
@@ -169,20 +180,16 @@ class Verifier:
     def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "") -> VerifyResult:
         max_abs = max((a for _, a, _ in per_set), default=float("inf"))
         max_rel = max((r for _, _, r in per_set), default=float("inf"))
-        tolerance = self.tolerance
-        ok = max_rel <= tolerance
-        if not message:
-            verdict = "within" if ok else "over"
-            message = f"max relative error {max_rel:.3g} {verdict} tolerance {tolerance:g}"
         inputs = [
             {"case": case, "inputs": inputs.describe(), "padding": inputs.padding, "max_abs_error": a,
              "max_rel_error": r}
             for (inputs, a, r), case in zip(per_set, self.cases)
         ] or [{"case": case, "inputs": inputs.describe(), "padding": inputs.padding}
               for inputs, case in zip(self.inputs_list, self.cases)]
-        return VerifyResult(ok, max_abs, max_rel, tolerance, inputs, message)
+        return judge(max_abs, max_rel, self.tolerance, inputs, message)
 
 
-def verify(original: ir.Model, optimized: ir.Model, config: Any, inputs_list: list[CheckInputs]) -> VerifyResult:
+def verify(original: ir.Model, optimized: ir.Model, options: PassOptions, inputs_list: list[CheckInputs],
+           tolerance: float | None = None) -> VerifyResult:
     """Run both models on every set of check inputs; ok when the error is within tolerance."""
-    return Verifier(original, config, inputs_list).check(optimized)
+    return Verifier(original, options, inputs_list, tolerance=tolerance).check(optimized)

@@ -126,10 +126,11 @@ def auto_model_comparison(minilm, batch: dict, repeats: int, with_compile: bool 
                            optimized.report.verify.ok and errors[ATTNFUSE] <= optimized.report.verify.tolerance)
 
 
-def sentence_transformer_comparison(minilm, repeats: int, with_compile: bool = True, batch_size: int = 32
-                                    ) -> TorchComparison:
+def sentence_transformer_comparison(minilm, repeats: int, with_compile: bool = True, batch_size: int = 32,
+                                    peers: dict[str, object] | None = None) -> TorchComparison:
     """SentenceTransformer(MiniLM).encode(the demo's sentences): sentence-transformers' own batching,
-    padding and pooling; torch.compile applied to its transformer's model, as attnfuse is."""
+    padding and pooling; torch.compile applied to its transformer's model, as attnfuse is; `peers`, objects
+    with the same encode (attnfuse.tools.encoder_peers.with_peer), timed in the same rounds."""
     import torch
 
     from attnfuse.optimizer.torch_sentence import with_model
@@ -139,6 +140,7 @@ def sentence_transformer_comparison(minilm, repeats: int, with_compile: bool = T
     contenders = {EAGER: model, ATTNFUSE: optimized}
     if with_compile:
         contenders[COMPILE] = with_model(model, torch.compile(model[0].auto_model, dynamic=True))
+    contenders.update(peers or {})
 
     def encode(m):
         return m.encode(minilm.SENTENCES, batch_size=batch_size, show_progress_bar=False)

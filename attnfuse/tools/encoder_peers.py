@@ -1,5 +1,5 @@
 """The CPU runtimes a user would deploy instead of attnfuse for an encoder, run the way their users run them,
-as contenders of `attnfuse bench` (and, through SentenceEncoder, of benchmarks/torch_frontend.py's encode):
+as contenders of `attnfuse bench` (and, through with_peer, of benchmarks/torch_frontend.py's encode):
 
 - OpenVINO: `ov.convert_model` on the torch model (read straight from torch, it ran 1.12-1.18x faster here than
   the same model read from the bench's dynamo ONNX export), compiled for the CPU with INFERENCE_NUM_THREADS set
@@ -15,6 +15,7 @@ A runtime that is not installed is one contender whose error says so (bench.NOT_
 from __future__ import annotations
 
 import importlib.util
+import json
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,10 @@ OPENVINO_PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16"}  # its elemen
 
 
 def installed(runtime: str) -> bool:
-    return importlib.util.find_spec(runtime) is not None
+    try:
+        return importlib.util.find_spec(runtime) is not None
+    except (ImportError, ValueError):  # a module that is blocked (sys.modules[name] = None) has no spec
+        return False
 
 
 def peer_contenders(runtimes: list[str], torch_model: torch.nn.Module, model_folder: Callable[[Path], Path],
@@ -173,6 +177,9 @@ def transformers_folder(model_module, torch_model: torch.nn.Module) -> Callable[
         inner = torch_model.model  # attnfuse.models.wrappers.TextModel holds the transformers model
         inner.save_pretrained(folder)
         vocabulary_tokenizer(inner.config.vocab_size, folder)
+        # CTranslate2's BERT loader reads config.position_embedding_type, which transformers 5 no longer writes
+        config = folder / "config.json"
+        config.write_text(json.dumps({"position_embedding_type": "absolute", **json.loads(config.read_text())}, indent=1))
         return folder
     return save
 
@@ -184,32 +191,32 @@ def vocabulary_tokenizer(size: int, folder: Path) -> None:
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = folder / "vocab.txt"
     vocab.write_text("\n".join([*special, *(f"piece{i}" for i in range(len(special), size))]) + "\n")
-    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    BertTokenizerFast.from_pretrained(folder).save_pretrained(folder)  # reads vocab.txt, writes the tokenizer files
 
 
 # ---- sentence embeddings ------------------------------------------------------------------------
 
-class SentenceEncoder:
-    """`SentenceTransformer.encode` with its transformer's model replaced by a peer's runner: the model's
-    own tokenizer and truncation, its order (longest first), batches of `batch_size` padded to their
-    longest sentence, and its own modules after the transformer (pooling, normalize)."""
+class RunnerModel(torch.nn.Module):
+    """A stand-in for a transformers encoder that a peer's runner computes: called by name as
+    sentence-transformers' Transformer module calls its model, it returns last_hidden_state."""
 
-    def __init__(self, sentence_model, run: Runner):
-        self.sentence_model, self.run = sentence_model, run
+    def __init__(self, run: Runner, config):
+        super().__init__()
+        self.run, self.config = run, config  # sentence-transformers reads its model's config
 
-    def encode(self, sentences: list[str], batch_size: int = 32, show_progress_bar: bool = False) -> np.ndarray:
-        order = np.argsort([-len(sentence) for sentence in sentences], kind="stable")
-        embeddings = None
-        for start in range(0, len(sentences), batch_size):
-            rows = order[start: start + batch_size]
-            features = self.sentence_model.tokenize([sentences[i] for i in rows])
-            feeds = {name: tensor.numpy().astype(np.int64) for name, tensor in features.items()}
-            features["token_embeddings"] = torch.from_numpy(np.ascontiguousarray(self.run(feeds)[0]))
-            with torch.inference_mode():
-                for module in list(self.sentence_model)[1:]:
-                    features = module(features)
-            batch = features["sentence_embedding"].numpy()
-            if embeddings is None:
-                embeddings = np.empty((len(sentences), *batch.shape[1:]), batch.dtype)
-            embeddings[rows] = batch
-        return embeddings
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                **_flags) -> dict[str, torch.Tensor]:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            feeds["token_type_ids"] = token_type_ids
+        hidden = self.run({name: tensor.numpy().astype(np.int64) for name, tensor in feeds.items()})[0]
+        return {"last_hidden_state": torch.from_numpy(np.ascontiguousarray(hidden))}
+
+
+def with_peer(sentence_model, run: Runner):
+    """A copy of the SentenceTransformer whose transformer's model is the peer's runner: its encode keeps
+    everything else of sentence-transformers' (tokenizer, sorting, batching, padding, pooling, normalize)."""
+    from attnfuse.optimizer.torch_sentence import with_model
+
+    transformer = next(module for module in sentence_model if hasattr(module, "auto_model"))
+    return with_model(sentence_model, RunnerModel(run, transformer.auto_model.config))

@@ -29,9 +29,9 @@ from attnfuse.core.outcome import BiasKind, CacheKind, MaskKind
 from attnfuse.core.rule import NoMatch
 from attnfuse.optimizer.probe import Probe
 from attnfuse.passes.fx.adapter import FxGraph
-from attnfuse.passes.fx.graph import FxProbe, find_mask, find_tokens, remove_dead, remove_no_ops
+from attnfuse.passes.fx.graph import FxProbe, find_tokens, placeholders, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
-from attnfuse.passes.onnx import padding_free
+from attnfuse.passes.onnx import padding_mask
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.graph import MS_DOMAIN, opset, remove_unused, speaking_opset
 from attnfuse.passes.onnx.view import OrtView
@@ -230,8 +230,10 @@ class OnnxSite:
 
 def onnx_site(spec: Tiny) -> OnnxSite:
     model = ir.from_proto(onnx_model(spec))
-    view = OrtView(Probe.capture(model), opset(model.graph))
-    graph = OnnxGraph(model.graph, view, padding_free.find_mask(model.graph))
+    probe = Probe.capture(model)
+    view = OrtView(probe, opset(model.graph))
+    mask = padding_mask(model.graph, probe)
+    graph = OnnxGraph(model.graph, view, mask.value if mask else None)
     (anchor,) = Attention().anchors(graph, view)
     return OnnxSite(model, graph, view, anchor)
 
@@ -326,7 +328,7 @@ def fx_site(spec: Tiny) -> FxSite:
     remove_no_ops(module.graph)
     runs = [(tuple(a for a in torch_args(spec, feeds) if a is not None), {}) for feeds in batches(spec, 0)]
     probe = FxProbe(module, runs)
-    mask = find_mask(module.graph, probe)
+    mask = next((node for node in placeholders(module.graph) if node.name == "attention_mask"), None)
     view = TorchView(probe, mask, find_tokens(module.graph, probe, mask))
     graph = FxGraph(module.graph, view)
     (anchor,) = Attention().anchors(graph, view)

@@ -1,1 +1,2 @@
-"""What a construct computes, measured over the arrays a View returns: pure numpy, no graph."""
+"""Measurements over arrays: what a region computes, told from the values a View gives (pure numpy,
+no graph access), written once for both front-ends."""

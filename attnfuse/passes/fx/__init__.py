@@ -1,85 +1,87 @@
-"""Rewrites of torch.export graphs: rotary, attention, skip+layernorm, RMSNorm, bias+gelu, padding-free.
+"""Rewrites of torch.export graphs: rotary, attention, RMSNorm, LayerNorm, gelu, skip+layernorm, padding-free.
 
 The one entry point the optimizer calls is `run_passes`.
 """
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch.fx as fx
 
 from attnfuse.core import driver
-from attnfuse.core.options import PassOptions, Target
-from attnfuse.core.outcome import AttentionSite, Fusion
-from attnfuse.passes.fx import fusions, padding_free, rotary
+from attnfuse.core.driver import Applied, Candidate
+from attnfuse.core.options import PassOptions
+from attnfuse.core.outcome import Fusion
+from attnfuse.passes import result
+from attnfuse.passes.fx import padding_free
 from attnfuse.passes.fx.adapter import FxGraph
-from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_mask, find_tokens, remove_dead, remove_no_ops
+from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_tokens, placeholders, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
 from attnfuse.passes.rules.attention import Attention
+from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
+from attnfuse.passes.rules.gelu import Gelu
+from attnfuse.passes.rules.normalization import Normalization
+from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 
 
 @dataclass
-class PassResult:
-    sites: list[AttentionSite]
-    fusions: list[Fusion]
+class PassResult(result.PassResult):
     # Sequence positions the padding-free graph reads by index, and the fused graph without
     # padding-free, for batches in which one of them is padded.
     real_positions: tuple[int, ...] = ()
     padded: fx.GraphModule | None = None
 
 
-def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], padding_free_on: bool,
-               exclude: frozenset[str] = frozenset()) -> PassResult:
-    """Rewrite `module` in place, probing it on `runs` ((args, kwargs) check inputs).
-    Sites and fusions named in `exclude` are left as they are."""
+def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], options: PassOptions,
+               excluded: Collection[Candidate] = (), *, mask: str | None) -> PassResult:
+    """Rewrite `module` in place, probing it on `runs` ((args, kwargs) check inputs); `mask` names
+    the padding-mask input. The `excluded` candidates are left as they are."""
     graph = module.graph
     probe = FxProbe(module, runs)
     remove_no_ops(graph)
-    mask = find_mask(graph, probe)
-    turned = rotary.fuse(graph, probe, exclude)  # first: attention then reads q and k as token-wise rows
+    mask = _placeholder(graph, probe, runs, mask)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
-    options = PassOptions(target=Target.TORCH_CPU, padding_free=padding_free_on)  # the lowering is the same on CUDA
-    sites = [applied.outcome for applied in driver.rewrite(adapter, view, [Attention(options)], _Named(exclude))]
+    found = driver.rewrite(adapter, view, [Rotary()], excluded)  # first: attention then reads q and k as rows
     remove_dead(graph)
-    found = turned + [applied.outcome for applied in driver.rewrite(adapter, view, [SkipLayerNorm()], _Named(exclude))]
+    found += driver.rewrite(adapter, view, [Attention(options)], excluded)
     remove_dead(graph)
-    found += fusions.fuse(graph, probe, exclude)
+    found += driver.rewrite(adapter, view, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()], excluded)
+    remove_dead(graph)
     module.recompile()
-    result = PassResult(sites, found)
-    if padding_free_on:
-        found.append(_padding_free(module, runs, mask, exclude, result))
-    return result
+    passes = PassResult(found)
+    if options.padding_free:
+        found.append(_padding_free(module, runs, mask, excluded, passes))
+    return passes
 
 
-class _Named:
-    """Candidates excluded by name (the rollback's current currency)."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __contains__(self, candidate) -> bool:
-        return candidate.anchor in self.names
+def _placeholder(graph: fx.Graph, probe: FxProbe, runs: list[tuple[tuple, dict]], name: str | None
+                 ) -> fx.Node | None:
+    """The placeholder the input `name` is fed to (the very tensor on the first run)."""
+    given = runs[0][1].get(name) if name is not None else None
+    return next((node for node in placeholders(graph) if given is not None and probe.get(node, 0) is given), None)
 
 
-def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, exclude: frozenset[str],
-                  result: PassResult) -> Fusion:
+def _padding_free(module: fx.GraphModule, runs, mask: fx.Node | None, excluded: Collection[Candidate],
+                  passes: PassResult) -> Applied:
     fusion = Fusion(padding_free.NAME, padding_free.OP, fused=False)
+    candidate = Candidate(padding_free.NAME, mask.name if mask is not None else "")
     saved = copy.deepcopy(module.graph)  # the pass changes the graph as it goes: keep a way back
     try:
         if mask is None:
             raise NoMatch("the model has no attention-mask input")
-        if padding_free.NAME in exclude:
-            raise NoMatch("excluded (rolled back)")
+        if candidate in excluded:
+            raise NoMatch(driver.EXCLUDED)
         # Probe again: the fused ops just added are what padding-free must see.
         packed = padding_free.apply(module.graph, FxProbe(module, runs), mask)
         fusion.fused, fusion.reason, fusion.op = True, None, packed.describe()
         if packed.real_positions:
-            result.real_positions, result.padded = packed.real_positions, fx.GraphModule(module, saved)
+            passes.real_positions, passes.padded = packed.real_positions, fx.GraphModule(module, saved)
     except NoMatch as e:
         fusion.reason = str(e)
         module.graph = saved
     module.recompile()
-    return fusion
+    return Applied(candidate, fusion)

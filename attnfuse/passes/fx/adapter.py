@@ -42,7 +42,7 @@ _OPS = {
     aten.slice.Tensor: Op.SLICE, aten.select.int: Op.GATHER, aten.index_select.default: Op.GATHER,
     aten.embedding.default: Op.GATHER,
     aten.split.Tensor: Op.SPLIT, aten.split_with_sizes.default: Op.SPLIT, aten.chunk.default: Op.SPLIT,
-    aten.unbind.int: Op.SPLIT, aten.cat.default: Op.CONCAT, operator.getitem: Op.ITEM,
+    aten.unbind.int: Op.SPLIT, aten.cat.default: Op.CONCAT, aten.stack.default: Op.STACK, operator.getitem: Op.ITEM,
     aten.sym_size.int: Op.SHAPE,
     aten.matmul.default: Op.MATMUL, aten.bmm.default: Op.MATMUL, aten.mm.default: Op.MATMUL,
     aten.baddbmm.default: Op.BADDBMM,
@@ -102,7 +102,7 @@ class FxGraph:
             return [args[1], args[0]]
         if found is Op.WHERE and node.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
             return [args[1], args[2], args[0]]  # masked_fill(x, m, v) = where(m, v, x)
-        if found is Op.CONCAT:
+        if found in (Op.CONCAT, Op.STACK):
             return list(args[0])
         if found is Op.LAYER_NORM:
             return [args[0], _arg(node, 2, "weight"), _arg(node, 3, "bias")]

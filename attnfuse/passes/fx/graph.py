@@ -137,15 +137,6 @@ def region_inputs(region: list[fx.Node], source: fx.Node) -> list[fx.Node]:
     return found
 
 
-def evaluate_region(region: list[fx.Node], source: fx.Node, value: torch.Tensor, probe: FxProbe, run: int) -> Any:
-    """The region's output with `source` replaced by `value` (everything else as on the probe)."""
-    env = {source: value}
-    with torch.no_grad():
-        for node in region:
-            env[node] = evaluate(node, env, probe, run)
-    return env[region[-1]]
-
-
 def rewrite_unless_excluded(item, exclude: frozenset[str], rewrite: Callable[[], None]) -> None:
     """Run `rewrite` for a site or fusion and mark it fused; a NoMatch (or the item's name in
     `exclude`, as a roll-back asks) leaves the graph alone and becomes the item's reason."""
@@ -169,16 +160,6 @@ def only_user(node: fx.Node) -> fx.Node | None:
 
 def placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [node for node in graph.nodes if node.op == "placeholder"]
-
-
-def find_mask(graph: fx.Graph, probe: FxProbe) -> fx.Node | None:
-    """The padding mask input: a rank-2 integer or bool placeholder named as a mask."""
-    for node in placeholders(graph):
-        value = probe.tensor(node, 0)
-        if "mask" in node.name.lower() and value is not None and value.dim() == 2 \
-                and not value.dtype.is_floating_point:
-            return node
-    return None
 
 
 def find_tokens(graph: fx.Graph, probe: FxProbe, mask: fx.Node | None) -> fx.Node | None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from attnfuse.core import registry
 from attnfuse.kernels import ops, reference
 from attnfuse.core.measure.masks import MASKED as HIDDEN
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, is_op, remove_dead
@@ -37,15 +38,13 @@ def rolled_back(message: str) -> Fusion:
     return Fusion(NAME, OP, fused=False, reason=f"rolled back: with it, {message}")
 TOKENS, ROWS = "tokens", "rows"
 
+# aten ops that are token-wise elementwise (the fused ops say so in core/registry.py).
 ELEMENTWISE = {
     aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.pow.Tensor_Scalar, aten.neg.default,
     aten.gelu.default, aten.relu.default, aten.tanh.default, aten.sigmoid.default, aten.silu.default,
     aten.dropout.default, aten.to.dtype, aten.to.dtype_layout, aten.contiguous.default, aten.clone.default,
-    aten.alias.default, ops.bias_gelu, ops.skip_layernorm, ops.rms_norm, ops.rotary, ops.skip_rms_norm,
+    aten.alias.default,
 }
-# Token-wise ops with several outputs, each of their first argument's form (read through getitem).
-MULTI_OUTPUT = {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, ops.skip_rms_norm,
-                ops.skip_layernorm}
 ROW_WISE = {aten.linear.default, aten.layer_norm.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 # Layout ops, with (position, default) of each dim argument: they must not touch the token dims.
@@ -181,7 +180,7 @@ def apply(graph: fx.Graph, probe: FxProbe, mask: fx.Node) -> Packed:
             continue
         if node.op == "output":
             _restore_outputs(node, packer)
-        elif node.target is ops.attention and _attend_packed(node, packer):
+        elif registry.of_torch(node.target) is registry.ATTENTION and _attend_packed(node, packer):
             done.ops += 1
         elif _run_packed(node, packer):
             done.ops += 1
@@ -212,7 +211,7 @@ def _run_packed(node: fx.Node, packer: Packer) -> bool:
             return True
         return False
     out = packer.form(node)
-    if out is None and node.target not in MULTI_OUTPUT:
+    if out is None and not _several_outputs(node, packer):
         return False
     plan = _operand_plan(node, out, packer)
     if plan is None:
@@ -243,7 +242,7 @@ def _operand_plan(node: fx.Node, out: Form | None, packer: Packer) -> list[tuple
         if form is None or (out is not None and out != form) or not _dims_clear(node, form, packer):
             return None
         return [(0, "pack")]
-    if out is None and target in ELEMENTWISE:  # several outputs, like its first argument
+    if out is None and _elementwise(target):  # several outputs, like its first argument
         out = packer.form(node.args[0])
     if out is None:
         return None
@@ -255,9 +254,9 @@ def _operand_plan(node: fx.Node, out: Form | None, packer: Packer) -> list[tuple
         if target in (aten.matmul.default, aten.mm.default) and packer.value(node.args[1]).dim() != 2:
             return None
         return [(x_index, "pack")]
-    if target in ELEMENTWISE:
+    if _elementwise(target):
         plan = []
-        rank = (packer.value(node) if node.target not in MULTI_OUTPUT else packer.value(node.args[0])).dim()
+        rank = (packer.value(node.args[0]) if _several_outputs(node, packer) else packer.value(node)).dim()
         for i, a in args:
             how = _elementwise_operand(a, out, rank, packer)
             if how is None:
@@ -266,6 +265,18 @@ def _operand_plan(node: fx.Node, out: Form | None, packer: Packer) -> list[tuple
                 plan.append((i, how))
         return plan
     return None
+
+
+def _elementwise(target) -> bool:
+    """aten's elementwise ops, and the fused ops the registry calls token-wise."""
+    fused = registry.of_torch(target)
+    return target in ELEMENTWISE or (fused is not None and fused.token_wise)
+
+
+def _several_outputs(node: fx.Node, packer: Packer) -> bool:
+    """A node that gives a tuple (split, chunk, the skip norms' (y, x + skip)): each output has its
+    first argument's form, and is read through getitem."""
+    return isinstance(packer.probe.get(node, 0), (tuple, list))
 
 
 def _elementwise_operand(arg: fx.Node, out: Form, out_rank: int, packer: Packer) -> str | None:
@@ -308,7 +319,7 @@ def _attend_packed(node: fx.Node, packer: Packer) -> bool:
     if mask is not packer.mask and not (mask is None and bias is not None and _hides_padded_keys(bias, packer)):
         return False
     packed = [packer.pack(x, Form(TOKENS)) for x in (q, k, v)]
-    node.target = ops.packed_attention
+    node.target = registry.PACKED_ATTENTION.torch
     node.args = (*packed, packer.indices, packer.mask, bias, num_heads, scale, causal)
     packer.packed[node] = Form(TOKENS)
     return True

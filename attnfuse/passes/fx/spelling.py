@@ -13,7 +13,8 @@ import torch
 import torch.fx as fx
 
 from attnfuse.core import registry
-from attnfuse.core.rule import Replacement
+from attnfuse.core.measure.rotary import RotaryForm
+from attnfuse.core.rule import NoMatch, Replacement
 
 aten = torch.ops.aten
 
@@ -74,7 +75,45 @@ class FxBuilder:
         y, total = self.items(self.call(registry.SKIP_RMS_NORM.torch, x, skip, gamma, float(eps)), 2)
         return y, total
 
+    def embed_layer_norm(self, *arguments) -> tuple[fx.Node, fx.Node]:
+        raise NoMatch(f"{registry.EMBED_LAYER_NORMALIZATION.op_type} has no torch form")
+
     def bias_gelu(self, x, bias, approximate: str) -> fx.Node:
-        if bias is None:
-            return self.call(aten.gelu.default, x, approximate=approximate)
-        return self.call(registry.BIAS_GELU.torch, x, bias, approximate)
+        return self.call(registry.BIAS_GELU.torch, x, bias, str(approximate))
+
+    def rotary_caches(self, cos, sin, batch_axis: int | None, form: RotaryForm, tables=None
+                      ) -> tuple[fx.Node, fx.Node]:
+        """attnfuse::rotary's cos and sin for the tensors a rotary multiplies by (one row per token;
+        `batch_axis` counts the batch's rows, None where the batch shares them): each token's rd / 2
+        angles, [B, S, rd / 2] ([S, rd / 2] when the batch shares them)."""
+        width = self.view.value(cos).shape[-1]
+        pick = form.rows.pick(width)
+        shape = [-1, width] if batch_axis is None else [self.call(aten.sym_size.int, cos, batch_axis), -1, width]
+
+        def rows(value) -> fx.Node:
+            flat = self.call(aten.reshape.default, value, shape)
+            if pick == slice(0, width, 1):
+                return flat
+            return self.call(aten.slice.Tensor, flat, -1, pick.start, pick.stop, pick.step)
+
+        return rows(cos), rows(sin)
+
+    def rotary(self, x, tokens, caches: tuple[fx.Node, fx.Node], form: RotaryForm) -> fx.Node:
+        """x rotated by attnfuse::rotary on its heads tokens first, merged ([B, S, H*D], from `tokens`, or
+        from x itself), viewed back to x's layout."""
+        layout = form.layout
+        if tokens is None:  # heads first, split from nothing tokens first
+            merged = self.call(aten.flatten.using_ints, self.call(aten.transpose.int, x, 1, 2), 2)
+        elif self.view.value(tokens).ndim == 4:
+            merged = self.call(aten.flatten.using_ints, tokens, 2)
+        else:
+            merged = tokens
+        out = self.call(registry.ROTARY.torch, merged, *caches, layout.heads, form.interleaved)
+        if layout.rank == 3:
+            return out
+        out = self.call(aten.unflatten.int, out, -1, (layout.heads, layout.head_size))
+        return self.call(aten.transpose.int, out, 1, 2) if layout.heads_first else out
+
+    def linear(self, x, weight) -> fx.Node:
+        """x @ weight^T, weight [out, in] (a linear without its bias)."""
+        return self.call(aten.linear.default, x, weight)

@@ -4,19 +4,17 @@ The one entry point the optimizer calls is `run_passes`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Collection
 from typing import Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.core import driver, modes
-from attnfuse.core.facts import attention_facts
+from attnfuse.core import driver
+from attnfuse.core.driver import Applied, Candidate
 from attnfuse.core.options import PassOptions, Target
 from attnfuse.core.outcome import AttentionSite, CacheKind, Fusion
-from attnfuse.passes.onnx import (
-    decomposed_layernorm, embed, gelu, layernorm, padding_free, rmsnorm, rotary, unpadded_branch,
-)
+from attnfuse.passes.onnx import padding_free, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
@@ -24,7 +22,12 @@ from attnfuse.passes.onnx.graph import (
 )
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
+from attnfuse.passes.result import PassResult
 from attnfuse.passes.rules import attention
+from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
+from attnfuse.passes.rules.normalization import Normalization
+from attnfuse.passes.rules.gelu import Gelu
+from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 
 
@@ -43,11 +46,14 @@ class Probe(Protocol):
     def same_as(self, new: str, original: str) -> None: ...  # a proven replacement reads as the original
     def inputs(self, run: int) -> Any: ...  # .feeds, .real (bool [B, S] or None)
 
+    plan: InputNames
 
-@dataclass
-class PassResult:
-    sites: list[AttentionSite]
-    fusions: list[Fusion]
+
+class InputNames(Protocol):
+    """The graph inputs the passes read, by name, as the optimizer read their roles from the graph."""
+
+    padding_mask: str | None  # integer or bool [B, T]: the padding mask of this step's tokens (and cached ones)
+    token_ids: str | None  # [B, S]: this step's token ids
 
 
 def prepare(model: ir.Model) -> ir.Model:
@@ -57,71 +63,70 @@ def prepare(model: ir.Model) -> ir.Model:
     return copy if lower_einsums(copy) else model
 
 
-def run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str] = frozenset()) -> PassResult:
-    """Rewrite `model` in place. Sites and fusions named in `exclude` are left as they are
-    (the optimizer rolls a rewrite back by running again without it)."""
+def run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate] = ()) -> PassResult:
+    """Rewrite `model` in place. The `excluded` candidates are left as they are (the optimizer
+    rolls a rewrite back by running again without it)."""
     with speaking_opset(opset(model.graph)):
-        return _run_passes(model, probe, config, exclude)
+        return _run_passes(model, probe, options, excluded)
 
 
-def _run_passes(model: ir.Model, probe: Probe, config: Any, exclude: frozenset[str]) -> PassResult:
+def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate]) -> PassResult:
     graph = model.graph
-    mask = padding_free.find_mask(graph)
-    options = _options(config)
-    sites, fusions = attention.already_fused(OnnxGraph(graph, None), nodes_on_one_path(graph)), []
+    mask = padding_mask(graph, probe)
+    fused_before = attention.already_fused(OnnxGraph(graph, None), nodes_on_one_path(graph))
+    result = PassResult(_reported(fused_before))
+    applied = result.applied
+    # Rotary first: attention then reads rotated q and k.
+    rules = [Rotary(), attention.Attention(options), Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()]
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
         if in_loop and not _observed(subgraph, probe):
-            sites += _in_loop_body(subgraph)
+            applied += _reported(_in_loop_body(subgraph))
             continue
         canonicalize(subgraph, probe)
-        sites += _rules(subgraph, probe, exclude, [attention.Attention(options)], mask)
-        fusions += decomposed_layernorm.fuse(subgraph, probe, exclude) + gelu.fuse(subgraph, probe, exclude) \
-            + embed.fuse(subgraph, probe, exclude) \
-            + _rules(subgraph, probe, exclude, [SkipLayerNorm()]) + rmsnorm.fuse(subgraph, probe, exclude) \
-            + rotary.fuse(subgraph, probe, exclude)
+        applied += _rules(subgraph, probe, excluded, rules, mask)
     remove_unused(model)
+    sites = result.sites
     if options.padding_free:
-        why_not_branch = _why_no_unpadded_branch(options, exclude, sites)
+        branch = Candidate(unpadded_branch.NAME, _anchor(mask))
+        why_not_branch = _why_no_unpadded_branch(options, branch in excluded, sites)
         if why_not_branch is None:
             graph.sort()  # cloning follows the nodes in order
             fused = graph.clone()  # what a batch without padding will run
-        masked, key_padding_only = _attention_facts(graph)
-        fusion, positions = _padding_free(graph, probe, options, exclude, masked, key_padding_only)
-        fusions.append(fusion)
+        packed, positions = _padding_free(graph, probe, options, excluded, mask)
+        applied.append(packed)
         remove_unused(model)
-        if fusion.fused:
+        if packed.outcome.fused:
             if why_not_branch is None:
-                unpadded_branch.add(graph, fused, mask, key_padding_only, positions)
+                unpadded_branch.add(graph, fused, mask.value, positions)
                 remove_unused(model)
-            fusions.append(Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch))
+            applied.append(Applied(branch, Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch)))
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
     if any(node.domain == MS_DOMAIN for node in graph.all_nodes()):
         model.opset_imports[MS_DOMAIN] = 1
-    return PassResult(sites=sites, fusions=fusions)
+    return result
 
 
-class _Named:
-    """Candidates excluded by name (the rollback's current currency)."""
-
-    def __init__(self, names):
-        self.names = names
-
-    def __contains__(self, candidate) -> bool:
-        return candidate.anchor in self.names
-
-
-def _rules(graph: ir.Graph, probe, exclude, rules, mask: ir.Value | None = None) -> list:
+def _rules(graph: ir.Graph, probe, excluded: Collection[Candidate], rules, mask) -> list[Applied]:
     view = OrtView(probe, opset(graph))
-    adapter = OnnxGraph(graph, view, mask)
-    return [applied.outcome for applied in driver.rewrite(adapter, view, rules, _Named(exclude))]
+    return driver.rewrite(OnnxGraph(graph, view, mask.value if mask else None), view, rules, excluded)
 
 
-def _options(config) -> PassOptions:
-    return PassOptions(target=Target(getattr(config, "target", "ort-cpu")),
-                       padding_free=bool(getattr(config, "padding_free", False)),
-                       verified=bool(getattr(config, "verify", True)),
-                       attention=modes.parse_attention(getattr(config, "attention", "exact")))
+def _reported(sites: list[AttentionSite]) -> list[Applied]:
+    """Attention sites reported without a rewrite, each with the candidate its name anchors."""
+    return [Applied(Candidate(attention.Attention.name, site.name), site) for site in sites]
+
+
+def _anchor(mask) -> str:
+    """What a rewrite of the whole model (padding-free, its unpadded branch) is anchored at: the padding mask."""
+    return mask.value.name if mask is not None else ""
+
+
+def padding_mask(graph: ir.Graph, probe: Probe) -> padding_free.PaddingMask | None:
+    """The padding-mask input the probe's plan names, with the input of this step's token ids."""
+    inputs = {value.name: value for value in graph.inputs}
+    mask = inputs.get(probe.plan.padding_mask)
+    return padding_free.PaddingMask(mask, inputs.get(probe.plan.token_ids)) if mask is not None else None
 
 
 def _observed(graph: ir.Graph, probe: Probe) -> bool:
@@ -145,33 +150,24 @@ def _check_replaced(graph: ir.Graph, sites: list[AttentionSite]) -> None:
             site.reason = "the original attention is still computed: another op reads its intermediates"
 
 
-def _padding_free(graph: ir.Graph, probe: Probe, options: PassOptions, exclude, masked: set[str],
-                  key_padding_only: set[str]) -> tuple[Fusion, list[int]]:
+def _padding_free(graph: ir.Graph, probe: Probe, options: PassOptions, excluded: Collection[Candidate],
+                  mask: padding_free.PaddingMask | None) -> tuple[Applied, list[int]]:
     """The padding-free fusion, and the sequence positions the graph reads by index."""
     name = padding_free.NAME
-    if name in exclude:
-        return Fusion(name, "PaddingFree", False, "excluded (rolled back)"), []
+    candidate = Candidate(name, _anchor(mask))
+    if candidate in excluded:
+        return Applied(candidate, Fusion(name, "PaddingFree", False, driver.EXCLUDED)), []
     try:
-        positions = padding_free.apply(graph, probe, masked, key_padding_only, str(options.target),
-                                       verified=options.verified)
+        positions = padding_free.apply(graph, probe, mask, options.target, verified=options.verified)
     except NoMatch as why:
-        return Fusion(name, "PaddingFree", False, str(why)), []
-    return Fusion(name, "PaddingFree", True), positions
+        return Applied(candidate, Fusion(name, "PaddingFree", False, str(why))), []
+    return Applied(candidate, Fusion(name, "PaddingFree", True)), positions
 
 
-def _attention_facts(graph: ir.Graph) -> tuple[set[str], set[str]]:
-    """The fused attention nodes whose mask hides every padded key, and those of them whose only mask
-    is the padding mask as key_padding_mask (they can run on the packed tokens, and an unpadded
-    batch can drop their masks), by the facts the attention rule left on them."""
-    facts = {node.name: attention_facts(node) for node in graph.all_nodes() if attention_facts(node) is not None}
-    return ({name for name, fact in facts.items() if fact.masks_padded_keys},
-            {name for name, fact in facts.items() if fact.key_padding_only})
-
-
-def _why_no_unpadded_branch(options: PassOptions, exclude, sites: list[AttentionSite]) -> str | None:
-    if unpadded_branch.NAME in exclude:
-        return "excluded (rolled back)"
-    if options.target is not Target.ORT_CPU:
+def _why_no_unpadded_branch(options: PassOptions, excluded: bool, sites: list[AttentionSite]) -> str | None:
+    if excluded:
+        return driver.EXCLUDED
+    if options.target != Target.ORT_CPU:
         return "only for ort-cpu: packed attention has no copies to skip on CUDA"
     if any(site.cache is CacheKind.PAST for site in sites):
         # Measured on the benchmark Llama: ONNX Runtime pre-packs the weights of each branch's

@@ -10,7 +10,9 @@ import onnx_ir as ir
 
 from attnfuse.core import registry
 from attnfuse.core.graph import Op
+from attnfuse.core.outcome import Rotary, RotaryKind
 from attnfuse.core.rule import Replacement
+from attnfuse.kernels.onnx_forms import ROTARY_EMBEDDING
 from attnfuse.passes.onnx import attention_lowering
 from attnfuse.passes.onnx.graph import attr, constant, replace_uses
 from attnfuse.passes.onnx.spelling import OnnxBuilder
@@ -97,6 +99,9 @@ class OnnxGraph:
         if name == "fused_attention":  # fused attention the model came with: its domain and type
             return f"{node.domain}.{node.op_type}" if registry.is_fused_attention(node.domain, node.op_type) \
                 else default
+        if name == "rotary" and (node.domain, node.op_type) == (ROTARY_EMBEDDING.domain, ROTARY_EMBEDDING.op_type):
+            kind = RotaryKind.INTERLEAVED if attr(node, "interleaved", 0) else RotaryKind.HALF
+            return Rotary(kind, attr(node, "rotary_embedding_dim", 0))  # 0: every dim of each head
         return attr(node, name, default)
 
     def alive(self, node: ir.Node) -> bool:
@@ -114,11 +119,11 @@ class OnnxGraph:
     def commit(self, replacement: Replacement) -> None:
         """Insert the nodes after the last node that made a claimed value, and point the claimed values'
         readers at their replacements. (The pass sorts the graph at its end: a new node may read a
-        value made further down.)"""
+        value made further down.) Nodes an earlier rewrite committed, which this one shares, stay where they are."""
         order = {id(node): i for i, node in enumerate(self.graph)}
         makers = [old.producer() for old, _ in replacement.claims if old.producer() is not None]
         after = max(makers, key=lambda node: order.get(id(node), -1))
-        self.graph.insert_after(after, replacement.nodes)
+        self.graph.insert_after(after, [node for node in replacement.nodes if node.graph is None])
         for old, new in replacement.claims:
             replace_uses(old, new)
 

@@ -13,8 +13,6 @@ import onnx_ir as ir
 from attnfuse.core.rule import NoMatch  # noqa: F401  (one NoMatch for every pass)
 
 MS_DOMAIN = "com.microsoft"
-# Fused ops ONNX Runtime defines in the ONNX domain (it registers them nowhere else).
-ORT_ONNX_DOMAIN_OPS = frozenset({"SimplifiedLayerNormalization"})
 
 
 
@@ -58,6 +56,11 @@ def constant(value: ir.Value | None, probe=None) -> np.ndarray | None:
     if probe is not None and value.name and probe.is_constant(value.name):
         return probe.get(value.name)
     return None
+
+
+def named_inputs(node: ir.Node, form) -> dict[str, ir.Value]:
+    """A fused node's inputs by the slot names of its form (core/registry.py's OnnxForm); absent ones left out."""
+    return {name: x for name, x in zip(form.inputs, node.inputs) if x is not None}
 
 
 def scalar(value: ir.Value | None, probe=None) -> float | None:

@@ -18,18 +18,33 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, replace_uses
+from attnfuse.core import registry
+from attnfuse.core.facts import attention_facts, is_padding_free, tag_padding_free
+from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, named_inputs, replace_uses
 
 NAME = "padding-free"
 TOKENS, ROWS = "tokens", "rows"
 
+# Standard ONNX ops that are token-wise (the fused ops say so in core/registry.py).
 _UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "IsNaN"}
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where", "BiasGelu", "FastGelu", "SkipLayerNormalization",
-                "SkipSimplifiedLayerNormalization"}
+_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"}
+_NORMS = {"LayerNormalization"}  # over the last axis: token-wise
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
-ATTENTION_OPS = {"MultiHeadAttention", "GroupQueryAttention"}
-_FUSED_TOKEN_WISE = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization", "BiasGelu", "FastGelu", "Gelu"}
-_NORMS = {"LayerNormalization", "SimplifiedLayerNormalization"}  # over the last axis: token-wise
+MHA = registry.MULTI_HEAD_ATTENTION
+_QKV = ("query", "key", "value")
+# Marks a graph that runs padding-free; kept in the file, so that optimizing attnfuse's own output
+# does not pack it twice.
+_RUNS_PACKED = "attnfuse.padding_free"
+
+
+@dataclass(frozen=True)
+class PaddingMask:
+    """The graph's padding-mask input (integer or bool [B, T], nonzero at real tokens) and the input
+    of this step's token ids: with a KV cache the mask covers the cached tokens too, and the ids
+    say how many of its last columns are this step's."""
+
+    value: ir.Value
+    tokens: ir.Value | None = None
 
 
 @dataclass(frozen=True)
@@ -43,26 +58,6 @@ class Form:
     def lead(self) -> int:
         """How many leading dims index the token."""
         return 2 if self.kind == TOKENS else 1
-
-
-def find_mask(graph: ir.Graph) -> ir.Value | None:
-    """The padding mask input of the tokens the graph computes: rank 2, integer or bool, named as a
-    mask, and not an encoder's (a decoder's cross-attention mask covers other tokens)."""
-    for value in graph.inputs:
-        dtype, name = value.dtype, (value.name or "").lower()
-        if "mask" in name and not any(word in name for word in ("encoder", "cross")) and value.shape is not None \
-                and len(value.shape) == 2 and dtype is not None and (dtype.is_integer() or dtype == ir.DataType.BOOL):
-            return value
-    return None
-
-
-def find_tokens(graph: ir.Graph, mask: ir.Value) -> ir.Value | None:
-    """The token ids input: with a KV cache the mask also covers cached tokens, and the ids count the new ones."""
-    for value in graph.inputs:
-        if value is not mask and "ids" in (value.name or "").lower() and value.shape is not None \
-                and len(value.shape) == 2 and value.dtype is not None and value.dtype.is_integer():
-            return value
-    return None
 
 
 def new_tokens_mask(b: Builder, mask: ir.Value, tokens: ir.Value | None) -> ir.Value:
@@ -126,22 +121,27 @@ class Layout:
         node = value.producer()
         if node is None:
             return None
-        if node.op_type == "EmbedLayerNormalization":
-            return Form(TOKENS, 3) if value.index() in (0, 2) else None
-        if node.op_type in ATTENTION_OPS:
-            return self.form(node.inputs[0]) if value.index() == 0 else None
-        forms = token_wise_forms(node, self)
+        found = registry.of_onnx(node.domain, node.op_type)
+        fused, spelled = found if found is not None else (None, None)
+        if fused is registry.EMBED_LAYER_NORM:
+            embedded = (spelled.output("output"), spelled.output("embedding_sum"))
+            return Form(TOKENS, 3) if value.index() in embedded else None
+        if fused is registry.ATTENTION:
+            query = node.inputs[spelled.slot("query")]
+            return self.form(query) if value.index() == spelled.output("output") else None
+        forms = token_wise_forms(node, layout=self)
         return forms[value.index()] if forms else None
 
 
 def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
     """The forms of the outputs if each output token depends only on the same token of
     the inputs (and on constants); None if the node mixes tokens or is not known."""
-    op, probe = node.op_type, layout.probe
     if node.domain not in ("", "ai.onnx", MS_DOMAIN) or not node.outputs or not node.inputs:
         return None
-    if node.domain == MS_DOMAIN and op not in _FUSED_TOKEN_WISE:
+    found = registry.of_onnx(node.domain, node.op_type)
+    if found is None and node.domain == MS_DOMAIN:
         return None
+    probe = layout.probe
     inputs = [x for x in node.inputs if x is not None]
     forms = {layout.form(x) for x in inputs} - {None}
     if len(forms) != 1:
@@ -149,6 +149,9 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
     (form,) = forms
     same = [form] * len(node.outputs)
     per_token = all(layout.form(x) == form or _same_for_every_token(x, probe, form) for x in inputs)
+    if found is not None:
+        return same if per_token and _fused_token_wise(node, *found, form) else None
+    op = node.op_type
     if op in _UNARY or op in _ELEMENTWISE:
         return same if per_token else None
     first = layout.form(node.inputs[0])
@@ -162,10 +165,22 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
         ok = first == Form(ROWS, 2) and not attr(node, "transA", 0) and constant(node.inputs[1], probe) is not None
         return same if ok and (bias is None or _same_for_every_token(bias, probe, form)) else None
     if op in _NORMS:
-        return same if attr(node, "axis", -1) in (-1, first.rank - 1) and per_token else None
+        return same if _over_last_axis(node, first) and per_token else None
     if op in ("Split", "Gather", "Transpose", "Reshape"):
         return _layout_forms(node, first, layout)
     return None
+
+
+def _fused_token_wise(node: ir.Node, fused: registry.FusedOp, spelled: registry.OnnxForm, form: Form) -> bool:
+    """A fused op the registry calls token-wise, normalizing (if it does) over the last axis. Position
+    ids (RotaryEmbedding's: [B, S] ints, which are not packed, or an offset into the sequence) would
+    be read at the wrong place on packed tokens."""
+    reads_positions = "position_ids" in named_inputs(node, spelled)
+    return fused.token_wise and _over_last_axis(node, form) and not reads_positions
+
+
+def _over_last_axis(node: ir.Node, form: Form) -> bool:
+    return attr(node, "axis", -1) in (-1, form.rank - 1)
 
 
 def _layout_forms(node: ir.Node, form: Form, layout: Layout) -> list[Form] | None:
@@ -210,12 +225,12 @@ def _same_for_every_token(value: ir.Value, probe, form: Form) -> bool:
 class Packer:
     """Makes, once per value, its packed and its padded form."""
 
-    def __init__(self, graph: ir.Graph, mask: ir.Value, layout: Layout):
+    def __init__(self, graph: ir.Graph, mask: PaddingMask, layout: Layout):
         self.graph, self.layout = graph, layout
         self._packed: dict[int, ir.Value] = {}
         self._padded: dict[int, ir.Value] = {}
         b = Builder(NAME)
-        mask = new_tokens_mask(b, mask, find_tokens(graph, mask) if layout.cached else None)
+        mask = new_tokens_mask(b, mask.value, mask.tokens if layout.cached else None)
         flat = b.op("Reshape", [mask, b.const([-1], np.int64)])
         real = self.real = real_tokens(b, flat)
         self.index = b.op("Reshape", [b.op("NonZero", [real]), b.const([-1], np.int64)])  # [n]
@@ -225,7 +240,7 @@ class Packer:
         self.source = b.op("Where", [real, rank, count])  # padded position -> its packed row, or the zero row
         self.batch_seq = b.op("Shape", [mask])
         self.batch_times_seq = b.op("ReduceProd", [self.batch_seq], {"keepdims": 1})
-        graph.insert_before(next(iter(graph)), b.nodes)
+        graph.insert_before(next(iter(graph)), _own(b.nodes))
 
     @functools.cached_property
     def sequence_lengths(self) -> ir.Value:
@@ -339,45 +354,51 @@ class Packer:
     def _insert_after(self, value: ir.Value, builder: Builder) -> None:
         producer = value.producer()
         if producer is None:
-            self.graph.insert_before(next(iter(self.graph)), builder.nodes)
+            self.graph.insert_before(next(iter(self.graph)), _own(builder.nodes))
         else:
-            self.graph.insert_after(producer, builder.nodes)
+            self.graph.insert_after(producer, _own(builder.nodes))
 
 
-def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: set[str] = frozenset(),
-          target: str = "ort-cpu", verified: bool = True) -> list[int]:
+def _own(nodes: list[ir.Node]) -> list[ir.Node]:
+    """`nodes`, tagged as padding-free's own (core/facts.py)."""
+    for node in nodes:
+        tag_padding_free(node)
+    return nodes
+
+
+def apply(graph: ir.Graph, probe, mask: PaddingMask | None, target: str = "ort-cpu", verified: bool = True
+          ) -> list[int]:
     """Rewrite `graph` to run its token-wise ops on real tokens only. Raises NoMatch. Returns the
     sequence positions that an op reads by index from a restored layout (a pooler's first token):
     where one of them is padded, that op reads a zero the original did not.
 
     Padded positions of a restored tensor are zeros, not what the original computed
     there. That is exact when nothing but token-wise ops, Shape readers, graph outputs
-    (compared on real tokens) and attention that masks every padded key
-    (`masked_attention`, by node name) reads an activation; any other reader (rotary
-    embeddings, a pooler, a cache) gets the padded layout restored only when the result
-    is `verified` against the original, and makes the rewrite refused when it is not.
-    Attention named in `packed_attention` (plain key padding, no other bias) runs on
-    the packed tokens: as PackedMultiHeadAttention for ONNX Runtime's CUDA provider,
-    as MultiHeadAttention on one sequence at a time for its CPU provider.
+    (compared on real tokens) and attention that masks every padded key (its
+    AttentionFacts say so) reads an activation; any other reader (rotary embeddings, a
+    pooler, a cache) gets the padded layout restored only when the result is `verified`
+    against the original, and makes the rewrite refused when it is not. Attention whose
+    only mask is key padding runs on the packed tokens: as PackedMultiHeadAttention for
+    ONNX Runtime's CUDA provider, as MultiHeadAttention on one sequence at a time for its
+    CPU provider.
     """
-    mask = find_mask(graph)
     if mask is None:
         raise NoMatch("the model has no attention-mask input")
-    if any(node.name.startswith(f"{NAME}/") for node in graph.all_nodes()):
+    if _RUNS_PACKED in graph.metadata_props:
         raise NoMatch("the model runs padding-free already")
-    layout = Layout(probe, mask)
-    positions = _check_padding_is_ignored(graph, layout, masked_attention, verified)
+    layout = Layout(probe, mask.value)
+    positions = _check_padding_is_ignored(graph, layout, verified)
     packer = Packer(graph, mask, layout)
     packed_ops = 0
     for node in list(graph):
-        if node.name and node.name.startswith(NAME):
+        if is_padding_free(node):
             continue
         forms = token_wise_forms(node, layout)
         if forms is not None:
             _run_packed(node, forms, layout, packer)
             packed_ops += 1
             continue
-        if node.name in packed_attention and all(layout.form(x) == Form(TOKENS, 3) for x in node.inputs[:3]):
+        if _attends_packed(node, layout):
             ATTEND_PACKED[target](node, packer)
             continue
         for i, x in enumerate(node.inputs):
@@ -395,6 +416,7 @@ def apply(graph: ir.Graph, probe, masked_attention: set[str], packed_attention: 
             restored.type, restored.shape = output.type, output.shape
             graph.outputs[i] = restored
     packer.forget_padded_shapes()
+    graph.metadata_props[_RUNS_PACKED] = "true"
     return positions
 
 
@@ -409,20 +431,37 @@ def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer
         head = [1, -1] if out_form.kind == TOKENS else [-1]
         b = Builder(f"{NAME}/reshape")
         node.replace_input_with(1, b.const(np.array(head + trailing, np.int64)))
-        packer.graph.insert_before(node, b.nodes)
+        packer.graph.insert_before(node, _own(b.nodes))
     for out, form in zip(node.outputs, forms):
         packer.mark_packed(out, form)
+
+
+def _attention(node: ir.Node) -> registry.OnnxForm | None:
+    """The form of a fused attention op of ours (MultiHeadAttention, GroupQueryAttention), or None."""
+    found = registry.of_onnx(node.domain, node.op_type)
+    return found[1] if found is not None and found[0] is registry.ATTENTION else None
+
+
+def _attends_packed(node: ir.Node, layout: Layout) -> bool:
+    """MultiHeadAttention whose only mask is key padding, on [batch, seq, hidden] q, k and v: it
+    can run on the packed tokens."""
+    facts = attention_facts(node)
+    if _attention(node) is not MHA or facts is None or not facts.key_padding_only:
+        return False
+    inputs = named_inputs(node, MHA)
+    return all(layout.form(inputs.get(name)) == Form(TOKENS, 3) for name in _QKV)
 
 
 def _attend_packed(node: ir.Node, packer: Packer) -> None:
     """MultiHeadAttention on padded q, k, v -> PackedMultiHeadAttention on the packed tokens (ORT CUDA)."""
     b = Builder(f"{NAME}/attention")
     token_dim = b.const([0], np.int64)
-    q, k, v = (b.op("Squeeze", [packer.packed(x), token_dim]) for x in node.inputs[:3])
-    bias = node.inputs[3] if len(node.inputs) > 3 else None
-    out = b.op("PackedMultiHeadAttention", [q, k, v, bias, packer.token_offsets, packer.cumulative_lengths],
-               _heads_and_scale(node), domain=MS_DOMAIN,
-               name=node.name.replace("MultiHeadAttention", "PackedMultiHeadAttention"))
+    inputs = named_inputs(node, MHA)
+    q, k, v = (b.op("Squeeze", [packer.packed(inputs[name]), token_dim]) for name in _QKV)
+    packed = registry.PACKED_MULTI_HEAD_ATTENTION
+    arguments = packed.arguments(query=q, key=k, value=v, bias=inputs.get("bias"), token_offset=packer.token_offsets,
+                                 cumulative_sequence_length=packer.cumulative_lengths)
+    out = b.op(packed.op_type, arguments, _heads_and_scale(node), domain=packed.domain, name=f"{node.name}/packed")
     _replace_attention(node, b, b.op("Unsqueeze", [out, token_dim]), packer)
 
 
@@ -430,7 +469,8 @@ def _attend_cpu(node: ir.Node, packer: Packer) -> None:
     """MultiHeadAttention on padded q, k, v, for ONNX Runtime's CPU provider, which has no packed
     attention: If(the batch is padded to PER_SEQUENCE_WIDTH tokens or more) one sequence at a time,
     else on the padded layout. Either way its output comes back packed."""
-    q, k, v = (packer.packed(x) for x in node.inputs[:3])  # [1, n, hidden]
+    inputs = named_inputs(node, MHA)
+    q, k, v = (packer.packed(inputs[name]) for name in _QKV)  # [1, n, hidden]
     alternatives = {"then_branch": _per_sequence(node, packer, q, k, v),
                     "else_branch": _on_padded_layout(node, packer, q, k, v)}
     b = Builder(f"{NAME}/attention")
@@ -444,7 +484,7 @@ def _per_sequence(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
     no padded copies of q, k, v, no scores for padded keys, and no mask (ONNX Runtime's CPU
     MultiHeadAttention takes a slower path whenever it has one). Each step costs some 50 us, so
     short rows do better on the padded layout."""
-    bias = node.inputs[3] if len(node.inputs) > 3 else None
+    bias = named_inputs(node, MHA).get("bias")
     rows, count = packer.nonempty_rows
     cumulative = packer.cumulative_lengths
 
@@ -457,10 +497,10 @@ def _per_sequence(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
     end = body.op("Gather", [cumulative, body.op("Add", [row, body.const([1], np.int64)])])
     token_axis = body.const([1], np.int32)
     q_row, k_row, v_row = (body.op("Slice", [x, start, end, token_axis]) for x in (q, k, v))
-    attended = body.op("MultiHeadAttention", [q_row, k_row, v_row, bias], _heads_and_scale(node), domain=MS_DOMAIN,
-                       name=f"{node.name}/one_sequence")
+    attended = body.op(MHA.op_type, MHA.arguments(query=q_row, key=k_row, value=v_row, bias=bias),
+                       _heads_and_scale(node), domain=MHA.domain, name=f"{node.name}/one_sequence")
     appended = body.op("SequenceInsert", [outputs, attended])
-    body_graph = ir.Graph([step, going, outputs], [body.op("Identity", [going]), appended], nodes=body.nodes,
+    body_graph = ir.Graph([step, going, outputs], [body.op("Identity", [going]), appended], nodes=_own(body.nodes),
                           name=f"{node.name}/sequence")
 
     b = Builder(f"{NAME}/attention")
@@ -469,17 +509,17 @@ def _per_sequence(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
     every = b.op("Loop", [count, None, start_with], {"body": ir.AttrGraph("body", body_graph)},
                  name=f"{node.name}/Loop")
     packed = b.op("ConcatFromSequence", [every], {"axis": 1})
-    return ir.Graph([], [packed], nodes=b.nodes, name=f"{node.name}/per_sequence")
+    return ir.Graph([], [packed], nodes=_own(b.nodes), name=f"{node.name}/per_sequence")
 
 
 def _on_padded_layout(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
     """q, k, v restored to the padded layout, MultiHeadAttention with its mask, the result packed."""
     b = Builder(f"{NAME}/attention")
-    padded = [packer.restore(b, x, Form(TOKENS, 3)) for x in (q, k, v)]
-    attended = b.op("MultiHeadAttention", [*padded, *node.inputs[3:]], _heads_and_scale(node), domain=MS_DOMAIN,
-                    name=node.name)
+    padded = {name: packer.restore(b, x, Form(TOKENS, 3)) for name, x in zip(_QKV, (q, k, v))}
+    arguments = MHA.arguments(**{**named_inputs(node, MHA), **padded})
+    attended = b.op(MHA.op_type, arguments, _heads_and_scale(node), domain=MHA.domain, name=node.name)
     packed = packer.pack(b, attended, Form(TOKENS, 3))
-    return ir.Graph([], [packed], nodes=b.nodes, name=f"{node.name}/padded_layout")
+    return ir.Graph([], [packed], nodes=_own(b.nodes), name=f"{node.name}/padded_layout")
 
 
 ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_cpu}
@@ -491,13 +531,13 @@ def _heads_and_scale(node: ir.Node) -> dict:
 
 def _replace_attention(node: ir.Node, b: Builder, packed: ir.Value, packer: Packer) -> None:
     """`packed` (made by `b`'s nodes) computes `node`'s output on the packed tokens."""
-    packer.graph.insert_before(node, b.nodes)
+    packer.graph.insert_before(node, _own(b.nodes))
     packer.mark_packed(packed, Form(TOKENS, 3))
-    replace_uses(node.outputs[0], packed)
+    replace_uses(node.outputs[MHA.output("output")], packed)
     packer.graph.remove(node, safe=True)
 
 
-def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention: set[str], verified: bool) -> list[int]:
+def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, verified: bool) -> list[int]:
     """Fused attention that does not mask every padded key would read the zeros a restore writes
     there: refuse. Any other reader of the padded layout gets it restored when verification will
     check that the zeros at padded positions change nothing real; without verification, refuse.
@@ -507,8 +547,9 @@ def _check_padding_is_ignored(graph: ir.Graph, layout: Layout, masked_attention:
         if token_wise_forms(node, layout) is not None or node.op_type == "Shape" \
                 or not any(layout.form(x) for x in node.inputs if x is not None):
             continue
-        fused_attention = node.domain == MS_DOMAIN and node.op_type in ATTENTION_OPS
-        if fused_attention and node.name not in masked_attention:
+        fused_attention = _attention(node) is not None
+        facts = attention_facts(node)
+        if fused_attention and not (facts is not None and facts.masks_padded_keys):
             raise NoMatch(f"{node.op_type} {node.name} reads padded keys that its mask does not hide")
         if not fused_attention and not verified:
             raise NoMatch(f"{node.op_type} {node.name} reads activations at padded positions "

@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.core import registry
+from attnfuse.core.measure.rotary import RotaryForm
 from attnfuse.core.registry import OnnxForm
 from attnfuse.core.rule import Replacement
 from attnfuse.core.view import dtype_of
@@ -68,13 +69,68 @@ class OnnxBuilder(Builder):
                               {"epsilon": eps}, outputs=("output", "input_skip_bias_sum"))
         return y, total
 
+    def embed_layer_norm(self, ids: Value, segment_ids: Value | None, word: Value, position: Value,
+                         segment: Value | None, positions: Value, gamma: Value | None, beta: Value | None,
+                         eps: float) -> tuple[Value, Value]:
+        """(layernorm(word[ids] + position[positions] (+ segment[segment_ids])), the sum); the indices
+        as int32 and the positions broadcast to the ids' shape, as the op takes them."""
+        ids32, segments32, positions32 = (None if v is None else self.op("Cast", [v], {"to": ir.DataType.INT32})
+                                          for v in (ids, segment_ids, positions))
+        positions32 = self.op("Expand", [positions32, self.op("Shape", [ids])])
+        y, total = self.fused(registry.EMBED_LAYER_NORMALIZATION,
+                              dict(input_ids=ids32, segment_ids=segments32, word_embedding=word,
+                                   position_embedding=position, segment_embedding=segment,
+                                   gamma=self.vector(gamma, word, 1.0), beta=self.vector(beta, word, 0.0),
+                                   position_ids=positions32),
+                              {"epsilon": eps}, outputs=("output", "embedding_sum"))
+        return y, total
+
     def bias_gelu(self, x: Value, bias: Value | None, approximate: str) -> Value:
         """gelu(x + bias): BiasGelu (erf), FastGelu (tanh), or com.microsoft's Gelu (erf, no bias)."""
-        if approximate == "tanh":
-            return self.fused(registry.FAST_GELU, dict(X=x, bias=bias))
-        if bias is None:
-            return self.fused(registry.GELU_FORM, dict(X=x))
-        return self.fused(registry.BIAS_GELU_FORM, dict(A=x, B=bias))
+        form = registry.gelu_form(approximate, bias is not None)
+        return self.fused(form, dict(zip(form.inputs, (x, bias))))
+
+    def rotary_caches(self, cos: Value, sin: Value, batch_axis: int | None, form: RotaryForm, tables=None
+                      ) -> tuple[Value, Value, Value]:
+        """RotaryEmbedding's (cos_cache, sin_cache, position_ids) for the cos and sin a rotary multiplies
+        by (one row per token; `batch_axis` counts the batch's rows, None where the batch shares them).
+        Where cos and sin are rows of constant tables, the tables and the position ids that gather them
+        (cheaper: no per-token rows to build; measured on ONNX Runtime's CPU provider, see
+        benchmarks/decoder_fusions.py); else each token's own row, with position ids that pick it
+        (exact for any position, with no table of a guessed length)."""
+        width = self.view.value(cos).shape[-1]
+        pick = form.rows.pick(width)
+        if tables is not None:
+            cos_table, sin_table = (self.const(self.view.constant(t)[:, pick]) for t in (tables.cos, tables.sin))
+            return cos_table, sin_table, self._int64(tables.positions)
+        cos_cache, sin_cache = (self._token_rows(value, width, pick) for value in (cos, sin))
+        if batch_axis is None:
+            return cos_cache, sin_cache, self.const([0], np.int64)  # token s reads row 0 + s
+        return cos_cache, sin_cache, self._own_rows(cos_cache, cos, batch_axis)
+
+    def rotary(self, x: Value, tokens: Value | None, caches: tuple[Value, Value, Value], form: RotaryForm) -> Value:
+        """x rotated by RotaryEmbedding, in x's layout. The op takes x's heads tokens first, merged
+        ([B, S, H*D], from `tokens`); heads-first x is so rotated before its head transpose, which then
+        follows the op: ONNX Runtime cancels it against attention's transpose back. Without `tokens`,
+        heads-first x goes in as it is (the op reads 4-D input as [B, H, S, D])."""
+        layout = form.layout
+        cos_cache, sin_cache, positions = caches
+        attributes = {"interleaved": int(form.interleaved)}
+        if tokens is not None or form.width < layout.head_size:
+            attributes.update(rotary_embedding_dim=form.width, num_heads=layout.heads)
+        given = x if tokens is None else tokens
+        if tokens is not None and self.view.value(tokens).ndim == 4:
+            given = self.op("Reshape", [tokens, self.const([0, 0, -1], np.int64)])
+        out = self.fused(registry.ROTARY_EMBEDDING, dict(input=given, position_ids=positions, cos_cache=cos_cache,
+                                                        sin_cache=sin_cache), attributes)
+        if tokens is None or layout.rank == 3:
+            return out
+        out = self.op("Reshape", [out, self.const([0, 0, layout.heads, layout.head_size], np.int64)])
+        return self.op("Transpose", [out], {"perm": [0, 2, 1, 3]}) if layout.heads_first else out
+
+    def linear(self, x: Value, weight: Value) -> Value:
+        """x @ weight^T, weight [out, in] (a linear without its bias)."""
+        return self.op("MatMul", [x, self.op("Transpose", [weight], {"perm": [1, 0]})])
 
     # ---- arguments as the ops take them -------------------------------------------------------
 
@@ -90,3 +146,23 @@ class OnnxBuilder(Builder):
         if array is not None and array.dtype != dtype:
             value = self.op("Cast", [value], {"to": ir.DataType.from_numpy(dtype)})
         return value
+
+    def _token_rows(self, value: Value, width: int, pick: slice) -> Value:
+        """[B * S (or S), rd / 2]: the angles of each token's row."""
+        flat = self.op("Reshape", [value, self.const([-1, width], np.int64)])
+        if pick == slice(0, width, 1):
+            return flat
+        starts, ends, axes, steps = ([v] for v in (pick.start, pick.stop, -1, pick.step))
+        return self.op("Slice", [flat, *(self.const(v, np.int64) for v in (starts, ends, axes, steps))])
+
+    def _own_rows(self, cache: Value, cos: Value, batch_axis: int) -> Value:
+        """Position ids [B, S] that give each token its own row of `cache` (0 to B * S - 1)."""
+        count = self.op("Squeeze", [self.op("Shape", [cache], {"start": 0, "end": 1}), self.const([0], np.int64)])
+        every = self.op("Range", [self.const(0, np.int64), count, self.const(1, np.int64)])
+        batch = self.op("Shape", [cos], {"start": batch_axis, "end": batch_axis + 1})
+        return self.op("Reshape", [every, self.op("Concat", [batch, self.const([-1], np.int64)], {"axis": 0})])
+
+    def _int64(self, value: Value) -> Value:
+        if self.view.value(value).dtype == np.int64:
+            return value
+        return self.op("Cast", [value], {"to": ir.DataType.INT64})

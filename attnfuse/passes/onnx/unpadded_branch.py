@@ -25,6 +25,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from attnfuse.core import registry
+from attnfuse.core.facts import attention_facts
 from attnfuse.passes.onnx.graph import Builder
 from attnfuse.passes.onnx.padding_free import real_tokens
 
@@ -32,18 +34,15 @@ NAME = "unpadded-branch"
 UNPADDED, PADDED = "unpadded", "padding_free"  # the branches' graph names
 
 
-def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[str],
-        read_positions: list[int] = ()) -> None:
+def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, read_positions: list[int] = ()) -> None:
     """Turn `graph` (padding-free by now) into If(no padding) `fused` else `graph`.
 
     `fused` is a clone of `graph` taken before padding-free; its nodes are moved, not copied.
-    `key_padding_only` names the MultiHeadAttention nodes whose only mask is `mask` as key_padding_mask.
     `read_positions`: the positions the graph reads by index; a batch with one of them padded
     takes `fused` too (its masks kept)."""
     _share_outer_values(graph, fused)
-    for node in fused.all_nodes():
-        if node.name in key_padding_only and not read_positions:
-            node.replace_input_with(4, None)
+    if not read_positions:
+        _drop_padding_masks(fused)
     names = [(out.name, out.type, out.shape) for out in graph.outputs]
     then_branch = _branch(fused, UNPADDED)
     else_branch = _branch(graph, PADDED)
@@ -63,6 +62,16 @@ def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, key_padding_only: set[
         out.name, out.type, out.shape = name, dtype, shape
         graph.outputs.append(out)
     graph.extend(b.nodes)
+
+
+def _drop_padding_masks(fused: ir.Graph) -> None:
+    """Fused attention whose only mask is the padding mask, in a slot of its own: without padding,
+    that mask is all ones; drop it."""
+    for node in fused.all_nodes():
+        facts = attention_facts(node)
+        found = registry.of_onnx(node.domain, node.op_type)
+        if facts is not None and facts.key_padding_only and facts.mask_slot is not None and found is not None:
+            node.replace_input_with(found[1].slot(facts.mask_slot), None)
 
 
 def _all(b: Builder, flags: ir.Value) -> ir.Value:

@@ -126,21 +126,6 @@ class Attention:
         return site
 
 
-def attention_operands(graph: Graph, view: View) -> list[Value]:
-    """The q and k (k^T of a product) that every anchor reads: where rotary embeddings end."""
-    found = []
-    for anchor in Attention().anchors(graph, view):
-        if graph.op(anchor) is Op.SDPA:
-            found.extend(graph.operands(anchor)[:2])
-            continue
-        try:
-            product, _ = score_chain(graph, view, graph.operands(anchor)[0])
-        except NoMatch:
-            continue
-        found.extend(graph.operands(product)[-2:])
-    return found
-
-
 def already_fused(graph: Graph, nodes: list[Node]) -> list[AttentionSite]:
     """The fused attention a model came with (ONNX Runtime's, or an earlier attnfuse run's): kept as
     it is, and counted."""
@@ -324,7 +309,7 @@ def _attention(graph: Graph, view: View, reads: list[_Reads], operands: tuple[Va
     return AttentionMatch(output=output, q=q, k=k, v=v, cache=cache, kv_cache=kv_cache, num_heads=num_heads,
                           head_size=reads[0].q.shape[3], value_size=reads[0].v.shape[3],
                           scale=scale * q.factor * k.factor, biases=biases, mask=mask, dtype=np.dtype(dtype),
-                          rotary=_rotary(graph, q), flat_output=flat, **parts)
+                          rotary=_rotary(graph, q, reads[0].q.shape[3]), flat_output=flat, **parts)
 
 
 def _batch(view: View, scores: Value, run: int) -> int:
@@ -390,12 +375,12 @@ def _sources(graph: Graph, view: View, reads: list[_Reads], operands: tuple[Valu
              ) -> tuple[Heads, Heads, Heads]:
     wanted = ([r.q for r in reads], [r.k for r in reads], [r.v for r in reads])
     runs = [r.run for r in reads]
-    return tuple(heads_source(graph, view, x, want, runs, name)  # type: ignore[return-value]
+    return tuple(_source(graph, view, x, want, runs, name)  # type: ignore[return-value]
                  for x, want, name in zip(operands, wanted, ("q", "k", "v")))
 
 
-def heads_source(graph: Graph, view: View, operand: Value, wanted: list[np.ndarray], runs: list[int],
-                 name: str = "the heads") -> Heads:
+def _source(graph: Graph, view: View, operand: Value, wanted: list[np.ndarray], runs: list[int], name: str
+            ) -> Heads:
     """The farthest tensor up from `operand` that holds `wanted` (its heads first, [B, H, L, D], on each of
     `runs`) in a known layout, through layout ops, head repeats, constant factors and Concats with
     nothing else in them. NoMatch if there is none."""
@@ -511,7 +496,9 @@ def _real_keys(view: View, reads: _Reads) -> np.ndarray | None:
     return None
 
 
-def _rotary(graph: Graph, q: Heads) -> Rotary | None:
-    """The rotary embedding a fused op put on q (the fx path fuses rotary before attention)."""
-    node = graph.producer(q.value)
-    return graph.attribute(node, "rotary") if node is not None and graph.op(node) is Op.FUSED else None
+def _rotary(graph: Graph, q: Heads, head_size: int) -> Rotary | None:
+    """The rotary embedding a fused op put on q (the rotary rule runs before attention), up through layout ops
+    (a rotated value inside a rewrite is not observed: q's heads are read after it)."""
+    node = graph.producer(walk_back(graph, q.value, LAYOUT))
+    found = graph.attribute(node, "rotary") if node is not None and graph.op(node) is Op.FUSED else None
+    return Rotary(found.kind, found.dim or head_size) if found is not None else None
