@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from attnfuse.kernels import reference
+from attnfuse.kernels import onnx_forms, reference
 
-MS_DOMAIN = "com.microsoft"
+MS_DOMAIN = onnx_forms.MS_DOMAIN
 
 # ---------------------------------------------------------------------------
 # Helpers shared by the implementations
@@ -364,21 +364,57 @@ def rotary(x, cos, sin, num_heads: int, interleaved: bool):
 
 
 def _onnx_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
+    """The op the ONNX path writes for the same attention (onnx_forms.attention_form): GroupQueryAttention
+    for k and v with fewer heads than q, or a decode step's cache; MultiHeadAttention otherwise."""
     groups = kv_heads(q, k, num_heads)
     shape = _output_shape(q, k, v, num_heads)
-    if q.dim() == 4:  # MultiHeadAttention's query is [B, S, hidden]
+    if q.dim() == 4:  # the fused ops' query is [B, S, hidden]
         q = merge_heads(q)
+    head_size = q.shape[-1] // num_heads
+    # One query (a decode step, its shape fixed in the export) reads a cache: the keys before it.
+    cached = isinstance(q.shape[1], int) and q.shape[1] == 1
+    form = onnx_forms.attention_form(num_heads, groups, head_size, shape[-1] // num_heads, cache=cached,
+                                     causal=causal or cached, softcap=False).form
+    if form is onnx_forms.GROUP_QUERY_ATTENTION:
+        return _onnx_grouped(q, k, v, key_padding_mask, bias, num_heads, groups, scale, causal, cached, shape)
     if groups != num_heads:  # MultiHeadAttention has as many k/v heads as q heads: repeat them
         k, v = (_repeat_heads(x, groups, num_heads) for x in (k, v))
     keys = k.shape[2 if k.dim() == 4 else 1]
+    mask = _attention_bias(key_padding_mask, bias, causal, q, keys)
+    form = onnx_forms.MULTI_HEAD_ATTENTION
+    return _symbolic(form.op_type, form.arguments(query=q, key=k, value=v, attention_bias=mask),
+                     {"num_heads": num_heads, "scale": float(scale)}, q, shape=shape)
+
+
+def _attention_bias(key_padding_mask, bias, causal: bool, q: torch.Tensor, keys) -> Optional[torch.Tensor]:
+    """The fused ops' attention_bias, [B or 1, H or 1, S, T]: no broadcast over S or T."""
     mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], keys, q.dtype, q.device)
-    if mask is not None:
-        # MultiHeadAttention's attention_bias is [B or 1, H or 1, S, T]: no broadcast over S or T.
-        mask = mask.expand(*mask.shape[:2], q.shape[1], keys)
-    return _symbolic(
-        "MultiHeadAttention", (q, k, v, None, None, mask), {"num_heads": num_heads, "scale": float(scale)}, q,
-        shape=shape,
+    return mask.expand(*mask.shape[:2], q.shape[1], keys) if mask is not None else None
+
+
+def _onnx_grouped(q, k, v, key_padding_mask, bias, num_heads: int, groups: int, scale, causal: bool, cached: bool,
+                  shape) -> torch.Tensor:
+    """GroupQueryAttention on [B, S, hidden] q: k and v unrepeated; with a cache, the keys before this
+    step's as its past (it appends the new ones and attends causally, bottom-right), its masks as the bias."""
+    k, v = split_heads(k, groups), split_heads(v, groups)  # [B, G, T, D]
+    queries, keys = q.shape[1], k.shape[2]
+    batch = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
+    inputs = {"query": q, "key": merge_heads(k), "value": merge_heads(v),
+              "seqlens_k": batch * (keys - 1), "total_sequence_length": batch[0] * keys,
+              "attention_bias": _attention_bias(key_padding_mask, bias, False, q, keys)}
+    if cached:
+        past = keys - queries
+        inputs.update(key=merge_heads(k[:, :, past:]), value=merge_heads(v[:, :, past:]), past_key=k[:, :, :past],
+                      past_value=v[:, :, :past], query_seqlens=batch * queries)
+    attributes = {"num_heads": num_heads, "kv_num_heads": groups, "scale": float(scale),
+                  "causal": int(causal or cached)}
+    form = onnx_forms.GROUP_QUERY_ATTENTION
+    present = (q.shape[0], groups, keys, k.shape[-1])
+    output, _, _ = torch.onnx.ops.symbolic_multi_out(
+        f"{form.domain}::{form.op_type}", form.arguments(**inputs), attributes,
+        dtypes=(q.dtype,) * 3, shapes=(shape, present, present), version=1,
     )
+    return output
 
 
 def _repeat_heads(x: torch.Tensor, groups: int, num_heads: int) -> torch.Tensor:
