@@ -2,7 +2,7 @@
 
 Passes talk through typed facts on the graph's nodes (onnx_ir's and torch.fx's `node.meta`),
 never through node names: the attention rule says which fused attention masks every padded
-key, padding-free knows its own nodes.
+key, the rotary rule which rotary reads one position per token, padding-free knows its own nodes.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 _ATTENTION = "attnfuse.attention"
 _PADDING_FREE = "attnfuse.padding_free"
+_TOKEN_POSITIONS = "attnfuse.token_positions"
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class AttentionFacts:
     key_padding_only: bool  # its only mask is the padding mask (no causal triangle, no bias): it can
     # run on packed tokens without one, and a batch without padding can drop it
     mask_slot: str | None = None  # the input slot that holds the padding mask, if it takes it so
+    causal_padding_only: bool = False  # its mask is the causal triangle and the padding mask, nothing else
+
+    @property
+    def per_sequence(self) -> bool:
+        """Each sequence's real tokens attend among themselves (causally, or not) with no mask at all."""
+        return self.masks_padded_keys and (self.key_padding_only or self.causal_padding_only)
 
 
 def tag_attention(node: Any, facts: AttentionFacts) -> None:
@@ -37,3 +44,12 @@ def tag_padding_free(node: Any) -> None:
 
 def is_padding_free(node: Any) -> bool:
     return bool(node.meta.get(_PADDING_FREE))
+
+
+def tag_token_positions(node: Any) -> None:
+    """A rotary whose position ids are [batch, seq], one per token: on packed tokens they are packed too."""
+    node.meta[_TOKEN_POSITIONS] = True
+
+
+def has_token_positions(node: Any) -> bool:
+    return bool(node.meta.get(_TOKEN_POSITIONS))

@@ -103,37 +103,41 @@ def shape_of(m: ir.Model, value: ir.Value, feeds: dict[str, np.ndarray]) -> tupl
 
 # --------------------------------------------------------- token-wise ops from the registry
 
-def norms_graph() -> ir.Model:
-    """x @ w -> SkipSimplifiedLayerNormalization(., x) -> RotaryEmbedding(., position ids) -> @ w2."""
+def norms_graph(per_token: bool) -> ir.Model:
+    """x @ w -> SkipSimplifiedLayerNormalization(., x) -> RotaryEmbedding(., position ids) -> @ w2; the
+    position ids one per token ([B, S]) or an offset shared by the batch ([1])."""
     norm, rotary = registry.SKIP_SIMPLIFIED_LAYER_NORMALIZATION, registry.ROTARY_EMBEDDING
     angles = np.arange(64)[:, None] * 0.1 ** np.arange(HIDDEN // HEADS // 2)  # [positions, half a head]
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"]),
         fused(norm, dict(input="h", skip="x", gamma="gamma"), ["normed"], epsilon=1e-6),
         fused(rotary, dict(input="normed", position_ids="positions", cos_cache="cos", sin_cache="sin"), ["turned"],
-              num_heads=HEADS),
+              num_heads=HEADS, rotary_embedding_dim=HIDDEN // HEADS),
         helper.make_node("MatMul", ["turned", "w2"], ["y"]),
     ]
     weights = [weight("w", HIDDEN, HIDDEN), weight("w2", HIDDEN, HIDDEN),
                numpy_helper.from_array(RNG.uniform(0.5, 1.5, HIDDEN).astype(np.float32), "gamma"),
                numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
                numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
-    positions = helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", "sequence"])
+    positions = helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", "sequence"] if per_token else [1])
     return model(nodes, [tokens(), token_mask("attention_mask"), positions], ["y"], weights)
 
 
-def test_a_fused_norm_the_registry_calls_token_wise_runs_on_packed_tokens():
-    original = norms_graph()
+@pytest.mark.parametrize("per_token", [True, False])
+def test_a_fused_norm_the_registry_calls_token_wise_runs_on_packed_tokens(per_token):
+    original = norms_graph(per_token)
     rewritten = original.clone()
     packed(rewritten, Probe.capture(rewritten))
-    mask = masks()["right"]
+    mask = masks()["left"]
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None) if per_token else np.array([3])
     feeds = {"x": RNG.normal(size=(*mask.shape, HIDDEN)).astype(np.float32), "attention_mask": mask,
-             "positions": np.broadcast_to(np.arange(WIDTH), mask.shape).copy()}
+             "positions": positions}
     norm = node_of(rewritten, registry.SKIP_SIMPLIFIED_LAYER_NORMALIZATION)
     rotary = node_of(rewritten, registry.ROTARY_EMBEDDING)
     assert shape_of(rewritten, norm.outputs[0], feeds) == (1, mask.sum(), HIDDEN)  # the real tokens only
-    # Near miss: rotary reads [B, S] position ids, which are not packed: it gets the padded layout back.
-    assert shape_of(rewritten, rotary.outputs[0], feeds) == (*mask.shape, HIDDEN)
+    # One position per token: the rotary runs on the real tokens, its position ids packed with them.
+    # Near miss: an offset shared by the batch reads each token's place in its row: the padded layout back.
+    assert shape_of(rewritten, rotary.outputs[0], feeds) == ((1, mask.sum()) if per_token else mask.shape) + (HIDDEN,)
     before, after = session(original).run(None, feeds)[0], session(rewritten).run(None, feeds)[0]
     real = mask.astype(bool)
     assert np.allclose(before[real], after[real], atol=1e-5) and not after[~real].any()

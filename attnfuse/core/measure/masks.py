@@ -54,6 +54,11 @@ class MaskReading:
         """Its only mask is the padding mask: a fused op can take that mask instead of the bias."""
         return self.kind is MaskKind.KEY_PADDING and self.bias is BiasKind.NONE and self.masks_padded_keys
 
+    @property
+    def causal_padding_only(self) -> bool:
+        """Its only masks are the causal triangle and the padding mask."""
+        return self.kind is MaskKind.CAUSAL_PADDING and self.bias is BiasKind.NONE and self.masks_padded_keys
+
 
 def read_mask(runs: Sequence[Run]) -> MaskReading:
     """What the biases of `runs` hide and add (see the module's doc)."""

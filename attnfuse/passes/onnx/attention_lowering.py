@@ -98,8 +98,9 @@ class _Site:
 
     def grouped(self) -> Replacement:
         """GroupQueryAttention: k and v not repeated, a KV cache appended inside (its present k and v
-        replace the Concats), soft-capping; the graph's own mask as attention_bias (every cached
-        position counts, so left padding is masked by the bias)."""
+        replace the Concats), soft-capping. Every cached position counts, so left padding is masked by
+        the attention_bias: the padding mask's where the scores hide the padding (and the causal
+        triangle) only, the graph's own bias otherwise."""
         m, b = self.match, self.builder()
         size = m.head_size
         cache = m.kv_cache
@@ -109,12 +110,16 @@ class _Site:
         new = [Heads(x, Layout.HEADS_FIRST, m.kv_heads) for x in cache.new] if cache else [m.k, m.v]
         key, value = (_tokens(b, x, size) for x in new)
         past_k, past_v = cache.past if cache else (None, None)
-        past_length = b.op("Shape", [past_k], {"start": 2, "end": 3}) if cache else b.const([0], np.int64)
-        batch = b.op("Shape", [q_tokens], {"end": 1})
         length = b.op("Shape", [q_tokens], {"start": 1, "end": 2})
-        total = b.op("Add", [past_length, length])
+        by_padding = self.padding_and_causal_only()
+        if by_padding:  # the padding mask covers every key: the same nodes for every layer
+            batch, total = (b.op("Shape", [self.graph.padding_mask()], {"start": i, "end": i + 1}) for i in (0, 1))
+        else:
+            past_length = b.op("Shape", [past_k], {"start": 2, "end": 3}) if cache else b.const([0], np.int64)
+            batch, total = b.op("Shape", [q_tokens], {"end": 1}), b.op("Add", [past_length, length])
         per_row = lambda x: _int32(b, b.op("Expand", [x, batch]))  # noqa: E731
-        bias = self.score_bias(b, b.op("Concat", [length, total], {"axis": 0}))
+        lengths = b.op("Concat", [length, total], {"axis": 0})
+        bias = self.padding_bias(b, lengths) if by_padding else self.score_bias(b, lengths)
         inputs = dict(query=q_tokens, key=key, value=value, past_key=past_k, past_value=past_v,
                       seqlens_k=per_row(b.op("Sub", [total, b.const([1], np.int64)])),
                       total_sequence_length=_int32(b, b.op("Squeeze", [total, b.const([0], np.int64)])),
@@ -128,8 +133,9 @@ class _Site:
             attributes["softcap"] = m.softcap
         out, present_k, present_v = b.fused(GROUP_QUERY_ATTENTION, inputs, attributes,
                                             outputs=("output", "present_key", "present_value"))
-        self.tag(out, key_padding_only=False)
-        claims = [(m.output, self.guarded(b, self.like_merged(b, out), bias))]
+        self.tag(out, m.mask.key_padding_only, causal_padding_only=m.mask.causal_padding_only)
+        guarded = out if by_padding else self.guarded(b, out, bias)  # padding_bias hides no row whole
+        claims = [(m.output, self.like_merged(b, guarded))]
         if cache:
             (k_cat, v_cat), reads = cache.concats, [x for x in inputs.values() if x is not None]
             claims += [(k_cat.outputs[0], present_k), (v_cat.outputs[0], present_v),
@@ -212,9 +218,11 @@ class _Site:
         self.tag(out, key_padding_only, mask_slot if key_padding_only else None)
         return out
 
-    def tag(self, out: ir.Value, key_padding_only: bool, mask_slot: str | None = None) -> None:
+    def tag(self, out: ir.Value, key_padding_only: bool, mask_slot: str | None = None,
+            causal_padding_only: bool = False) -> None:
         """What padding-free reads of the fused node (core/facts.py)."""
-        tag_attention(out.producer(), AttentionFacts(self.match.mask.masks_padded_keys, key_padding_only, mask_slot))
+        tag_attention(out.producer(), AttentionFacts(self.match.mask.masks_padded_keys, key_padding_only, mask_slot,
+                                                     causal_padding_only))
 
     # ---- the bias ---------------------------------------------------------------------------------
 
@@ -246,6 +254,25 @@ class _Site:
         if dtype_of(view, path) != dtype:
             bias = b.op("Cast", [bias], {"to": ir.DataType.from_numpy(dtype)})
         return b.op("Expand", [bias, b.op("Concat", [b.const([1, 1], np.int64), lengths], {"axis": 0})])
+
+    def padding_and_causal_only(self) -> bool:
+        """The scores hide the keys the padding mask marks padded, and (when causal) the later ones,
+        nothing else: GroupQueryAttention's causal flag and the padding mask say it all."""
+        mask = self.match.mask
+        return (mask.key_padding_only or mask.causal_padding_only) and self.has_padding_mask()
+
+    def padding_bias(self, b: OnnxBuilder, lengths: ir.Value) -> ir.Value:
+        """[B, 1, S, T] from the padding mask: 0 at real keys, the dtype's lowest finite number at padded
+        ones (`lengths`: [S, T]). Instead of the graph's own bias where it only hides the padding (and
+        the causal triangle, which the op's causal flag hides): no dense mask built from the export's
+        ops, and no row of -inf, so no NaN for the original's guard to catch: every real query sees
+        itself, and padded queries' rows are never read (their outputs are not compared, and padded
+        keys are hidden from every later query)."""
+        dtype = dtype_of(self.view, self.match.q.value)
+        lowest = b.const(np.array(np.finfo(dtype).min, dtype))
+        hidden = b.op("Where", [self.real_keys(b), b.const(np.zeros((), dtype)), lowest])
+        keys = b.op("Unsqueeze", [hidden, b.const([1, 2], np.int64)])  # [B, 1, 1, T]
+        return b.op("Expand", [keys, b.op("Concat", [b.const([1, 1], np.int64), lengths], {"axis": 0})])
 
     def as_4d(self, b: OnnxBuilder, value: ir.Value, scores_rank: int) -> ir.Value:
         """A term added to [B*H, S, T] scores, laid out to add to [B, H, S, T]."""
@@ -323,14 +350,25 @@ def _merged_shape(view, match: AttentionMatch) -> list[int] | None:
 
 
 def _tokens(b: OnnxBuilder, x: Heads, size: int) -> ir.Value:
-    """[B, L, heads * size]: what the fused ops take as 3-D q, k and v."""
+    """[B, L, heads * size]: what the fused ops take as 3-D q, k and v. Heads-first x split from such a
+    tensor (a rotary's output, viewed [B, L, H, D] and transposed) is read before its transpose: the
+    tokens stay the leading dims all the way (padding-free keeps them packed)."""
     if x.layout is Layout.TOKENS:
         return x.value
-    if x.layout is Layout.TOKENS_HEADS:
-        return b.op("Reshape", [x.value, b.const([0, 0, x.heads * size], np.int64)])
+    split = _transposed_from(x)
+    if x.layout is Layout.TOKENS_HEADS or split is not None:
+        return b.op("Reshape", [split or x.value, b.const([0, 0, x.heads * size], np.int64)])
     heads_first = _heads_first(b, x, size)
     return b.op("Reshape", [b.op("Transpose", [heads_first], {"perm": [0, 2, 1, 3]}),
                             b.const([0, 0, x.heads * size], np.int64)])
+
+
+def _transposed_from(x: Heads) -> ir.Value | None:
+    """The [B, L, H, D] tensor that heads-first x is the transpose of, or None."""
+    node = x.value.producer()
+    if x.layout is not Layout.HEADS_FIRST or node is None or node.op_type != "Transpose":
+        return None
+    return node.inputs[0] if list(attr(node, "perm", [])) == [0, 2, 1, 3] else None
 
 
 def _heads_first(b: OnnxBuilder, x: Heads, size: int) -> ir.Value:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.core import registry
-from attnfuse.core.facts import attention_facts, is_padding_free, tag_padding_free
+from attnfuse.core.facts import attention_facts, has_token_positions, is_padding_free, tag_padding_free
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, named_inputs, replace_uses
 
 NAME = "padding-free"
@@ -32,6 +32,7 @@ _NORMS = {"LayerNormalization"}  # over the last axis: token-wise
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 MHA = registry.MULTI_HEAD_ATTENTION
 _QKV = ("query", "key", "value")
+_TABLES = ("cos_cache", "sin_cache")  # what a rotary's position ids index: read whole
 # Marks a graph that runs padding-free; kept in the file, so that optimizing attnfuse's own output
 # does not pack it twice.
 _RUNS_PACKED = "attnfuse.padding_free"
@@ -142,6 +143,9 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
     if found is None and node.domain == MS_DOMAIN:
         return None
     probe = layout.probe
+    if found is not None and _positions_per_token(node, found[1], layout):
+        x = named_inputs(node, found[1])["input"]
+        return [Form(TOKENS, 3)] if found[0].token_wise and layout.form(x) == Form(TOKENS, 3) else None
     inputs = [x for x in node.inputs if x is not None]
     forms = {layout.form(x) for x in inputs} - {None}
     if len(forms) != 1:
@@ -173,10 +177,21 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
 
 def _fused_token_wise(node: ir.Node, fused: registry.FusedOp, spelled: registry.OnnxForm, form: Form) -> bool:
     """A fused op the registry calls token-wise, normalizing (if it does) over the last axis. Position
-    ids (RotaryEmbedding's: [B, S] ints, which are not packed, or an offset into the sequence) would
-    be read at the wrong place on packed tokens."""
+    ids that are not one per token (an offset into the sequence) would be read at the wrong place on
+    packed tokens."""
     reads_positions = "position_ids" in named_inputs(node, spelled)
     return fused.token_wise and _over_last_axis(node, form) and not reads_positions
+
+
+def _positions_per_token(node: ir.Node, spelled: registry.OnnxForm, layout: Layout) -> bool:
+    """A rotary whose position ids are one per token, [B, S]: on packed tokens they are packed with the
+    tokens ([1, n]), and the tables they index (its cos and sin caches) are read whole."""
+    positions = named_inputs(node, spelled).get("position_ids")
+    return positions is not None and (has_token_positions(node) or _one_per_token(positions, layout))
+
+
+def _one_per_token(value: ir.Value, layout: Layout) -> bool:
+    return layout.seen(value) and layout.shapes(value) == [tuple(size) for size in layout.sizes]
 
 
 def _over_last_axis(node: ir.Node, form: Form) -> bool:
@@ -226,9 +241,10 @@ class Packer:
     """Makes, once per value, its packed and its padded form."""
 
     def __init__(self, graph: ir.Graph, mask: PaddingMask, layout: Layout):
-        self.graph, self.layout = graph, layout
+        self.graph, self.layout, self.mask = graph, layout, mask
         self._packed: dict[int, ir.Value] = {}
         self._padded: dict[int, ir.Value] = {}
+        self._targets: dict[int, ir.Value] = {}  # by rank: _token_dims
         b = Builder(NAME)
         mask = new_tokens_mask(b, mask.value, mask.tokens if layout.cached else None)
         flat = b.op("Reshape", [mask, b.const([-1], np.int64)])
@@ -280,6 +296,15 @@ class Packer:
         return wide
 
     @functools.cached_property
+    def prompt_only(self) -> ir.Value:
+        """bool scalar: the step has no cached tokens (the mask covers this step's tokens only)."""
+        b = Builder(f"{NAME}/sequences")
+        widths = [b.op("Shape", [x], {"start": 1, "end": 2}) for x in (self.mask.value, self.mask.tokens)]
+        prompt = b.op("Squeeze", [b.op("Equal", widths), b.const([0], np.int64)])
+        self._insert_after(self.batch_seq, b)
+        return prompt
+
+    @functools.cached_property
     def token_offsets(self) -> ir.Value:
         """PackedMultiHeadAttention's token_offset [B, S], int32: real positions first, then padded ones."""
         b = Builder(f"{NAME}/sequences")
@@ -302,9 +327,10 @@ class Packer:
         for value in self._packed.values():
             value.shape = None
 
-    def packed(self, value: ir.Value) -> ir.Value:
+    def packed(self, value: ir.Value, form: Form | None = None) -> ir.Value:
+        """`value`'s real tokens; `form` for a value the layout does not call an activation (position ids)."""
         if id(value) not in self._packed:
-            form = self.layout.form(value)
+            form = form or self.layout.form(value)
             b = Builder(f"{NAME}/pack")
             packed = self.pack(b, value, form)
             self._insert_after(value, b)
@@ -313,11 +339,11 @@ class Packer:
         return self._packed[id(value)]
 
     def pack(self, b: Builder, value: ir.Value, form: Form) -> ir.Value:
-        """`value`'s real tokens, built with `b`."""
+        """`value`'s real tokens, built with `b`: [B, S, ...] -> [1, B*S, ...] (a view) -> [1, n, ...]."""
         if form.kind == ROWS:
             return b.op("Gather", [value, self.index], {"axis": 0})
-        rows = b.op("Reshape", [value, self._shape(b, [b.const([-1], np.int64)], value, start=2)])
-        return b.op("Unsqueeze", [b.op("Gather", [rows, self.index], {"axis": 0}), b.const([0], np.int64)])
+        tokens = b.op("Reshape", [value, b.const([1, -1] + [0] * (form.rank - 2), np.int64)])
+        return b.op("Gather", [tokens, self.index], {"axis": 1})
 
     def padded(self, value: ir.Value) -> ir.Value:
         """The padded layout back, zeros at padded positions."""
@@ -329,21 +355,55 @@ class Packer:
 
     def restore(self, b: Builder, value: ir.Value, form: Form) -> ir.Value:
         """Packed `value` in the padded layout, zeros at padded positions, built with `b`."""
-        rows = b.op("Squeeze", [value, b.const([0], np.int64)]) if form.kind == TOKENS else value
-        rows_rank = form.rank - form.lead + 1
-        pads = np.zeros(2 * rows_rank, np.int64)
-        pads[rows_rank] = 1  # one zero row after the last token
-        gathered = b.op("Gather", [b.op("Pad", [rows, b.const(pads)]), self.source], {"axis": 0})
-        if form.kind == TOKENS:
-            gathered = b.op("Reshape", [gathered, self._shape(b, [self.batch_seq], value, start=2)])
-        return gathered
+        return self._scattered(b, self._with_zero_row(b, value, form), form)
 
-    def padded_shape(self, value: ir.Value) -> ir.Value:
-        """Shape(padded value), without restoring it."""
+    def restored_output(self, value: ir.Value) -> ir.Value:
+        """A packed graph output in the padded layout. One that a MatMul without a bias makes from packed
+        rows, and that nothing else reads (an LM head's logits, as wide as the vocabulary), is made from
+        those rows with the zero row appended, which the MatMul maps to the zero row the restore reads
+        at padded positions: the wide tensor is written once, by the gather, not copied with a zero row
+        first."""
+        node = value.producer()
+        x = node.inputs[0] if node is not None and node.op_type == "MatMul" and not value.uses() else None
+        if x is None or not self.is_packed(x) or self.is_packed(node.inputs[1]):
+            return self.padded(value)
+        b = Builder(f"{NAME}/restore")
+        product = b.op("MatMul", [self._with_zero_row(b, x, self.layout.form(x)), node.inputs[1]])
+        restored = self._scattered(b, product, self.layout.form(value))
+        self._insert_after(value, b)
+        return restored
+
+    @staticmethod
+    def _with_zero_row(b: Builder, value: ir.Value, form: Form) -> ir.Value:
+        """Packed `value` ([1, n, ...] or [n, ...]) with one zero row after its last token."""
+        pads = np.zeros(2 * form.rank, np.int64)
+        pads[form.rank + form.lead - 1] = 1
+        return b.op("Pad", [value, b.const(pads)])
+
+    def _scattered(self, b: Builder, rows: ir.Value, form: Form) -> ir.Value:
+        """Packed rows with a zero row after them in the padded layout of `form`: each position reads its
+        row, or the zero row."""
+        gathered = b.op("Gather", [rows, self.source], {"axis": form.lead - 1})
+        return b.op("Reshape", [gathered, self._token_dims(form.rank)]) if form.kind == TOKENS else gathered
+
+    def _token_dims(self, rank: int) -> ir.Value:
+        """[B, S, 0, ...]: a [1, B*S, ...] tensor's Reshape target to [B, S, ...] (0 keeps a dim)."""
+        if rank not in self._targets:
+            b = Builder(f"{NAME}/shape")
+            self._targets[rank] = b.op("Concat", [self.batch_seq, b.const([0] * (rank - 2), np.int64)], {"axis": 0})
+            self._insert_after(self.batch_seq, b)
+        return self._targets[rank]
+
+    def padded_shape(self, value: ir.Value, start: int = 0, end: int | None = None) -> ir.Value:
+        """Shape(padded value)[start:end], without restoring it."""
         form = self.layout.form(value)
         b = Builder(f"{NAME}/shape")
         leading = self.batch_seq if form.kind == TOKENS else self.batch_times_seq
-        shape = self._shape(b, [leading], value, start=form.lead)
+        token_dims = end is not None and 0 <= start < end <= form.lead  # the same for every value: shared
+        shape = leading if token_dims else self._shape(b, [leading], value, start=form.lead)
+        if (start, end) != (0, None):
+            ends = [np.iinfo(np.int64).max if end is None else end]
+            shape = b.op("Slice", [shape, b.const([start], np.int64), b.const(ends, np.int64)])
         self._insert_after(value, b)
         return shape
 
@@ -398,20 +458,20 @@ def apply(graph: ir.Graph, probe, mask: PaddingMask | None, target: str = "ort-c
             _run_packed(node, forms, layout, packer)
             packed_ops += 1
             continue
-        if _attends_packed(node, layout):
+        if _attends_packed(node, layout, target):
             ATTEND_PACKED[target](node, packer)
             continue
         for i, x in enumerate(node.inputs):
             if x is not None and packer.is_packed(x):
-                if node.op_type == "Shape" and not node.attributes:
-                    replace_uses(node.outputs[0], packer.padded_shape(x))
+                if node.op_type == "Shape":
+                    replace_uses(node.outputs[0], packer.padded_shape(x, attr(node, "start", 0), attr(node, "end")))
                 else:
                     node.replace_input_with(i, packer.padded(x))
     if packed_ops == 0:
         raise NoMatch("no token-wise op reads a [batch, seq, ...] activation")
     for i, output in enumerate(list(graph.outputs)):
         if packer.is_packed(output):
-            restored = packer.padded(output)
+            restored = packer.restored_output(output)
             restored.name, output.name = output.name, f"{output.name}__packed"
             restored.type, restored.shape = output.type, output.shape
             graph.outputs[i] = restored
@@ -421,8 +481,18 @@ def apply(graph: ir.Graph, probe, mask: PaddingMask | None, target: str = "ort-c
 
 
 def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer) -> None:
+    found = registry.of_onnx(node.domain, node.op_type)
+    per_token = found is not None and _positions_per_token(node, found[1], layout)
     for i, x in enumerate(node.inputs):
-        if x is not None and layout.form(x):
+        slot = found[1].inputs[i] if per_token else None
+        if x is None:
+            continue
+        if slot in _TABLES:
+            if packer.is_packed(x):
+                node.replace_input_with(i, packer.padded(x))
+        elif slot == "position_ids":
+            node.replace_input_with(i, packer.packed(x, Form(TOKENS, 2)))
+        elif layout.form(x):
             node.replace_input_with(i, packer.packed(x))
     if node.op_type == "Reshape" and layout.seen(node.outputs[0]):
         # The target shape was computed for the padded layout: give the packed one.
@@ -442,13 +512,17 @@ def _attention(node: ir.Node) -> registry.OnnxForm | None:
     return found[1] if found is not None and found[0] is registry.ATTENTION else None
 
 
-def _attends_packed(node: ir.Node, layout: Layout) -> bool:
-    """MultiHeadAttention whose only mask is key padding, on [batch, seq, hidden] q, k and v: it
-    can run on the packed tokens."""
-    facts = attention_facts(node)
-    if _attention(node) is not MHA or facts is None or not facts.key_padding_only:
+def _attends_packed(node: ir.Node, layout: Layout, target: str) -> bool:
+    """Fused attention whose mask is the padding mask only (MultiHeadAttention), or with the causal triangle
+    (GroupQueryAttention, on the CPU), on [batch, seq, hidden] q, k and v: it can run on the packed tokens."""
+    form, facts = _attention(node), attention_facts(node)
+    if form is None or facts is None or not facts.per_sequence:
         return False
-    inputs = named_inputs(node, MHA)
+    if form is not MHA and target != "ort-cpu":
+        return False
+    if form is MHA and not facts.key_padding_only:
+        return False  # MultiHeadAttention has no causal flag
+    inputs = named_inputs(node, form)
     return all(layout.form(inputs.get(name)) == Form(TOKENS, 3) for name in _QKV)
 
 
@@ -461,79 +535,121 @@ def _attend_packed(node: ir.Node, packer: Packer) -> None:
     packed = registry.PACKED_MULTI_HEAD_ATTENTION
     arguments = packed.arguments(query=q, key=k, value=v, bias=inputs.get("bias"), token_offset=packer.token_offsets,
                                  cumulative_sequence_length=packer.cumulative_lengths)
-    out = b.op(packed.op_type, arguments, _heads_and_scale(node), domain=packed.domain, name=f"{node.name}/packed")
-    _replace_attention(node, b, b.op("Unsqueeze", [out, token_dim]), packer)
+    attributes = {name: a.value for name, a in node.attributes.items() if name in ("num_heads", "scale")}
+    out = b.op(packed.op_type, arguments, attributes, domain=packed.domain, name=f"{node.name}/packed")
+    _replace_attention(node, MHA, b, {"output": b.op("Unsqueeze", [out, token_dim])}, packer)
 
 
 def _attend_cpu(node: ir.Node, packer: Packer) -> None:
-    """MultiHeadAttention on padded q, k, v, for ONNX Runtime's CPU provider, which has no packed
-    attention: If(the batch is padded to PER_SEQUENCE_WIDTH tokens or more) one sequence at a time,
-    else on the padded layout. Either way its output comes back packed."""
-    inputs = named_inputs(node, MHA)
+    """Fused attention on padded q, k, v, for ONNX Runtime's CPU provider, which has no packed attention:
+    If(the batch is padded to PER_SEQUENCE_WIDTH tokens or more, and has no cached tokens) one sequence
+    at a time, else on the padded layout. Either way its output comes back packed, and its present k
+    and v (with a cache) in the padded layout."""
+    form = _attention(node)
+    inputs = named_inputs(node, form)
     q, k, v = (packer.packed(inputs[name]) for name in _QKV)  # [1, n, hidden]
-    alternatives = {"then_branch": _per_sequence(node, packer, q, k, v),
-                    "else_branch": _on_padded_layout(node, packer, q, k, v)}
+    outputs = _read_outputs(node, form)
+    alternatives = {"then_branch": _per_sequence(node, form, packer, (q, k, v), outputs),
+                    "else_branch": _on_padded_layout(node, form, packer, (q, k, v), outputs)}
     b = Builder(f"{NAME}/attention")
-    out = b.op("If", [packer.wide_rows], {name: ir.AttrGraph(name, graph) for name, graph in alternatives.items()},
-               name=f"{node.name}/If")
-    _replace_attention(node, b, out, packer)
+    made = b.op("If", [_runs_per_sequence(b, packer, inputs.get("past_key"))],
+                {name: ir.AttrGraph(name, graph) for name, graph in alternatives.items()},
+                num_outputs=len(outputs), name=f"{node.name}/If")
+    _replace_attention(node, form, b, dict(zip(outputs, made if isinstance(made, list) else [made])), packer)
 
 
-def _per_sequence(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
-    """A Loop over the sequences with any real token, MultiHeadAttention on each one's packed rows:
-    no padded copies of q, k, v, no scores for padded keys, and no mask (ONNX Runtime's CPU
-    MultiHeadAttention takes a slower path whenever it has one). Each step costs some 50 us, so
-    short rows do better on the padded layout."""
-    bias = named_inputs(node, MHA).get("bias")
+def _read_outputs(node: ir.Node, form: registry.OnnxForm) -> list[str]:
+    """The attention output's name, then those of the other outputs the graph reads (present k and v)."""
+    return ["output"] + [name for name, out in zip(form.outputs, node.outputs)
+                         if name != "output" and (out.uses() or out.is_graph_output())]
+
+
+def _runs_per_sequence(b: Builder, packer: Packer, past: ir.Value | None) -> ir.Value:
+    """bool scalar: the batch is wide enough for the per-sequence Loop, and, for attention with a cache
+    (`past`), there is no cached token to attend to (its mask covers every key: facts.masks_padded_keys)."""
+    if past is None:
+        return packer.wide_rows
+    if packer.layout.cached:  # the mask covers the cached tokens too: one condition for every layer
+        return b.op("And", [packer.wide_rows, packer.prompt_only])
+    length = b.op("Squeeze", [b.op("Shape", [past], {"start": 2, "end": 3}), b.const([0], np.int64)])
+    return b.op("And", [packer.wide_rows, b.op("Equal", [length, b.const(0, np.int64)])])
+
+
+def _per_sequence(node: ir.Node, form: registry.OnnxForm, packer: Packer, qkv: tuple[ir.Value, ...],
+                  outputs: list[str]) -> ir.Graph:
+    """A Loop over the sequences with any real token, the attention op on each one's packed rows with no mask
+    (causally where GroupQueryAttention is): no padded copies of q, k, v, no scores for padded keys, and
+    no mask (ONNX Runtime's CPU MultiHeadAttention takes a slower path whenever it has one; GroupQueryAttention
+    a dense bias). Each step costs some 50 us, so short rows do better on the padded layout. With no cached
+    token, present k and v are the new ones, restored."""
     rows, count = packer.nonempty_rows
     cumulative = packer.cumulative_lengths
 
     step = ir.Value(name=f"{node.name}/step", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([]))
     going = ir.Value(name=f"{node.name}/going", type=ir.TensorType(ir.DataType.BOOL), shape=ir.Shape([]))
-    outputs = ir.Value(name=f"{node.name}/outputs")  # a sequence of [1, length, hidden]; ORT types it from the Loop
+    collected = ir.Value(name=f"{node.name}/outputs")  # a sequence of [1, length, hidden]; ORT types it from the Loop
     body = Builder(f"{node.name}/sequence")
     row = body.op("Unsqueeze", [body.op("Gather", [rows, step]), body.const([0], np.int64)])
     start = body.op("Gather", [cumulative, row])
     end = body.op("Gather", [cumulative, body.op("Add", [row, body.const([1], np.int64)])])
     token_axis = body.const([1], np.int32)
-    q_row, k_row, v_row = (body.op("Slice", [x, start, end, token_axis]) for x in (q, k, v))
-    attended = body.op(MHA.op_type, MHA.arguments(query=q_row, key=k_row, value=v_row, bias=bias),
-                       _heads_and_scale(node), domain=MHA.domain, name=f"{node.name}/one_sequence")
-    appended = body.op("SequenceInsert", [outputs, attended])
-    body_graph = ir.Graph([step, going, outputs], [body.op("Identity", [going]), appended], nodes=_own(body.nodes),
+    q_row, k_row, v_row = (body.op("Slice", [x, start, end, token_axis]) for x in qkv)
+    attended = _one_sequence(body, node, form, q_row, k_row, v_row, body.op("Sub", [end, start]))
+    appended = body.op("SequenceInsert", [collected, attended])
+    body_graph = ir.Graph([step, going, collected], [body.op("Identity", [going]), appended], nodes=_own(body.nodes),
                           name=f"{node.name}/sequence")
 
     b = Builder(f"{NAME}/attention")
     nothing = b.const([0], np.int32)
-    start_with = b.op("SequenceConstruct", [b.op("Slice", [q, nothing, nothing, b.const([1], np.int32)])])  # [1, 0, hidden]
+    start_with = b.op("SequenceConstruct", [b.op("Slice", [qkv[0], nothing, nothing, b.const([1], np.int32)])])
     every = b.op("Loop", [count, None, start_with], {"body": ir.AttrGraph("body", body_graph)},
                  name=f"{node.name}/Loop")
-    packed = b.op("ConcatFromSequence", [every], {"axis": 1})
-    return ir.Graph([], [packed], nodes=_own(b.nodes), name=f"{node.name}/per_sequence")
+    made = {"output": b.op("ConcatFromSequence", [every], {"axis": 1})}
+    kv_heads = attr(node, "kv_num_heads")
+    for name, new in (("present_key", qkv[1]), ("present_value", qkv[2])):
+        if name in outputs:  # [B, kv heads, S, D]
+            split = b.op("Reshape", [packer.restore(b, new, Form(TOKENS, 3)), b.const([0, 0, kv_heads, -1], np.int64)])
+            made[name] = b.op("Transpose", [split], {"perm": [0, 2, 1, 3]})
+    return ir.Graph([], [made[name] for name in outputs], nodes=_own(b.nodes), name=f"{node.name}/per_sequence")
 
 
-def _on_padded_layout(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
-    """q, k, v restored to the padded layout, MultiHeadAttention with its mask, the result packed."""
+def _one_sequence(b: Builder, node: ir.Node, form: registry.OnnxForm, q: ir.Value, k: ir.Value, v: ir.Value,
+                  length: ir.Value) -> ir.Value:
+    """The attention op on one sequence's rows (`length`: int64 [1]), without a mask or cache."""
+    attributes = {name: a.value for name, a in node.attributes.items()}
+    if form is MHA:
+        inputs = dict(query=q, key=k, value=v, bias=named_inputs(node, MHA).get("bias"))
+    else:
+        length = b.op("Cast", [length], {"to": ir.DataType.INT32})
+        inputs = dict(query=q, key=k, value=v, seqlens_k=b.op("Sub", [length, b.const([1], np.int32)]),
+                      total_sequence_length=b.op("Squeeze", [length, b.const([0], np.int64)]))
+    return b.op(form.op_type, form.arguments(**inputs), attributes, domain=form.domain, name=f"{node.name}/one_sequence")
+
+
+def _on_padded_layout(node: ir.Node, form: registry.OnnxForm, packer: Packer, qkv: tuple[ir.Value, ...],
+                      outputs: list[str]) -> ir.Graph:
+    """q, k, v restored to the padded layout, the attention op with its mask (and cache), the result packed."""
     b = Builder(f"{NAME}/attention")
-    padded = {name: packer.restore(b, x, Form(TOKENS, 3)) for name, x in zip(_QKV, (q, k, v))}
-    arguments = MHA.arguments(**{**named_inputs(node, MHA), **padded})
-    attended = b.op(MHA.op_type, arguments, _heads_and_scale(node), domain=MHA.domain, name=node.name)
-    packed = packer.pack(b, attended, Form(TOKENS, 3))
-    return ir.Graph([], [packed], nodes=_own(b.nodes), name=f"{node.name}/padded_layout")
+    padded = {name: packer.restore(b, x, Form(TOKENS, 3)) for name, x in zip(_QKV, qkv)}
+    arguments = form.arguments(**{**named_inputs(node, form), **padded})
+    made = b.op(form.op_type, arguments, {name: a.value for name, a in node.attributes.items()}, domain=form.domain,
+                num_outputs=max(form.output(name) for name in outputs) + 1, name=node.name)
+    made = made if isinstance(made, list) else [made]
+    results = {name: made[form.output(name)] for name in outputs}
+    results["output"] = packer.pack(b, results["output"], Form(TOKENS, 3))
+    return ir.Graph([], [results[name] for name in outputs], nodes=_own(b.nodes), name=f"{node.name}/padded_layout")
 
 
 ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_cpu}
 
 
-def _heads_and_scale(node: ir.Node) -> dict:
-    return {name: a for name, a in node.attributes.items() if name in ("num_heads", "scale")}
-
-
-def _replace_attention(node: ir.Node, b: Builder, packed: ir.Value, packer: Packer) -> None:
-    """`packed` (made by `b`'s nodes) computes `node`'s output on the packed tokens."""
+def _replace_attention(node: ir.Node, form: registry.OnnxForm, b: Builder, made: dict[str, ir.Value],
+                       packer: Packer) -> None:
+    """`made` (by `b`'s nodes) computes `node`'s outputs by name: its attention output on the packed tokens."""
     packer.graph.insert_before(node, _own(b.nodes))
-    packer.mark_packed(packed, Form(TOKENS, 3))
-    replace_uses(node.outputs[MHA.output("output")], packed)
+    packer.mark_packed(made["output"], Form(TOKENS, 3))
+    for name, value in made.items():
+        replace_uses(node.outputs[form.output(name)], value)
     packer.graph.remove(node, safe=True)
 
 

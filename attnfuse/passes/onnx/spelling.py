@@ -7,6 +7,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.core import registry
+from attnfuse.core.facts import tag_token_positions
 from attnfuse.core.measure.rotary import RotaryForm
 from attnfuse.core.registry import OnnxForm
 from attnfuse.core.rule import Replacement
@@ -123,6 +124,8 @@ class OnnxBuilder(Builder):
             given = self.op("Reshape", [tokens, self.const([0, 0, -1], np.int64)])
         out = self.fused(registry.ROTARY_EMBEDDING, dict(input=given, position_ids=positions, cos_cache=cos_cache,
                                                         sin_cache=sin_cache), attributes)
+        if self.view.constant(positions) is None:  # [B, S], not the shared offset [0]
+            tag_token_positions(out.producer())
         if tokens is None or layout.rank == 3:
             return out
         out = self.op("Reshape", [out, self.const([0, 0, layout.heads, layout.head_size], np.int64)])

@@ -72,7 +72,7 @@ class OrtView:
 
     def evaluate(self, nodes: Sequence[ir.Node], outputs: Sequence[ir.Value], feeds: Mapping[ir.Value, np.ndarray],
                  run: int) -> list[np.ndarray]:
-        session, names, reads, _ = self._session(nodes, outputs, feeds)
+        session, names, reads, _ = self._session(self._reading_through(nodes, feeds), outputs, feeds)
         values = {}
         for value in reads:
             given = next((array for fed, array in feeds.items() if fed is value), None)
@@ -81,6 +81,27 @@ class OrtView:
             return session.run(names, values, _QUIET)
         except Exception as error:  # ONNX Runtime refuses the region for these shapes or types
             raise NoMatch(f"ONNX Runtime rejects the fused op: {_first_line(error)}") from None
+
+    def _reading_through(self, nodes: Sequence[ir.Node], feeds: Mapping[ir.Value, np.ndarray]) -> list[ir.Node]:
+        """`nodes`, after the nodes of earlier rewrites that make what they read and the probe never saw (a
+        value inside an earlier rewrite: the region computes it from what the probe saw)."""
+        made = {id(out) for node in nodes for out in node.outputs} | {id(value) for value in feeds}
+        pending, earlier = [x for node in nodes for x in node.inputs], []
+        while pending:
+            value = pending.pop()
+            if value is None or id(value) in made or constant(value, self.probe) is not None \
+                    or (value.name and self.probe.runs_seeing(value.name)):
+                continue
+            node = value.producer()
+            if node is None or node.graph is None:
+                continue  # not observed, and not computed here: _observed says so
+            earlier.append(node)
+            made.update(id(out) for out in node.outputs)
+            pending.extend(node.inputs)
+        if not earlier:
+            return list(nodes)
+        order = {id(node): i for i, node in enumerate(earlier[0].graph)}
+        return sorted(earlier, key=lambda node: order.get(id(node), -1)) + list(nodes)
 
     def _observed(self, value: ir.Value, run: int) -> np.ndarray:
         array = self.probe.get(value.name, run) if value.name else None
