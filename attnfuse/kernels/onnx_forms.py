@@ -76,6 +76,8 @@ EMBED_LAYER_NORMALIZATION = OnnxForm(
 BIAS_GELU_FORM = OnnxForm("BiasGelu", ("A", "B"), ("C",))
 FAST_GELU = OnnxForm("FastGelu", ("X", "bias"), ("Y",))
 GELU_FORM = OnnxForm("Gelu", ("X",), ("Y",))
+# x * sigmoid(alpha * x): SiLU with alpha = 1 (ONNX Runtime's CPU kernel computes exactly Sigmoid + Mul).
+QUICK_GELU = OnnxForm("QuickGelu", ("X",), ("Y",))
 ROTARY_EMBEDDING = OnnxForm("RotaryEmbedding", ("input", "position_ids", "cos_cache", "sin_cache"), ("output",))
 
 
