@@ -81,6 +81,13 @@ QUICK_GELU = OnnxForm("QuickGelu", ("X",), ("Y",))
 ROTARY_EMBEDDING = OnnxForm("RotaryEmbedding", ("input", "position_ids", "cos_cache", "sin_cache"), ("output",))
 
 
+def gelu_form(approximate: str, bias: bool) -> OnnxForm:
+    """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
+    if approximate == "tanh":
+        return FAST_GELU
+    return BIAS_GELU_FORM if bias else GELU_FORM
+
+
 @dataclass(frozen=True)
 class AttentionForm:
     """The attention op to write, and why GroupQueryAttention is not it where it was wanted."""
