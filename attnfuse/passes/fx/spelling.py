@@ -146,7 +146,7 @@ class FxBuilder:
         whose weight is the parts' concatenated along their outputs (a new buffer), the biases end to
         end (`bias`), then split_with_sizes (views: nothing is copied)."""
         weights = [self.view.tensor(p.weight, 0) for p in parts]
-        joined = torch.cat([w if p.out_in else w.t() for p, w in zip(parts, weights)]).contiguous()
+        joined = torch.cat([w if p.out_in else w.t() for p, w in zip(parts, weights)]).detach().contiguous()  # a buffer
         y = self.call(aten.linear.default, x, self.constant(joined),
                       None if bias is None else self.constant(to_torch(bias)))
         return self.items(self.call(aten.split_with_sizes.default, y, [p.width for p in parts], -1), len(parts))
