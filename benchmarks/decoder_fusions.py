@@ -27,11 +27,13 @@ import json
 import pathlib
 import sys
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 
 import attnfuse
+from attnfuse.core.driver import Applied
 from attnfuse.models import decoder_spellings as spellings
 from attnfuse.models.decoders import bench, inputs
 from attnfuse.optimizer import io
@@ -112,15 +114,24 @@ MODEL_STEPS = {"prefill 8x256": inputs.Step(new=256, lengths=(256,) * 8),
 
 def model_variants(path) -> dict[str, bytes]:
     """The benchmark Llama rewritten with each variant's fusions (and attention), serialized."""
-    config = make_config(None, {"padding_free": False, "verify": False})
+    def leaves_out(ops):
+        return lambda entry: not is_site(entry.outcome) and entry.outcome.op not in ops
+
+    return rewritten_variants(path, {name: leaves_out(ops) for name, ops in MODEL_VARIANTS.items()},
+                              padding_free=False)
+
+
+def rewritten_variants(path, leave_out: dict[str, Callable[[Applied], bool]], **settings) -> dict[str, bytes]:
+    """The model at `path` optimized (unverified, with `settings`) once per variant, serialized: each
+    variant leaves out the rewrites of one full run for which its `leave_out` is true."""
+    config = make_config(None, {"verify": False, **settings})
     options = config.pass_options()
     prepared = prepare(io.load_model(path))
     probe = capture(prepared, config)
     full = run_passes(prepared.clone(), probe.for_rewrite(), options)
     made = {}
-    for name, ops in MODEL_VARIANTS.items():
-        left_out = frozenset(entry.candidate for entry in full.applied if not is_site(entry.outcome)
-                             and entry.outcome.fused and entry.outcome.op not in ops)
+    for name, leaves_out in leave_out.items():
+        left_out = frozenset(entry.candidate for entry in full.applied if entry.outcome.fused and leaves_out(entry))
         model = prepared.clone()
         run_passes(model, probe.for_rewrite(), options, left_out)
         made[name] = io.to_proto(model).SerializeToString()

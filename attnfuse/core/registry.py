@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from attnfuse.kernels import ops, reference
 from attnfuse.kernels.onnx_forms import (  # noqa: F401  (the forms are read as registry.<FORM>)
     BIAS_GELU_FORM, EMBED_LAYER_NORMALIZATION, FAST_GELU, GELU_FORM, GROUP_QUERY_ATTENTION, LAYER_NORMALIZATION,
-    MS_DOMAIN, MULTI_HEAD_ATTENTION, ONNX_DOMAIN, PACKED_MULTI_HEAD_ATTENTION, ROTARY_EMBEDDING,
-    SIMPLIFIED_LAYER_NORMALIZATION, SKIP_LAYER_NORMALIZATION, SKIP_SIMPLIFIED_LAYER_NORMALIZATION, OnnxForm,
+    MS_DOMAIN, MULTI_HEAD_ATTENTION, ONNX_DOMAIN, PACKED_MULTI_HEAD_ATTENTION, QUICK_GELU, ROTARY_EMBEDDING,
+    SIMPLIFIED_LAYER_NORMALIZATION, SKIP_LAYER_NORMALIZATION, SKIP_SIMPLIFIED_LAYER_NORMALIZATION, OnnxForm, gelu_form,
 )
 
 
@@ -47,20 +49,15 @@ RMS_NORM = FusedOp("rms_norm", reference.rms_norm, True, (SIMPLIFIED_LAYER_NORMA
 SKIP_RMS_NORM = FusedOp("skip_rms_norm", reference.skip_rms_norm, True, (SKIP_SIMPLIFIED_LAYER_NORMALIZATION,),
                         ops.skip_rms_norm)
 ROTARY = FusedOp("rotary", reference.rotary, True, (ROTARY_EMBEDDING,), ops.rotary)
+# x * sigmoid(alpha * x). In torch aten's own silu is the one op (alpha 1; faster than a custom op's dispatch).
+SILU = FusedOp("silu", reference.silu, True, (QUICK_GELU,), torch.ops.aten.silu.default)
 
 FUSED_OPS = (ATTENTION, PACKED_ATTENTION, SKIP_LAYER_NORM, LAYER_NORM, EMBED_LAYER_NORM, BIAS_GELU, RMS_NORM,
-             SKIP_RMS_NORM, ROTARY)
+             SKIP_RMS_NORM, ROTARY, SILU)
 
 # Fused attention that ONNX Runtime (or an earlier attnfuse run) may have written into a model:
 # kept as it is, and counted.
 FOREIGN_ATTENTION = frozenset({"Attention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
-
-
-def gelu_form(approximate: str, bias: bool) -> OnnxForm:
-    """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
-    if approximate == "tanh":
-        return FAST_GELU
-    return BIAS_GELU_FORM if bias else GELU_FORM
 
 
 def of_onnx(domain: str, op_type: str) -> tuple[FusedOp, OnnxForm] | None:

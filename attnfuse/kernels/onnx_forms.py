@@ -76,7 +76,16 @@ EMBED_LAYER_NORMALIZATION = OnnxForm(
 BIAS_GELU_FORM = OnnxForm("BiasGelu", ("A", "B"), ("C",))
 FAST_GELU = OnnxForm("FastGelu", ("X", "bias"), ("Y",))
 GELU_FORM = OnnxForm("Gelu", ("X",), ("Y",))
+# x * sigmoid(alpha * x): SiLU with alpha = 1 (ONNX Runtime's CPU kernel computes exactly Sigmoid + Mul).
+QUICK_GELU = OnnxForm("QuickGelu", ("X",), ("Y",))
 ROTARY_EMBEDDING = OnnxForm("RotaryEmbedding", ("input", "position_ids", "cos_cache", "sin_cache"), ("output",))
+
+
+def gelu_form(approximate: str, bias: bool) -> OnnxForm:
+    """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
+    if approximate == "tanh":
+        return FAST_GELU
+    return BIAS_GELU_FORM if bias else GELU_FORM
 
 
 @dataclass(frozen=True)

@@ -402,6 +402,12 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor | None, approximate: str = "no
     return y.to(x.dtype)
 
 
+def silu(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """x * sigmoid(alpha * x): SiLU (swish) with alpha 1, quick gelu with 1.702; fp32 inside."""
+    h = x.float()
+    return (h * torch.sigmoid(alpha * h)).to(x.dtype)
+
+
 # ---------------------------------------------------------------------------
 # Padding removal and restoration
 # ---------------------------------------------------------------------------

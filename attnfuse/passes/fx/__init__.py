@@ -1,4 +1,5 @@
-"""Rewrites of torch.export graphs: rotary, attention, RMSNorm, LayerNorm, gelu, skip+layernorm, padding-free.
+"""Rewrites of torch.export graphs: projections, rotary, attention, RMSNorm, LayerNorm, gelu, SiLU, skip+layernorm,
+padding-free.
 
 The one entry point the optimizer calls is `run_passes`.
 """
@@ -23,7 +24,9 @@ from attnfuse.passes.rules.attention import Attention
 from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
 from attnfuse.passes.rules.gelu import Gelu
 from attnfuse.passes.rules.normalization import Normalization
+from attnfuse.passes.rules.projections import Projections
 from attnfuse.passes.rules.rotary import Rotary
+from attnfuse.passes.rules.silu import Silu
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 
 
@@ -45,11 +48,13 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], options: 
     mask = _placeholder(graph, probe, runs, mask)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
-    found = driver.rewrite(adapter, view, [Rotary()], excluded)  # first: attention then reads q and k as rows
+    # First: attention then reads q, k and v as pieces of one product, q and k rotated as rows.
+    found = driver.rewrite(adapter, view, [Projections(), Rotary()], excluded)
     remove_dead(graph)
     found += driver.rewrite(adapter, view, [Attention(options)], excluded)
     remove_dead(graph)
-    found += driver.rewrite(adapter, view, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()], excluded)
+    found += driver.rewrite(adapter, view, [Normalization(), Gelu(), Silu(), EmbedLayerNorm(), SkipLayerNorm()],
+                             excluded)
     remove_dead(graph)
     module.recompile()
     passes = PassResult(found)

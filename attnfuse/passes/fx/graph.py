@@ -5,6 +5,7 @@ values its nodes take on real inputs, not by which aten ops spell it.
 """
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,6 +96,8 @@ def evaluate(node: fx.Node, env: dict[fx.Node, Any], probe: FxProbe, run: int) -
             return type(a)(value(x) for x in a)
         return a
 
+    if node.op == "get_attr":  # a weight a rewrite added
+        return operator.attrgetter(node.target)(node.graph.owning_module)
     return node.target(*value(node.args), **{k: value(v) for k, v in node.kwargs.items()})
 
 

@@ -6,17 +6,25 @@ them out again (`discard`) when its rewrite is not committed.
 """
 from __future__ import annotations
 
+import itertools
 import operator
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 
 from attnfuse.core import registry
 from attnfuse.core.measure.rotary import RotaryForm
 from attnfuse.core.rule import NoMatch, Replacement
+from attnfuse.passes.fx.view import to_torch
+
+if TYPE_CHECKING:
+    from attnfuse.passes.rules.projections import Projection
 
 aten = torch.ops.aten
+_WEIGHTS = itertools.count()  # names of new weights, unique in a module
 
 
 class FxBuilder:
@@ -24,11 +32,23 @@ class FxBuilder:
         self.graph, self.view, self.label = graph, view, label
         self.nodes: list[fx.Node] = []
         self.committed = False
+        self._buffers: list[str] = []  # the module's attributes this builder added (new weights)
 
     def call(self, target, *args, **kwargs) -> fx.Node:
+        return self._added(lambda: self.graph.call_function(target, args, kwargs))
+
+    def constant(self, tensor: torch.Tensor) -> fx.Node:
+        """A new weight: a buffer of the graph's module, read by a get_attr node."""
+        module = self.graph.owning_module
+        name = f"_attnfuse_weight_{next(_WEIGHTS)}"
+        module.register_buffer(name, tensor, persistent=False)
+        self._buffers.append(name)
+        return self._added(lambda: self.graph.get_attr(name))
+
+    def _added(self, make) -> fx.Node:
         output = next(node for node in reversed(self.graph.nodes) if node.op == "output")
         with self.graph.inserting_before(output):
-            node = self.graph.call_function(target, args, kwargs)
+            node = make()
         node.meta["attnfuse"] = self.label
         self.nodes.append(node)
         return node
@@ -53,6 +73,9 @@ class FxBuilder:
             if not node._erased:
                 self.graph.erase_node(node)
         self.nodes.clear()
+        for name in self._buffers:
+            delattr(self.graph.owning_module, name)
+        self._buffers.clear()
 
     # ---- the fused ops, by their canonical arguments -----------------------------------------
 
@@ -117,3 +140,19 @@ class FxBuilder:
     def linear(self, x, weight) -> fx.Node:
         """x @ weight^T, weight [out, in] (a linear without its bias)."""
         return self.call(aten.linear.default, x, weight)
+
+    def projections(self, x, parts: Sequence[Projection], bias: np.ndarray | None) -> list[fx.Node]:
+        """x projected by every part's stored weight at once, split back into the parts: one linear
+        whose weight is the parts' concatenated along their outputs (a new buffer), the biases end to
+        end (`bias`), then split_with_sizes (views: nothing is copied)."""
+        weights = [self.view.tensor(p.weight, 0) for p in parts]
+        joined = torch.cat([w if p.out_in else w.t() for p, w in zip(parts, weights)]).detach().contiguous()  # a buffer
+        y = self.call(aten.linear.default, x, self.constant(joined),
+                      None if bias is None else self.constant(to_torch(bias)))
+        return self.items(self.call(aten.split_with_sizes.default, y, [p.width for p in parts], -1), len(parts))
+
+    def silu(self, x, alpha: float) -> fx.Node:
+        """x * sigmoid(alpha * x): aten's silu, for alpha 1."""
+        if alpha != 1.0:
+            raise NoMatch(f"x * sigmoid({alpha:g} x) has no torch form (aten.silu is alpha 1)")
+        return self.call(registry.SILU.torch, x)

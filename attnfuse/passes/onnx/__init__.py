@@ -27,7 +27,9 @@ from attnfuse.passes.rules import attention
 from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
 from attnfuse.passes.rules.normalization import Normalization
 from attnfuse.passes.rules.gelu import Gelu
+from attnfuse.passes.rules.projections import Projections
 from attnfuse.passes.rules.rotary import Rotary
+from attnfuse.passes.rules.silu import Silu
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
 
 
@@ -76,8 +78,10 @@ def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: C
     fused_before = attention.already_fused(OnnxGraph(graph, None), nodes_on_one_path(graph))
     result = PassResult(_reported(fused_before))
     applied = result.applied
-    # Rotary first: attention then reads rotated q and k.
-    rules = [Rotary(), attention.Attention(options), Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()]
+    # Projections first (attention then reads q, k and v as pieces of one product), then rotary: attention
+    # then reads rotated q and k.
+    rules = [Projections(), Rotary(), attention.Attention(options), Normalization(), Gelu(), Silu(), EmbedLayerNorm(),
+             SkipLayerNorm()]
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
         if in_loop and not _observed(subgraph, probe):
             applied += _reported(_in_loop_body(subgraph))
@@ -89,8 +93,8 @@ def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: C
     if options.padding_free:
         branch = Candidate(unpadded_branch.NAME, _anchor(mask))
         why_not_branch = _why_no_unpadded_branch(options, branch in excluded, sites)
+        graph.sort()  # cloning and padding-free follow the nodes in order (a rewrite may precede what it reads)
         if why_not_branch is None:
-            graph.sort()  # cloning follows the nodes in order
             fused = graph.clone()  # what a batch without padding will run
         packed, positions = _padding_free(graph, probe, options, excluded, mask)
         applied.append(packed)

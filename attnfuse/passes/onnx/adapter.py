@@ -124,6 +124,8 @@ class OnnxGraph:
         makers = [old.producer() for old, _ in replacement.claims if old.producer() is not None]
         after = max(makers, key=lambda node: order.get(id(node), -1))
         self.graph.insert_after(after, [node for node in replacement.nodes if node.graph is None])
+        for weight in replacement.builder.initializers:
+            self.graph.register_initializer(weight)
         for old, new in replacement.claims:
             replace_uses(old, new)
 

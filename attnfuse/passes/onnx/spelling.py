@@ -3,6 +3,9 @@ same as the fx builder's) and write the ONNX Runtime node of core/registry.py's 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx_ir as ir
 
@@ -14,6 +17,9 @@ from attnfuse.core.rule import Replacement
 from attnfuse.core.view import dtype_of
 from attnfuse.passes.onnx.graph import Builder
 
+if TYPE_CHECKING:
+    from attnfuse.passes.rules.projections import Projection
+
 Value = ir.Value
 
 
@@ -23,6 +29,7 @@ class OnnxBuilder(Builder):
     def __init__(self, prefix: str, view):
         super().__init__(prefix)
         self.view = view
+        self.initializers: list[Value] = []  # new weights: the graph registers them when the rewrite is committed
 
     def replacement(self, label: str, claims: list[tuple[Value, Value]], **facts) -> Replacement:
         return Replacement(label, self.nodes, claims, self, facts)
@@ -135,6 +142,32 @@ class OnnxBuilder(Builder):
         """x @ weight^T, weight [out, in] (a linear without its bias)."""
         return self.op("MatMul", [x, self.op("Transpose", [weight], {"perm": [1, 0]})])
 
+    def projections(self, x: Value, parts: Sequence[Projection], bias: np.ndarray | None) -> list[Value]:
+        """x projected by every part's stored weight at once, split back into the parts: one MatMul
+        whose weight is a new initializer, the parts' weights concatenated along their outputs (when
+        it is read: until the model is run or written, the originals stay the only copy), then the
+        biases end to end (`bias`), then Split."""
+        sources = [(p.weight.const_value, p.out_in) for p in parts]
+        inputs = sources[0][0].shape[1 if sources[0][1] else 0]
+        shape = ir.Shape([inputs, sum(p.width for p in parts)])
+        y = self.op("MatMul", [x, self.initializer(ir.LazyTensor(lambda: ir.tensor(_joined(sources)),
+                                                                 sources[0][0].dtype, shape))])
+        if bias is not None:
+            y = self.op("Add", [y, self.const(bias)])
+        return self.op("Split", [y, self.const([p.width for p in parts], np.int64)], {"axis": -1},
+                       num_outputs=len(parts))
+
+    def silu(self, x: Value, alpha: float) -> Value:
+        """x * sigmoid(alpha * x): QuickGelu (SiLU with alpha 1)."""
+        return self.fused(registry.QUICK_GELU, dict(X=x), {"alpha": alpha})
+
+    def initializer(self, tensor: ir.TensorProtocol) -> Value:
+        """A new weight of the graph."""
+        value = ir.Value(name=self._name("weight"), shape=tensor.shape, type=ir.TensorType(tensor.dtype),
+                         const_value=tensor)
+        self.initializers.append(value)
+        return value
+
     # ---- arguments as the ops take them -------------------------------------------------------
 
     def vector(self, value: Value | None, like: Value, fill: float) -> Value:
@@ -169,3 +202,8 @@ class OnnxBuilder(Builder):
         if self.view.value(value).dtype == np.int64:
             return value
         return self.op("Cast", [value], {"to": ir.DataType.INT64})
+
+
+def _joined(sources: list[tuple[ir.TensorProtocol, bool]]) -> np.ndarray:
+    """Weights [in, out] (a linear's [out, in], transposed) concatenated along their outputs."""
+    return np.concatenate([t.numpy().T if out_in else t.numpy() for t, out_in in sources], axis=1)
