@@ -119,7 +119,8 @@ def norms_graph(per_token: bool) -> ir.Model:
                numpy_helper.from_array(RNG.uniform(0.5, 1.5, HIDDEN).astype(np.float32), "gamma"),
                numpy_helper.from_array(np.cos(angles).astype(np.float32), "cos"),
                numpy_helper.from_array(np.sin(angles).astype(np.float32), "sin")]
-    positions = helper.make_tensor_value_info("positions", TensorProto.INT64, ["batch", "sequence"] if per_token else [1])
+    dims = ["batch", "sequence"] if per_token else [1]
+    positions = helper.make_tensor_value_info("positions", TensorProto.INT64, dims)
     return model(nodes, [tokens(), token_mask("attention_mask"), positions], ["y"], weights)
 
 

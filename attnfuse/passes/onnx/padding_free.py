@@ -623,7 +623,8 @@ def _one_sequence(b: Builder, node: ir.Node, form: registry.OnnxForm, q: ir.Valu
         length = b.op("Cast", [length], {"to": ir.DataType.INT32})
         inputs = dict(query=q, key=k, value=v, seqlens_k=b.op("Sub", [length, b.const([1], np.int32)]),
                       total_sequence_length=b.op("Squeeze", [length, b.const([0], np.int64)]))
-    return b.op(form.op_type, form.arguments(**inputs), attributes, domain=form.domain, name=f"{node.name}/one_sequence")
+    return b.op(form.op_type, form.arguments(**inputs), attributes, domain=form.domain,
+                name=f"{node.name}/one_sequence")
 
 
 def _on_padded_layout(node: ir.Node, form: registry.OnnxForm, packer: Packer, qkv: tuple[ir.Value, ...],
