@@ -20,7 +20,7 @@ from attnfuse.core import tolerance
 from attnfuse.kernels import reference
 from attnfuse.passes.rules.projections import Projections
 from attnfuse.passes.rules.silu import Silu
-from driver_harness import fx_rewrite, onnx_rewrite, ops_of, targets_of
+from run_rules import fx_rewrite, fx_targets, onnx_rewrite, op_types
 
 aten = torch.ops.aten
 HIDDEN = 8
@@ -90,8 +90,8 @@ def test_onnx_qkv_become_one_matmul_and_split(biased):
     outputs = [g.projection("x", name, name in biased) for name in WIDTHS]
     model, outcomes = onnx_rewrite(g.model(*outputs), [Projections()])
     assert fused_entries(outcomes) == [("MatMul + Split", True)]
-    assert ops_of(model).count("MatMul") == 1 and "Split" in ops_of(model)
-    assert ops_of(model).count("Add") == (1 if biased else 0)
+    assert op_types(model).count("MatMul") == 1 and "Split" in op_types(model)
+    assert op_types(model).count("Add") == (1 if biased else 0)
     (matmul,) = [node for node in model.graph.node if node.op_type == "MatMul"]
     weights = {t.name: t for t in model.graph.initializer}  # an initializer: ONNX Runtime's quantizers find it
     assert tuple(weights[matmul.input[1]].dims) == (HIDDEN, sum(WIDTHS.values()))
@@ -105,7 +105,7 @@ def test_onnx_gate_and_up_with_silu_become_one_matmul_and_quick_gelu():
     gated = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), g.op("Concat", up, up, axis=-1))
     model, outcomes = onnx_rewrite(g.model(gated), [Projections(), Silu()])
     assert fused_entries(outcomes) == [("MatMul + Split", True), ("QuickGelu", True)]
-    assert ops_of(model).count("MatMul") == 1 and "Sigmoid" not in ops_of(model)
+    assert op_types(model).count("MatMul") == 1 and "Sigmoid" not in op_types(model)
     want = silu(projected(X, "q", False)) * np.concatenate([projected(X, "k", False)] * 2, -1)
     assert close(want, run(model, x=X)[0])
 
@@ -114,7 +114,7 @@ def test_onnx_projections_of_different_activations_are_left_alone():
     g = OnnxGraph(("x", "y"))
     model, outcomes = onnx_rewrite(g.model(g.projection("x", "q", True), g.projection("y", "k", True)),
                                    [Projections()])
-    assert outcomes == [] and ops_of(model).count("MatMul") == 2
+    assert outcomes == [] and op_types(model).count("MatMul") == 2
 
 
 def test_onnx_a_weight_given_as_an_input_is_not_fused():
@@ -124,7 +124,7 @@ def test_onnx_a_weight_given_as_an_input_is_not_fused():
     original = g.model(q, k)
     original.graph.input.append(helper.make_tensor_value_info("w", TensorProto.FLOAT, [HIDDEN, HIDDEN]))
     model, outcomes = onnx_rewrite(original, [Projections()])
-    assert outcomes == [] and ops_of(model).count("MatMul") == 2
+    assert outcomes == [] and op_types(model).count("MatMul") == 2
 
 
 @pytest.mark.parametrize("spelling", ["x*sigmoid", "sigmoid*x", "x/(1+exp(-x))"])
@@ -159,7 +159,7 @@ def test_onnx_a_shifted_sigmoid_is_no_silu():
     g = OnnxGraph()
     y = g.op("Mul", "x", g.op("Sigmoid", g.op("Add", "x", g.const(1.0))))
     model, outcomes = onnx_rewrite(g.model(y), [Silu()])
-    assert outcomes == [] and "QuickGelu" not in ops_of(model)
+    assert outcomes == [] and "QuickGelu" not in op_types(model)
 
 
 # --------------------------------------------------------------------------- fx
@@ -231,7 +231,7 @@ class Swish(torch.nn.Module):
 def test_fx_qkv_become_one_linear_and_split(biased):
     fused, outcomes = fx_rewrite(Attention(biased).eval(), RUNS, [Projections()])
     assert fused_entries(outcomes) == [("MatMul + Split", True)]
-    assert targets_of(fused).count(aten.linear.default) == 1 and aten.split_with_sizes.default in targets_of(fused)
+    assert fx_targets(fused).count(aten.linear.default) == 1 and aten.split_with_sizes.default in fx_targets(fused)
     with torch.no_grad():
         got = fused(torch.from_numpy(X))
     for name, piece in zip(WIDTHS, got):
@@ -242,8 +242,8 @@ def test_fx_gate_and_up_become_one_linear_and_silu_one_op():
     module = GatedMlp().eval()
     fused, outcomes = fx_rewrite(module, RUNS, [Projections(), Silu()])
     assert fused_entries(outcomes) == [("MatMul + Split", True), ("silu", True)]
-    assert targets_of(fused).count(aten.linear.default) == 2  # gate and up as one, down
-    assert aten.silu.default in targets_of(fused) and aten.sigmoid.default not in targets_of(fused)
+    assert fx_targets(fused).count(aten.linear.default) == 2  # gate and up as one, down
+    assert aten.silu.default in fx_targets(fused) and aten.sigmoid.default not in fx_targets(fused)
     x = torch.from_numpy(X)
     want = module.down(reference.silu(module.gate(x)) * module.up(x))
     with torch.no_grad():
@@ -253,20 +253,20 @@ def test_fx_gate_and_up_become_one_linear_and_silu_one_op():
 def test_fx_projections_of_different_activations_are_left_alone():
     runs = [(a, a + 1) for (a,) in RUNS]
     fused, outcomes = fx_rewrite(TwoActivations().eval(), runs, [Projections()])
-    assert outcomes == [] and targets_of(fused).count(aten.linear.default) == 2
+    assert outcomes == [] and fx_targets(fused).count(aten.linear.default) == 2
 
 
 def test_fx_a_weight_given_as_an_input_is_not_fused():
     runs = [(a, torch.randn(4, HIDDEN)) for (a,) in RUNS]
     fused, outcomes = fx_rewrite(WeightAsInput().eval(), runs, [Projections()])
-    assert outcomes == [] and targets_of(fused).count(aten.linear.default) == 2
+    assert outcomes == [] and fx_targets(fused).count(aten.linear.default) == 2
 
 
 @pytest.mark.parametrize("spelling", ["x*sigmoid", "x/(1+exp(-x))"])
 def test_fx_silu_spellings_become_aten_silu(spelling):
     fused, outcomes = fx_rewrite(Swish(spelling).eval(), RUNS, [Silu()])
     assert fused_entries(outcomes) == [("silu", True)]
-    assert targets_of(fused) == [aten.silu.default]
+    assert fx_targets(fused) == [aten.silu.default]
     with torch.no_grad():
         assert close(silu(X), fused(torch.from_numpy(X)).numpy())
 
@@ -281,4 +281,4 @@ def test_fx_silu_with_another_alpha_has_no_torch_form():
 
 def test_fx_a_shifted_sigmoid_is_no_silu():
     fused, outcomes = fx_rewrite(Swish("shifted").eval(), RUNS, [Silu()])
-    assert outcomes == [] and aten.silu.default not in targets_of(fused)
+    assert outcomes == [] and aten.silu.default not in fx_targets(fused)
