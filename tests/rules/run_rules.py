@@ -6,6 +6,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import torch
+from onnx import helper, numpy_helper
 
 from attnfuse.core import driver
 from attnfuse.optimizer import io
@@ -59,3 +60,20 @@ def fx_targets(module: torch.fx.GraphModule) -> list:
 def relative_error(expected, got) -> float:
     expected, got = (np.asarray(a, np.float64) for a in (expected, got))
     return float(np.abs(expected - got).max() / np.abs(expected).max())
+
+
+class OnnxNodes:
+    """An ONNX graph's nodes and float32 initializers, made one by one, named in order."""
+
+    def __init__(self):
+        self.nodes, self.initializers = [], []
+
+    def const(self, value) -> str:
+        name = f"c{len(self.initializers)}"
+        self.initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, **attributes) -> str:
+        out = f"{op_type.lower()}{len(self.nodes)}"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attributes))
+        return out

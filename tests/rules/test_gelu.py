@@ -11,12 +11,12 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from attnfuse.core import tolerance
 from attnfuse.kernels import ops, reference
 from attnfuse.passes.rules.gelu import Gelu
-from run_rules import fx_rewrite, fx_targets, onnx_rewrite, op_types
+from run_rules import OnnxNodes, fx_rewrite, fx_targets, onnx_rewrite, op_types
 
 HIDDEN = 8
 TANH_CONSTANT = 0.044715
@@ -38,21 +38,8 @@ def close(want: np.ndarray, got: np.ndarray) -> bool:
 # --------------------------------------------------------------------------- ONNX
 
 
-class OnnxGelu:
+class OnnxGelu(OnnxNodes):
     """y = gelu(x @ W (+ b)), the gelu spelled as asked."""
-
-    def __init__(self):
-        self.nodes, self.initializers = [], []
-
-    def const(self, value) -> str:
-        name = f"c{len(self.initializers)}"
-        self.initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
-
-    def op(self, op_type: str, *inputs: str, **attributes) -> str:
-        out = f"{op_type.lower()}{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attributes))
-        return out
 
     def model(self, spelling: str, bias: bool = True, constant: float = TANH_CONSTANT) -> onnx.ModelProto:
         h = self.op("MatMul", "x", self.const(WEIGHT))

@@ -14,13 +14,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from attnfuse.core import tolerance
 from attnfuse.kernels import reference
 from attnfuse.passes.rules.projections import Projections
 from attnfuse.passes.rules.silu import Silu
-from run_rules import fx_rewrite, fx_targets, onnx_rewrite, op_types
+from run_rules import OnnxNodes, fx_rewrite, fx_targets, onnx_rewrite, op_types
 
 aten = torch.ops.aten
 HIDDEN = 8
@@ -51,21 +51,12 @@ def fused_entries(outcomes) -> list[tuple[str, bool]]:
 # --------------------------------------------------------------------------- ONNX
 
 
-class OnnxGraph:
+class OnnxGraph(OnnxNodes):
     """A graph with input x [batch, seq, HIDDEN] (and `inputs`), built node by node."""
 
     def __init__(self, inputs: tuple[str, ...] = ("x",)):
-        self.inputs, self.nodes, self.initializers = inputs, [], []
-
-    def const(self, value) -> str:
-        name = f"c{len(self.initializers)}"
-        self.initializers.append(numpy_helper.from_array(np.asarray(value, np.float32), name))
-        return name
-
-    def op(self, op_type: str, *inputs: str, **attributes) -> str:
-        out = f"{op_type.lower()}{len(self.nodes)}"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=out, **attributes))
-        return out
+        super().__init__()
+        self.inputs = inputs
 
     def projection(self, x: str, name: str, bias: bool) -> str:
         y = self.op("MatMul", x, self.const(WEIGHTS[name]))
