@@ -27,6 +27,7 @@ FUSED_ATTENTION_OPS = {
     "com.microsoft": {
         "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
         "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention",
+        "QAttention",  # quantize_dynamic's int8 form of Attention
     },
     "": {"Attention"},  # ONNX's own, from opset 23
 }
