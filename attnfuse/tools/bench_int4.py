@@ -95,6 +95,7 @@ def run(setup: Int4Run, threads: int, repeats: int, step: Callable[[str], None],
         if c.name == ATTNFUSE:  # the same weights as ORT int4: its outputs to the f32 tolerance
             record["correct"] = record["correct"] and versus_export is not None and versus_export <= bench.TOLERANCE
         records.append(record)
+    records.sort(key=lambda r: CONTENDERS.index(r["contender"]))
     bench.add_speedups(records)
     return records
 
