@@ -40,7 +40,8 @@ def cached(builders: OnnxBuilders) -> OnnxBuilders:
     return {name: functools.cache(build) for name, build in builders.items()}
 
 
-def quantize_dynamic(model: onnx.ModelProto, per_channel: bool, **options) -> onnx.ModelProto:
+def quantize_dynamic(model: onnx.ModelProto, per_channel: bool, extra_options: dict | None = None,
+                     **options) -> onnx.ModelProto:
     """ONNX Runtime's quantize_dynamic as a user runs it (through files), its advice to pre-process silenced."""
     from onnxruntime.quantization import QuantType
     from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
@@ -51,7 +52,8 @@ def quantize_dynamic(model: onnx.ModelProto, per_channel: bool, **options) -> on
             source, target = Path(folder) / "model.onnx", Path(folder) / "int8.onnx"
             onnx.save(model, source)
             ort_quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=per_channel,
-                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT}, **options)
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT, **(extra_options or {})},
+                                 **options)
             return onnx.load(target)
     finally:
         logging.disable(logging.NOTSET)
