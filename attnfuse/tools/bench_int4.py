@@ -38,7 +38,7 @@ def onnx_contenders(path, threads: int, step: Callable[[str], None], label: str)
 
     builders = {ORT: lambda: to_proto(quantize(load_model(path), Quantization.INT4)),
                 ATTNFUSE: lambda: attnfuse.optimize_onnx(str(path), quantize=INT4).proto}
-    contenders = bench.build_contenders(label, None, builders, threads, step)[1:]
+    contenders = bench.build_contenders(label, None, builders, threads, step)[1:]  # [0]: a torch it does not run
     for contender in contenders:
         contender.precision, contender.peer = INT4, contender.name == ORT
     return contenders

@@ -64,14 +64,17 @@ def int8_builds(builders: OnnxBuilders, export: Callable[[], str]) -> list[tuple
     plain dynamo export's path."""
     import attnfuse
 
-    builds = [(name, setting, True, functools.partial(lambda base, pc: quantize_dynamic(builders[base](), pc),
-                                                      base, per_channel))
+    def peer(base: str, per_channel: bool) -> Callable[[], onnx.ModelProto]:
+        return lambda: quantize_dynamic(builders[base](), per_channel)
+
+    def per_tensor() -> onnx.ModelProto:
+        weights = quantize_dynamic(onnx.load(export()), per_channel=False, op_types_to_quantize=["MatMul"])
+        return attnfuse.optimize_onnx(weights).proto
+
+    builds = [(name, setting, True, peer(base, per_channel))
               for name, base in PEER_BASES.items() for setting, per_channel in SETTINGS.items()]
-    per_tensor = lambda: attnfuse.optimize_onnx(  # noqa: E731
-        quantize_dynamic(onnx.load(export()), per_channel=False, op_types_to_quantize=["MatMul"])).proto
-    builds.append((ATTNFUSE_PER_TENSOR, "", False, per_tensor))
-    builds.append((ATTNFUSE, "", False, lambda: attnfuse.optimize_onnx(export(), quantize="int8").proto))
-    return builds
+    return [*builds, (ATTNFUSE_PER_TENSOR, "", False, per_tensor),
+            (ATTNFUSE, "", False, lambda: attnfuse.optimize_onnx(export(), quantize="int8").proto)]
 
 
 def int8_contenders(builders: OnnxBuilders, export: Callable[[], str], threads: int, step: Callable[[str], None],
