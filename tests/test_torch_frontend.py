@@ -157,7 +157,8 @@ def test_bad_arguments_are_user_errors(kwargs, message):
 
 
 class BandedSDPA(torch.nn.Module):
-    """Embeddings as the input, and SDPA with a boolean band-and-padding mask: an additive site."""
+    """Embeddings as the input, and SDPA with a boolean band-and-padding mask: a window site, lowered
+    with SDPA's own mask."""
 
     def __init__(self, hidden: int = 32, heads: int = 4):
         super().__init__()
@@ -178,7 +179,7 @@ def test_boolean_sdpa_mask_on_a_packed_input():
     model = BandedSDPA().eval()
     mask = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
     optimized = attnfuse.optimize(model, example_kwargs=dict(x=torch.randn(2, 7, 32), attention_mask=mask))
-    assert [(s.fused, s.mask) for s in optimized.report.sites] == [(True, "additive")]
+    assert [(s.fused, s.mask, s.window) for s in optimized.report.sites] == [(True, "window", (2, 2))]
     assert optimized.report.fused_ops == {"packed_attention": 1}
     inputs = dict(x=torch.randn(3, 9, 32), attention_mask=torch.tensor([[1] * 4 + [0] * 5, [1] * 9, [0] * 2 + [1] * 7]))
     with torch.no_grad():

@@ -44,7 +44,7 @@ def right_and_left_padded(family: str) -> list[dict[str, torch.Tensor]]:
     return [right, {name: value.flip(1) for name, value in right.items()}]
 
 
-def padding_free(report) -> attnfuse.passes.site.Fusion:
+def padding_free(report) -> attnfuse.core.outcome.Fusion:
     return next(f for f in report.fusions if f.name == "padding-free")
 
 

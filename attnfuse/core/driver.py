@@ -4,7 +4,8 @@ For each rule in order and each of its anchors: match; skip what a rollback excl
 build the replacements the rule offers, prove each on the probe's runs (every claimed
 value must come out equal, to the tolerance of its dtype, at real tokens) and commit the
 first that proves; report every anchor with what happened to it. Nothing is committed
-unproven, and every failure is a reason in the report.
+unproven (but an opt-in approximation, whose error its rule measures and reports), and
+every failure is a reason in the report.
 """
 from __future__ import annotations
 
@@ -68,13 +69,18 @@ def _at(rule: Rule, anchor, graph: Graph, view: View, excluded: Collection[Candi
     try:
         for replacement in rule.lower(match, graph, view):
             try:
-                prove(replacement, view)
+                if replacement.why_not is not None:
+                    raise NoMatch(replacement.why_not)
+                if replacement.exact:
+                    prove(replacement, view)
             except NoMatch as why:
                 failed.append((replacement.label, str(why)))
                 continue
             graph.commit(replacement)
             view.committed(replacement)
-            outcome = rule.report(anchor, match, graph)  # lowering may have learned more (its facts)
+            outcome = rule.report(anchor, match, graph)
+            for name, value in replacement.facts.items():  # what lowering learned (an approximation's error)
+                setattr(outcome, name, value)
             outcome.fused, outcome.reason = True, None
             _note(outcome, replacement.label, failed)
             return Applied(candidate, outcome)

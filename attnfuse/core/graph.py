@@ -14,7 +14,7 @@ number; the view reads it as a constant.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 Value = Any  # onnx_ir.Value or torch.fx.Node (or a Python number as an fx operand)
@@ -62,6 +62,7 @@ class Op(enum.Enum):
     SHAPE = "shape"  # reads a shape, not values
     # linear algebra
     MATMUL = "matmul"  # (a, b)
+    BADDBMM = "baddbmm"  # (c, a, b): beta * c + alpha * (a @ b), batched
     LINEAR = "linear"  # (x, weight [out, in], bias or None): x @ weight^T + bias
     # whole ops
     SOFTMAX = "softmax"  # axes(): the one axis
@@ -131,6 +132,13 @@ class Graph(Protocol):
 
     def settle(self) -> None:
         """Forget the nodes of every rewrite built since the last settle and not committed."""
+
+    def padding_mask(self) -> Value | None:
+        """The model's padding-mask input ([B, T], nonzero for a real token; with a KV cache it covers
+        the cached and the new tokens), None without one."""
+
+    def attention_lowerings(self, match: Any, view: Any, options: Any) -> Iterator[Any]:
+        """This IR's replacements for an attention match (rules/attention.py), the preferred first."""
 
 
 def walk_back(graph: Graph, value: Value, through: Iterable[Op], limit: int = 64) -> Value:

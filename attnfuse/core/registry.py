@@ -3,8 +3,8 @@
 A `FusedOp` says what the op computes (its reference in kernels/reference.py), whether
 it is token-wise (each output token depends on the same token of its inputs only:
 padding-free runs such ops on the packed real tokens), how ONNX spells it (one or more
-`OnnxForm`s: ONNX Runtime's contrib ops, or its own ops in the ONNX domain) and the
-function a torch.fx graph calls (kernels/ops.py; None for ops with no torch form).
+`OnnxForm`s of kernels/onnx_forms.py: ONNX Runtime's contrib ops, or its own ops in the ONNX
+domain) and the function a torch.fx graph calls (kernels/ops.py; None for ops with no torch form).
 
 Passes, padding-free, the report, `inspect` and the torch export read op names, input
 slots and token-wise-ness from here; no op name is a string literal elsewhere.
@@ -15,38 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from attnfuse.kernels import ops, reference
-
-MS_DOMAIN = "com.microsoft"
-ONNX_DOMAIN = ""
-
-
-@dataclass(frozen=True)
-class OnnxForm:
-    """One ONNX spelling of a fused op: its type, domain and named input and output slots
-    (in the op's order, as ONNX Runtime's schema names them)."""
-
-    op_type: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    domain: str = MS_DOMAIN
-
-    def slot(self, name: str) -> int:
-        """The position of the input named `name`."""
-        return self.inputs.index(name)
-
-    def output(self, name: str) -> int:
-        return self.outputs.index(name)
-
-    def arguments(self, **named) -> list:
-        """The op's inputs in slot order from keyword arguments (None where not given), trailing
-        absent inputs dropped. ValueError for a name the op does not have."""
-        unknown = set(named) - set(self.inputs)
-        if unknown:
-            raise ValueError(f"{self.op_type} has no input {', '.join(sorted(unknown))}")
-        values = [named.get(name) for name in self.inputs]
-        while values and values[-1] is None:
-            values.pop()
-        return values
+from attnfuse.kernels.onnx_forms import (  # noqa: F401  (the forms are read as registry.<FORM>)
+    BIAS_GELU_FORM, EMBED_LAYER_NORMALIZATION, FAST_GELU, GELU_FORM, GROUP_QUERY_ATTENTION, LAYER_NORMALIZATION,
+    MS_DOMAIN, MULTI_HEAD_ATTENTION, ONNX_DOMAIN, PACKED_MULTI_HEAD_ATTENTION, ROTARY_EMBEDDING,
+    SIMPLIFIED_LAYER_NORMALIZATION, SKIP_LAYER_NORMALIZATION, SKIP_SIMPLIFIED_LAYER_NORMALIZATION, OnnxForm, gelu_form,
+)
 
 
 @dataclass(frozen=True)
@@ -60,41 +33,6 @@ class FusedOp:
     def form(self, op_type: str) -> OnnxForm:
         return next(form for form in self.onnx if form.op_type == op_type)
 
-
-MULTI_HEAD_ATTENTION = OnnxForm(
-    "MultiHeadAttention",
-    ("query", "key", "value", "bias", "key_padding_mask", "attention_bias", "past_key", "past_value",
-     "past_sequence_length", "cache_indirection"),
-    ("output", "present_key", "present_value", "qk"))
-GROUP_QUERY_ATTENTION = OnnxForm(
-    "GroupQueryAttention",
-    ("query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length", "cos_cache",
-     "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale", "q_norm_weight",
-     "k_norm_weight", "query_seqlens"),
-    ("output", "present_key", "present_value", "output_qk"))
-PACKED_MULTI_HEAD_ATTENTION = OnnxForm(
-    "PackedMultiHeadAttention",
-    ("query", "key", "value", "bias", "token_offset", "cumulative_sequence_length", "attention_bias"), ("output",))
-SKIP_LAYER_NORMALIZATION = OnnxForm(
-    "SkipLayerNormalization", ("input", "skip", "gamma", "beta", "bias"),
-    ("output", "mean", "inv_std_var", "input_skip_bias_sum"))
-SKIP_SIMPLIFIED_LAYER_NORMALIZATION = OnnxForm(
-    "SkipSimplifiedLayerNormalization", ("input", "skip", "gamma", "bias"),
-    ("output", "mean", "inv_std_var", "input_skip_bias_sum"))
-# ONNX Runtime's own op in the ONNX domain: it registers it nowhere else.
-SIMPLIFIED_LAYER_NORMALIZATION = OnnxForm(
-    "SimplifiedLayerNormalization", ("X", "scale"), ("Y", "inv_std_var"), domain=ONNX_DOMAIN)
-LAYER_NORMALIZATION = OnnxForm("LayerNormalization", ("X", "Scale", "B"), ("Y", "Mean", "InvStdDev"),
-                               domain=ONNX_DOMAIN)
-EMBED_LAYER_NORMALIZATION = OnnxForm(
-    "EmbedLayerNormalization",
-    ("input_ids", "segment_ids", "word_embedding", "position_embedding", "segment_embedding", "gamma", "beta",
-     "mask", "position_ids"),
-    ("output", "mask_index", "embedding_sum"))
-BIAS_GELU_FORM = OnnxForm("BiasGelu", ("A", "B"), ("C",))
-FAST_GELU = OnnxForm("FastGelu", ("X", "bias"), ("Y",))
-GELU_FORM = OnnxForm("Gelu", ("X",), ("Y",))
-ROTARY_EMBEDDING = OnnxForm("RotaryEmbedding", ("input", "position_ids", "cos_cache", "sin_cache"), ("output",))
 
 ATTENTION = FusedOp("attention", reference.attention, False, (MULTI_HEAD_ATTENTION, GROUP_QUERY_ATTENTION),
                     ops.attention)
@@ -116,13 +54,6 @@ FUSED_OPS = (ATTENTION, PACKED_ATTENTION, SKIP_LAYER_NORM, LAYER_NORM, EMBED_LAY
 # Fused attention that ONNX Runtime (or an earlier attnfuse run) may have written into a model:
 # kept as it is, and counted.
 FOREIGN_ATTENTION = frozenset({"Attention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
-
-
-def gelu_form(approximate: str, bias: bool) -> OnnxForm:
-    """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
-    if approximate == "tanh":
-        return FAST_GELU
-    return BIAS_GELU_FORM if bias else GELU_FORM
 
 
 def of_onnx(domain: str, op_type: str) -> tuple[FusedOp, OnnxForm] | None:

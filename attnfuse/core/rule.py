@@ -38,7 +38,15 @@ class Replacement:
     nodes: list[Node]
     claims: list[tuple[Value, Value]]
     builder: Any = None  # the adapter's builder that made the nodes (it commits them)
-    facts: dict[str, Any] = field(default_factory=dict)  # what the rule learned by building it
+    facts: dict[str, Any] = field(default_factory=dict)  # what the rule learned by building it: fields of
+    # the report's entry, set there when this replacement is committed
+    exact: bool = True  # False: an opt-in approximation, whose error the rule measured instead of proving it
+    why_not: str | None = None  # a preferred form that could not be built (no nodes): why, for the note
+
+    @classmethod
+    def unbuilt(cls, label: str, why: str) -> "Replacement":
+        """A preferred form that does not apply here, kept in the order so the report says why."""
+        return cls(label, [], [], why_not=why)
 
 
 class Rule(Protocol, Generic[M]):

@@ -21,9 +21,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from attnfuse.kernels import reference
+from attnfuse.kernels import onnx_forms, reference
 
-MS_DOMAIN = "com.microsoft"
 
 # ---------------------------------------------------------------------------
 # Helpers shared by the implementations
@@ -311,15 +310,14 @@ def skip_layernorm(x, skip, bias, weight, beta, eps: float):
     if _exporting():
         if weight is None:
             weight = x.new_ones(x.shape[-1])
-        return _skip_norm("SkipLayerNormalization", (x, skip, weight, beta, bias), eps)
+        return _skip_norm(onnx_forms.SKIP_LAYER_NORMALIZATION, (x, skip, weight, beta, bias), eps)
     return skip_layernorm_op(x, skip, bias, weight, beta, eps)
 
 
 def bias_gelu(x, bias, approximate: str):
     if _exporting():
-        if approximate == "tanh":
-            return _symbolic("FastGelu", (x, bias), {}, x)
-        return _symbolic("Gelu", (x,), {}, x) if bias is None else _symbolic("BiasGelu", (x, bias), {}, x)
+        form = onnx_forms.gelu_form(approximate, bias is not None)
+        return _symbolic(form, tuple(a for a in (x, bias) if a is not None), {}, x)
     return bias_gelu_op(x, bias, approximate)
 
 
@@ -327,24 +325,24 @@ def rms_norm(x, weight, eps: float):
     if _exporting():
         scale = weight if weight is not None else x.new_ones(x.shape[-1])
         attrs = {"axis": -1, "epsilon": float(eps), "stash_type": 1}
-        return _symbolic("SimplifiedLayerNormalization", (x, scale), attrs, x, domain="")
+        return _symbolic(onnx_forms.SIMPLIFIED_LAYER_NORMALIZATION, (x, scale), attrs, x)
     return rms_norm_op(x, weight, eps)
 
 
 def skip_rms_norm(x, skip, weight, eps: float):
     if _exporting():
         scale = weight if weight is not None else x.new_ones(x.shape[-1])
-        return _skip_norm("SkipSimplifiedLayerNormalization", (x, skip, scale), eps)
+        return _skip_norm(onnx_forms.SKIP_SIMPLIFIED_LAYER_NORMALIZATION, (x, skip, scale), eps)
     return skip_rms_norm_op(x, skip, weight, eps)
 
 
-def _skip_norm(op_type: str, inputs: tuple, eps: float):
+def _skip_norm(form: onnx_forms.OnnxForm, inputs: tuple, eps: float):
     """A com.microsoft skip norm's outputs 0 and 3: the norm and the residual sum (its mean and
     inverse deviation, outputs 1 and 2, unused)."""
     x = inputs[0]
     statistics = (*x.shape[:-1], 1)
     out, _, _, total = torch.onnx.ops.symbolic_multi_out(
-        f"{MS_DOMAIN}::{op_type}", inputs, {"epsilon": float(eps)},
+        f"{form.domain}::{form.op_type}", inputs, {"epsilon": float(eps)},
         dtypes=(x.dtype, torch.float32, torch.float32, x.dtype), shapes=(x.shape, statistics, statistics, x.shape),
         version=1,
     )
@@ -359,26 +357,62 @@ def rotary(x, cos, sin, num_heads: int, interleaved: bool):
         tables = [t.reshape(-1, t.shape[-1]) for t in (cos, sin)]
         positions = torch.arange(tables[0].shape[0], device=x.device).reshape(cos.shape[:-1]).expand(x.shape[:-1])
         attrs = {"num_heads": num_heads, "rotary_embedding_dim": 2 * cos.shape[-1], "interleaved": int(interleaved)}
-        return _symbolic("RotaryEmbedding", (x, positions, *tables), attrs, x)
+        return _symbolic(onnx_forms.ROTARY_EMBEDDING, (x, positions, *tables), attrs, x)
     return rotary_op(x, cos, sin, num_heads, interleaved)
 
 
 def _onnx_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
+    """The op the ONNX path writes for the same attention (onnx_forms.attention_form): GroupQueryAttention
+    for k and v with fewer heads than q, or a decode step's cache; MultiHeadAttention otherwise."""
     groups = kv_heads(q, k, num_heads)
     shape = _output_shape(q, k, v, num_heads)
-    if q.dim() == 4:  # MultiHeadAttention's query is [B, S, hidden]
+    if q.dim() == 4:  # the fused ops' query is [B, S, hidden]
         q = merge_heads(q)
+    head_size = q.shape[-1] // num_heads
+    # One query (a decode step, its shape fixed in the export) reads a cache: the keys before it.
+    cached = isinstance(q.shape[1], int) and q.shape[1] == 1
+    form = onnx_forms.attention_form(num_heads, groups, head_size, shape[-1] // num_heads, cache=cached,
+                                     causal=causal or cached, softcap=False).form
+    if form is onnx_forms.GROUP_QUERY_ATTENTION:
+        return _onnx_grouped(q, k, v, key_padding_mask, bias, num_heads, groups, scale, causal, cached, shape)
     if groups != num_heads:  # MultiHeadAttention has as many k/v heads as q heads: repeat them
         k, v = (_repeat_heads(x, groups, num_heads) for x in (k, v))
     keys = k.shape[2 if k.dim() == 4 else 1]
+    mask = _attention_bias(key_padding_mask, bias, causal, q, keys)
+    form = onnx_forms.MULTI_HEAD_ATTENTION
+    return _symbolic(form, form.arguments(query=q, key=k, value=v, attention_bias=mask),
+                     {"num_heads": num_heads, "scale": float(scale)}, q, shape=shape)
+
+
+def _attention_bias(key_padding_mask, bias, causal: bool, q: torch.Tensor, keys) -> Optional[torch.Tensor]:
+    """The fused ops' attention_bias, [B or 1, H or 1, S, T]: no broadcast over S or T."""
     mask = additive_mask(key_padding_mask, bias, causal, q.shape[1], keys, q.dtype, q.device)
-    if mask is not None:
-        # MultiHeadAttention's attention_bias is [B or 1, H or 1, S, T]: no broadcast over S or T.
-        mask = mask.expand(*mask.shape[:2], q.shape[1], keys)
-    return _symbolic(
-        "MultiHeadAttention", (q, k, v, None, None, mask), {"num_heads": num_heads, "scale": float(scale)}, q,
-        shape=shape,
+    return mask.expand(*mask.shape[:2], q.shape[1], keys) if mask is not None else None
+
+
+def _onnx_grouped(q, k, v, key_padding_mask, bias, num_heads: int, groups: int, scale, causal: bool, cached: bool,
+                  shape) -> torch.Tensor:
+    """GroupQueryAttention on [B, S, hidden] q: k and v unrepeated; with a cache, the keys before this
+    step's as its past (it appends the new ones and attends causally, bottom-right), its masks as the bias."""
+    k, v = split_heads(k, groups), split_heads(v, groups)  # [B, G, T, D]
+    queries, keys = q.shape[1], k.shape[2]
+    batch = torch.ones(q.shape[0], dtype=torch.int32, device=q.device)
+    inputs = {"query": q, "key": merge_heads(k), "value": merge_heads(v),
+              "seqlens_k": batch * (keys - 1), "total_sequence_length": batch[0] * keys,
+              "attention_bias": _attention_bias(key_padding_mask, bias, False, q, keys)}
+    if cached:
+        past = keys - queries
+        inputs.update(key=merge_heads(k[:, :, past:]), value=merge_heads(v[:, :, past:]), past_key=k[:, :, :past],
+                      past_value=v[:, :, :past], query_seqlens=batch * queries)
+    attributes = {"num_heads": num_heads, "kv_num_heads": groups, "scale": float(scale),
+                  "causal": int(causal or cached)}
+    form = onnx_forms.GROUP_QUERY_ATTENTION
+    present = (q.shape[0], groups, keys, k.shape[-1])
+    output, _, _ = torch.onnx.ops.symbolic_multi_out(
+        f"{form.domain}::{form.op_type}", form.arguments(**inputs), attributes,
+        dtypes=(q.dtype,) * 3, shapes=(shape, present, present), version=1,
     )
+    return output
 
 
 def _repeat_heads(x: torch.Tensor, groups: int, num_heads: int) -> torch.Tensor:
@@ -390,7 +424,8 @@ def _repeat_heads(x: torch.Tensor, groups: int, num_heads: int) -> torch.Tensor:
     return heads[:, :, :, None].expand(-1, -1, -1, repeats, -1).flatten(2)
 
 
-def _symbolic(op_type: str, inputs, attrs: dict, like: torch.Tensor, shape=None, domain: str = MS_DOMAIN) -> torch.Tensor:
+def _symbolic(form: onnx_forms.OnnxForm, inputs, attrs: dict, like: torch.Tensor, shape=None) -> torch.Tensor:
     return torch.onnx.ops.symbolic(
-        f"{domain}::{op_type}", inputs, attrs, dtype=like.dtype, shape=like.shape if shape is None else shape, version=1
+        f"{form.domain}::{form.op_type}", inputs, attrs, dtype=like.dtype, shape=like.shape if shape is None else shape,
+        version=1,
     )

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from attnfuse.core import registry
+from attnfuse.core.outcome import AttentionSite
 from attnfuse.passes.onnx import quantized
 from attnfuse.passes.onnx.graph import nodes_on_one_path
-from attnfuse.passes.site import AttentionSite
 
 
 class Check(str, enum.Enum):

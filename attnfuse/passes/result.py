@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from attnfuse.core.driver import Applied
-from attnfuse.core.outcome import Outcome
-from attnfuse.passes.legacy import SITES
+from attnfuse.core.outcome import AttentionSite, Outcome
 
 
 def is_site(outcome: Outcome) -> bool:
     """An attention site's report (every other outcome is a Fusion)."""
-    return isinstance(outcome, SITES)
+    return isinstance(outcome, AttentionSite)
 
 
 @dataclass

@@ -411,14 +411,16 @@ def progress_steps(model: DecoderBench, int4: bool = False) -> int:
 # ---- reporting ----------------------------------------------------------------------------------
 
 def plot(records: list[dict], path: Path) -> None:
-    """Per workload (columns): median ms and peak MB (rows) of each contender, bars marked with
-    attnfuse's and every contender's ratio to the fastest correct peer, or why it does not count."""
+    """Per workload (columns): median ms and, where measured, peak MB (rows) of each contender, bars
+    marked with every contender's ratio to the fastest correct peer, or why it does not count."""
     loads = list(dict.fromkeys(r["workload"] for r in records))
-    figure, plt = bench.figure((6 * len(loads), 7))
-    axes = figure.subplots(2, len(loads), squeeze=False)
+    fields = [("median_ms", "median ms"), ("peak_mb", "peak MB (fresh process)")]
+    fields = [(field, label) for field, label in fields if any(r.get(field) for r in records)]
+    figure, plt = bench.figure((6 * len(loads), 1.5 + 3.5 * len(fields)))
+    axes = figure.subplots(len(fields), len(loads), squeeze=False)
     for column, workload in enumerate(loads):
         rows = [r for r in records if r["workload"] == workload]
-        for row, (field, label) in enumerate((("median_ms", "median ms"), ("peak_mb", "peak MB (fresh process)"))):
+        for row, (field, label) in enumerate(fields):
             axis = axes[row][column]
             heights = [r[field] or 0.0 for r in rows]
             bars = axis.bar(range(len(rows)), heights, color=[f"C{i}" for i in range(len(rows))])
@@ -427,7 +429,7 @@ def plot(records: list[dict], path: Path) -> None:
                 note = bar_note(r) if field == "median_ms" else ("" if r[field] else "-")
                 axis.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                               fontsize=7)
-            axis.set_xticks(range(len(rows)), [r["contender"].replace(" (", "\n(") for r in rows], fontsize=7)
+            axis.set_xticks(range(len(rows)), [r["contender"] for r in rows], fontsize=7, rotation=30, ha="right")
             axis.set_ylabel(label)
             axis.margins(y=0.15)
             if row == 0:

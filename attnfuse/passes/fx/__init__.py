@@ -5,7 +5,6 @@ The one entry point the optimizer calls is `run_passes`.
 from __future__ import annotations
 
 import copy
-import functools
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -14,18 +13,18 @@ import torch.fx as fx
 from attnfuse.core import driver
 from attnfuse.core.driver import Applied, Candidate
 from attnfuse.core.options import PassOptions
-from attnfuse.passes import legacy, result
+from attnfuse.core.outcome import Fusion
+from attnfuse.passes import result
 from attnfuse.passes.fx import padding_free
 from attnfuse.passes.fx.adapter import FxGraph
-from attnfuse.passes.fx.attention import fuse_attention
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_tokens, placeholders, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
+from attnfuse.passes.rules.attention import Attention
 from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
 from attnfuse.passes.rules.gelu import Gelu
 from attnfuse.passes.rules.normalization import Normalization
 from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
-from attnfuse.passes.site import Fusion
 
 
 @dataclass
@@ -48,7 +47,8 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], options: 
     adapter = FxGraph(graph, view)
     found = driver.rewrite(adapter, view, [Rotary()], excluded)  # first: attention then reads q and k as rows
     remove_dead(graph)
-    found += legacy.run(excluded, "attention", fuse_attention, graph, probe, mask)
+    found += driver.rewrite(adapter, view, [Attention(options)], excluded)
+    remove_dead(graph)
     found += driver.rewrite(adapter, view, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()], excluded)
     remove_dead(graph)
     module.recompile()

@@ -13,7 +13,9 @@ import torch.fx as fx
 
 from attnfuse.core import registry
 from attnfuse.core.graph import Op
+from attnfuse.core.outcome import Rotary, RotaryKind
 from attnfuse.core.rule import Replacement
+from attnfuse.passes.fx import attention_lowering
 from attnfuse.passes.fx.spelling import FxBuilder
 
 aten = torch.ops.aten
@@ -43,6 +45,7 @@ _OPS = {
     aten.unbind.int: Op.SPLIT, aten.cat.default: Op.CONCAT, aten.stack.default: Op.STACK, operator.getitem: Op.ITEM,
     aten.sym_size.int: Op.SHAPE,
     aten.matmul.default: Op.MATMUL, aten.bmm.default: Op.MATMUL, aten.mm.default: Op.MATMUL,
+    aten.baddbmm.default: Op.BADDBMM,
     aten.linear.default: Op.LINEAR,
     aten.softmax.int: Op.SOFTMAX, aten._softmax.default: Op.SOFTMAX,
     aten.layer_norm.default: Op.LAYER_NORM, aten.gelu.default: Op.GELU,
@@ -109,6 +112,8 @@ class FxGraph:
             return [args[0], args[1]]  # embedding(table, indices)
         if found is Op.SDPA:
             return [args[0], args[1], args[2], _arg(node, 3, "attn_mask")]
+        if found is Op.BADDBMM:
+            return [args[0], args[1], args[2]]
         if found in (Op.RESHAPE, Op.EXPAND, Op.TRANSPOSE, Op.SLICE, Op.GATHER, Op.SQUEEZE, Op.UNSQUEEZE, Op.SPLIT,
                      Op.REDUCE_MEAN, Op.REDUCE_SUM, Op.SOFTMAX, Op.CAST, Op.IDENTITY, Op.ITEM, Op.SHAPE):
             return [args[0], *_nodes_in(args[1:])]  # the data, then sizes computed in the graph
@@ -156,6 +161,12 @@ class FxGraph:
             return node.kwargs.get("approximate", "none")
         if name == "fused_op":
             return registry.of_torch(node.target) or default
+        if name == "causal" and self.op(node) is Op.SDPA:
+            return bool(_arg(node, 5, "is_causal", False))
+        if name == "rotary" and registry.of_torch(node.target) is registry.ROTARY:
+            # rotary(x, cos, sin, heads, interleaved): cos holds one angle per pair of rotated dims
+            cos = self.view.value(node.args[1])
+            return Rotary(RotaryKind.INTERLEAVED if node.args[4] else RotaryKind.HALF, 2 * cos.shape[-1])
         return node.kwargs.get(name, default)
 
     def alive(self, node: fx.Node) -> bool:
@@ -168,6 +179,12 @@ class FxGraph:
         builder = FxBuilder(self.graph, self.view, label)
         self._builders.append(builder)
         return builder
+
+    def padding_mask(self) -> fx.Node | None:
+        return self.view.mask
+
+    def attention_lowerings(self, match, view, options):
+        return attention_lowering.lowerings(match, self, view, options)
 
     def commit(self, replacement: Replacement) -> None:
         new = set(replacement.nodes)

@@ -13,11 +13,11 @@ import torch
 import torch.fx as fx
 from torch.fx._pytree import tree_flatten_spec
 
+from attnfuse.core.rule import NoMatch  # noqa: F401  (one NoMatch for every pass)
+
 aten = torch.ops.aten
 
 
-class NoMatch(Exception):
-    """A rewrite does not apply; the message says what did not fit."""
 
 
 @dataclass

@@ -25,9 +25,9 @@ import torch.fx as fx
 
 from attnfuse.core import registry
 from attnfuse.kernels import ops, reference
-from attnfuse.passes.fx.attention import HIDDEN
+from attnfuse.core.measure.masks import MASKED as HIDDEN
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, aten, is_op, remove_dead
-from attnfuse.passes.site import Fusion
+from attnfuse.core.outcome import Fusion
 
 NAME = "padding-free"
 OP = "packed tokens"

@@ -33,6 +33,15 @@ class FxBuilder:
         self.nodes.append(node)
         return node
 
+    def copy(self, node: fx.Node, replaced: dict) -> fx.Node:
+        """A copy of `node` that reads replaced[x] instead of each x that `replaced` holds."""
+        output = next(n for n in reversed(self.graph.nodes) if n.op == "output")
+        with self.graph.inserting_before(output):
+            made = self.graph.node_copy(node, lambda x: replaced.get(x, x))
+        made.meta["attnfuse"] = self.label
+        self.nodes.append(made)
+        return made
+
     def items(self, node: fx.Node, count: int) -> list[fx.Node]:
         return [self.call(operator.getitem, node, i) for i in range(count)]
 

@@ -4,37 +4,31 @@ The one entry point the optimizer calls is `run_passes`.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Collection
 from typing import Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.core import registry
+from attnfuse.core import driver
 from attnfuse.core.driver import Applied, Candidate
 from attnfuse.core.options import PassOptions, Target
-from attnfuse.passes import legacy
-from attnfuse.passes import site as kinds
+from attnfuse.core.outcome import AttentionSite, CacheKind, Fusion
 from attnfuse.passes.onnx import padding_free, unpadded_branch
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
-    MS_DOMAIN, NoMatch, attr, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
+    MS_DOMAIN, NoMatch, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
 )
-from attnfuse.passes.onnx.sites import fuse_attention
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
 from attnfuse.passes.result import PassResult
+from attnfuse.passes.rules import attention
 from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
 from attnfuse.passes.rules.normalization import Normalization
 from attnfuse.passes.rules.gelu import Gelu
 from attnfuse.passes.rules.rotary import Rotary
 from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
-from attnfuse.core import driver
-from attnfuse.passes.site import AttentionSite, Fusion
-
-ATTENTION = "attention"
 
 
 class Probe(Protocol):
@@ -79,18 +73,17 @@ def run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Co
 def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate]) -> PassResult:
     graph = model.graph
     mask = padding_mask(graph, probe)
-    old = functools.partial(legacy.run, excluded)
-    result = PassResult(legacy.applied(ATTENTION, already_fused(graph)))
+    fused_before = attention.already_fused(OnnxGraph(graph, None), nodes_on_one_path(graph))
+    result = PassResult(_reported(fused_before))
     applied = result.applied
+    # Rotary first: attention then reads rotated q and k.
+    rules = [Rotary(), attention.Attention(options), Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()]
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
         if in_loop and not _observed(subgraph, probe):
-            applied += legacy.applied(ATTENTION, _in_loop_body(subgraph))
+            applied += _reported(_in_loop_body(subgraph))
             continue
         canonicalize(subgraph, probe)
-        applied += _rules(subgraph, probe, excluded, [Rotary()])  # first: attention then reads rotated q and k
-        applied += old(ATTENTION, fuse_attention, subgraph, probe, mode=options.attention,
-                       mask_input=mask.value if mask else None)
-        applied += _rules(subgraph, probe, excluded, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()])
+        applied += _rules(subgraph, probe, excluded, rules, mask)
     remove_unused(model)
     sites = result.sites
     if options.padding_free:
@@ -114,9 +107,14 @@ def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: C
     return result
 
 
-def _rules(graph: ir.Graph, probe, excluded: Collection[Candidate], rules) -> list[Applied]:
+def _rules(graph: ir.Graph, probe, excluded: Collection[Candidate], rules, mask) -> list[Applied]:
     view = OrtView(probe, opset(graph))
-    return driver.rewrite(OnnxGraph(graph, view), view, rules, excluded)
+    return driver.rewrite(OnnxGraph(graph, view, mask.value if mask else None), view, rules, excluded)
+
+
+def _reported(sites: list[AttentionSite]) -> list[Applied]:
+    """Attention sites reported without a rewrite, each with the candidate its name anchors."""
+    return [Applied(Candidate(attention.Attention.name, site.name), site) for site in sites]
 
 
 def _anchor(mask) -> str:
@@ -129,14 +127,6 @@ def padding_mask(graph: ir.Graph, probe: Probe) -> padding_free.PaddingMask | No
     inputs = {value.name: value for value in graph.inputs}
     mask = inputs.get(probe.plan.padding_mask)
     return padding_free.PaddingMask(mask, inputs.get(probe.plan.token_ids)) if mask is not None else None
-
-
-def already_fused(graph: ir.Graph) -> list[AttentionSite]:
-    """The fused attention the model came with (by attnfuse or ONNX Runtime), once per attention a
-    run takes: kept, and counted."""
-    return [AttentionSite(name=node.name, fused=True, already_fused=True, num_heads=attr(node, "num_heads", 0),
-                          reason=f"already fused ({node.domain}.{node.op_type} in the input)")
-            for node in nodes_on_one_path(graph) if registry.is_fused_attention(node.domain, node.op_type)]
 
 
 def _observed(graph: ir.Graph, probe: Probe) -> bool:
@@ -179,7 +169,7 @@ def _why_no_unpadded_branch(options: PassOptions, excluded: bool, sites: list[At
         return driver.EXCLUDED
     if options.target != Target.ORT_CPU:
         return "only for ort-cpu: packed attention has no copies to skip on CUDA"
-    if any(site.cache == kinds.CACHE_PAST for site in sites):
+    if any(site.cache is CacheKind.PAST for site in sites):
         # Measured on the benchmark Llama: ONNX Runtime pre-packs the weights of each branch's
         # MatMuls apart (957 MB against 621 MB for a decode step), and a generated batch with a
         # padded row keeps it padded at every step, so the unpadded graph would seldom run.

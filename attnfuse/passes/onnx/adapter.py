@@ -10,7 +10,10 @@ import onnx_ir as ir
 
 from attnfuse.core import registry
 from attnfuse.core.graph import Op
+from attnfuse.core.outcome import Rotary, RotaryKind
 from attnfuse.core.rule import Replacement
+from attnfuse.kernels.onnx_forms import ROTARY_EMBEDDING
+from attnfuse.passes.onnx import attention_lowering
 from attnfuse.passes.onnx.graph import attr, constant, replace_uses
 from attnfuse.passes.onnx.spelling import OnnxBuilder
 
@@ -30,10 +33,11 @@ _EPSILON = 1e-5
 
 
 class OnnxGraph:
-    """One onnx_ir graph (the model's, or a subgraph) through canonical ops."""
+    """One onnx_ir graph (the model's, or a subgraph) through canonical ops; `mask` is the model's padding
+    mask input (a subgraph reads it from the model's graph)."""
 
-    def __init__(self, graph: ir.Graph, view):
-        self.graph, self.view = graph, view
+    def __init__(self, graph: ir.Graph, view, mask: ir.Value | None = None):
+        self.graph, self.view, self.mask = graph, view, mask
 
     def nodes(self) -> list[ir.Node]:
         return list(self.graph)
@@ -92,6 +96,12 @@ class OnnxGraph:
         if name == "fused_op":
             found = registry.of_onnx(node.domain, node.op_type)
             return found[0] if found else default
+        if name == "fused_attention":  # fused attention the model came with: its domain and type
+            return f"{node.domain}.{node.op_type}" if registry.is_fused_attention(node.domain, node.op_type) \
+                else default
+        if name == "rotary" and (node.domain, node.op_type) == (ROTARY_EMBEDDING.domain, ROTARY_EMBEDDING.op_type):
+            kind = RotaryKind.INTERLEAVED if attr(node, "interleaved", 0) else RotaryKind.HALF
+            return Rotary(kind, attr(node, "rotary_embedding_dim", 0))  # 0: every dim of each head
         return attr(node, name, default)
 
     def alive(self, node: ir.Node) -> bool:
@@ -116,6 +126,12 @@ class OnnxGraph:
         self.graph.insert_after(after, [node for node in replacement.nodes if node.graph is None])
         for old, new in replacement.claims:
             replace_uses(old, new)
+
+    def padding_mask(self) -> ir.Value | None:
+        return self.mask
+
+    def attention_lowerings(self, match, view, options):
+        return attention_lowering.lowerings(match, self, view, options)
 
     def _opset(self) -> int:
         return self.view.opset

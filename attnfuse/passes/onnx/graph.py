@@ -10,11 +10,11 @@ from typing import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from attnfuse.core.rule import NoMatch  # noqa: F401  (one NoMatch for every pass)
+
 MS_DOMAIN = "com.microsoft"
 
 
-class NoMatch(Exception):
-    """The first thing that did not fit; its message is the reason in the report."""
 
 
 def op_of(value: ir.Value | None) -> str | None:

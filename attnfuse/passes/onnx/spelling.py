@@ -37,6 +37,11 @@ class OnnxBuilder(Builder):
         picked = [made[form.output(name)] for name in wanted]
         return picked if outputs else picked[0]
 
+    def copy(self, node: ir.Node, replaced: dict) -> Value:
+        """A copy of `node` that reads replaced[x] instead of each x that `replaced` holds; its first output."""
+        inputs = [replaced.get(x, x) if x is not None else None for x in node.inputs]
+        return self.op(node.op_type, inputs, dict(node.attributes), domain=node.domain)
+
     # ---- the fused ops, by their canonical arguments -----------------------------------------
 
     def skip_layer_norm(self, x: Value, skip: Value, gamma: Value | None, beta: Value | None, bias: Value | None,

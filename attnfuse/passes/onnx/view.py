@@ -118,6 +118,8 @@ class OrtView:
             onnx.helper.make_opsetid("", self.opset), onnx.helper.make_opsetid(MS_DOMAIN, 1)])
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # One thread: a region is small, and the threads of every cached session would spin between runs.
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
         try:
             session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as error:
