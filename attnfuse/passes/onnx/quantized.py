@@ -1,7 +1,8 @@
-"""ONNX Runtime's quantized ops, declared once: which input is the activation, which inputs are
-weights, which must be one value for the whole tensor, and which outputs are laid out like the
-activation. Padding-free reads this to run them on packed rows, verification to build the graph's
-twin without activation quantization (optimizer/twin.py), `--quantize` to count what it quantized.
+"""ONNX Runtime's quantized ops (spelled in kernels/onnx_forms.py), described once: which input is
+the activation, which inputs are weights, which must be one value for the whole tensor, and which
+outputs are laid out like the activation. Padding-free reads this to run them on packed rows,
+verification to build the graph's twin without activation quantization (optimizer/twin.py),
+`--quantize` to count what it quantized.
 
     int8, dynamic: DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q) -> Cast -> Mul(scale_x * scale_W)
                    (quantize_dynamic), DynamicQuantizeMatMul and MatMulIntegerToFloat (ORT's fusions of it)
@@ -14,12 +15,14 @@ restore writes there): running it packed is exactly what restoring before it com
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from attnfuse.core.registry import MS_DOMAIN, ONNX_DOMAIN, OnnxForm
+from attnfuse.kernels import onnx_forms as forms
+from attnfuse.kernels.onnx_forms import MS_DOMAIN, ONNX_DOMAIN, OnnxForm
 
 
 @dataclass(frozen=True)
@@ -37,39 +40,32 @@ class QuantizedOp:
         return self.form.op_type
 
 
-DYNAMIC_QUANTIZE_LINEAR = QuantizedOp(
-    OnnxForm("DynamicQuantizeLinear", ("x",), ("y", "y_scale", "y_zero_point"), domain=ONNX_DOMAIN),
-    "x", token_major=("y",))
-MATMUL_INTEGER = QuantizedOp(
-    OnnxForm("MatMulInteger", ("A", "B", "a_zero_point", "b_zero_point"), ("Y",), domain=ONNX_DOMAIN),
-    "A", weights=("B", "b_zero_point"), per_tensor=("a_zero_point",), token_major=("Y",), matrix="B", matmul=True)
-DYNAMIC_QUANTIZE_MATMUL = QuantizedOp(
-    OnnxForm("DynamicQuantizeMatMul", ("A", "B", "b_scale", "b_zero_point", "bias"), ("Y",)),
-    "A", weights=("B", "b_scale", "b_zero_point", "bias"), token_major=("Y",), matrix="B", matmul=True)
-MATMUL_INTEGER_TO_FLOAT = QuantizedOp(
-    OnnxForm("MatMulIntegerToFloat", ("A", "B", "a_scale", "b_scale", "a_zero_point", "b_zero_point", "bias"),
-             ("Y",)),
-    "A", weights=("B", "b_scale", "b_zero_point", "bias"), per_tensor=("a_scale", "a_zero_point"),
-    token_major=("Y",), matrix="B", matmul=True)
-MATMUL_NBITS = QuantizedOp(
-    OnnxForm("MatMulNBits", ("A", "B", "scales", "zero_points", "g_idx", "bias"), ("Y",)),
-    "A", weights=("B", "scales", "zero_points", "g_idx", "bias"), token_major=("Y",), matmul=True)
+DYNAMIC_QUANTIZE_LINEAR = QuantizedOp(forms.DYNAMIC_QUANTIZE_LINEAR, "x", token_major=("y",))
+MATMUL_INTEGER = QuantizedOp(forms.MATMUL_INTEGER, "A", weights=("B", "b_zero_point"), per_tensor=("a_zero_point",),
+                             token_major=("Y",), matrix="B", matmul=True)
+DYNAMIC_QUANTIZE_MATMUL = QuantizedOp(forms.DYNAMIC_QUANTIZE_MATMUL, "A",
+                                      weights=("B", "b_scale", "b_zero_point", "bias"), token_major=("Y",),
+                                      matrix="B", matmul=True)
+MATMUL_INTEGER_TO_FLOAT = QuantizedOp(forms.MATMUL_INTEGER_TO_FLOAT, "A",
+                                      weights=("B", "b_scale", "b_zero_point", "bias"),
+                                      per_tensor=("a_scale", "a_zero_point"), token_major=("Y",), matrix="B",
+                                      matmul=True)
+MATMUL_NBITS = QuantizedOp(forms.MATMUL_NBITS, "A", weights=("B", "scales", "zero_points", "g_idx", "bias"),
+                           token_major=("Y",), matmul=True)
 
 
-def _qdq(op_type: str, domain: str, slots: tuple[str, str, str], output: str) -> QuantizedOp:
+def _qdq(form: OnnxForm) -> QuantizedOp:
     """(De)QuantizeLinear: elementwise with constant scales (per tensor, or per channel along an axis
     of one token: padding-free checks the axis)."""
-    return QuantizedOp(OnnxForm(op_type, slots, (output,), domain=domain), slots[0], weights=slots[1:],
-                       token_major=(output,))
+    return QuantizedOp(form, form.inputs[0], weights=form.inputs[1:], token_major=form.outputs)
 
 
-QDQ = tuple(_qdq(op, domain, slots, out) for domain in (ONNX_DOMAIN, MS_DOMAIN) for op, slots, out in (
-    ("QuantizeLinear", ("x", "y_scale", "y_zero_point"), "y"),
-    ("DequantizeLinear", ("x", "x_scale", "x_zero_point"), "y")))
+QUANTIZE_LINEAR = _qdq(forms.QUANTIZE_LINEAR)
+DEQUANTIZE_LINEAR = _qdq(forms.DEQUANTIZE_LINEAR)
+QDQ = (QUANTIZE_LINEAR, DEQUANTIZE_LINEAR,
+       *(_qdq(dataclasses.replace(op.form, domain=MS_DOMAIN)) for op in (QUANTIZE_LINEAR, DEQUANTIZE_LINEAR)))
 QUANTIZED_OPS = (DYNAMIC_QUANTIZE_LINEAR, MATMUL_INTEGER, DYNAMIC_QUANTIZE_MATMUL, MATMUL_INTEGER_TO_FLOAT,
                  MATMUL_NBITS, *QDQ)
-QUANTIZE_LINEAR = QDQ[0]
-DEQUANTIZE_LINEAR = QDQ[1]
 
 
 def of_onnx(domain: str, op_type: str) -> QuantizedOp | None:
