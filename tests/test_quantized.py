@@ -17,7 +17,7 @@ from attnfuse.core.outcome import Fusion
 from attnfuse.models import zoo
 from attnfuse.models.decoders import cases
 from attnfuse.optimizer import api, optimize_onnx
-from attnfuse.optimizer.report import Check
+from attnfuse.optimizer.report import Baseline, Check
 from attnfuse.passes.onnx import padding_free, quantized, unpadded_branch
 from attnfuse.passes.onnx.graph import graphs_in_order
 from attnfuse.tools.cli import main
@@ -89,8 +89,9 @@ def test_int8_bert_is_fused_run_padding_free_and_verified_by_its_twin(bert, tmp_
     verify = report.verify
     assert verify.ok and verify.check is Check.TWIN and verify.max_rel_error <= verify.tolerance == 1e-4
     quantized_original, fp32 = verify.against
-    assert quantized_original.model == "quantized original" and quantized_original.max_rel_error <= quantized_original.bound
-    assert fp32.model == "fp32 reference" and fp32.max_rel_error < 0.05 and fp32.original_max_rel_error < 0.05
+    assert quantized_original.model is Baseline.QUANTIZED_ORIGINAL
+    assert quantized_original.max_rel_error <= quantized_original.bound
+    assert fp32.model is Baseline.FP32_REFERENCE and fp32.max_rel_error < 0.05 and fp32.original_max_rel_error < 0.05
     assert report.quantized_matmuls == 12 and report.float_matmuls == 0  # 2 layers x q, k, v, o, up, down
     # The padded branch quantizes the packed rows: no activation is restored before it is quantized.
     padded = the_branches(result.model)["else_branch"]
@@ -111,7 +112,7 @@ def test_quantized_llama_keeps_its_attention_rotary_and_norms_fused(llama, tmp_p
     assert report.verify.ok and report.quantized_matmuls == 15 and report.float_matmuls == 0  # 2 x 7 and the head
     # int4 quantizes weights only: the float check holds as it is; int8 quantizes activations: the twins'.
     assert report.verify.check is (Check.TWIN if bits == "int8" else Check.DIRECT)
-    assert report.verify.against[-1].model == "fp32 reference"
+    assert report.verify.against[-1].model is Baseline.FP32_REFERENCE
 
 
 def test_a_wrong_rewrite_of_a_quantized_model_is_rolled_back_with_its_reason(bert, tmp_path, monkeypatch):
@@ -147,7 +148,7 @@ def test_quantize_int8_quantizes_every_matmul_the_export_has_in_each_branch(bert
     assert export == [12] and quantized_matmuls(result.model) == [12, 12]  # the unpadded and the padded branch
     assert report.quantize == "int8" and report.quantized_matmuls == 12 and report.float_matmuls == 0
     assert report.verify.ok and report.verify.check is Check.TWIN
-    assert [other.model for other in report.verify.against] == ["quantized original", "fp32 reference"]
+    assert [other.model for other in report.verify.against] == [Baseline.QUANTIZED_ORIGINAL, Baseline.FP32_REFERENCE]
     assert report.fused_ops["EmbedLayerNormalization"] == 1  # the embedding tables stay float
     # What the note tells a user of quantize_dynamic: EnableSubgraph finds the branches' MatMuls too.
     plain = tmp_path / "fp32.onnx"

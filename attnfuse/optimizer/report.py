@@ -21,18 +21,27 @@ class Check(str, enum.Enum):
     TWIN = "twin"  # their twins without activation quantization (optimizer/twin.py), at the float tolerance
 
 
+class Baseline(str, enum.Enum):
+    """A model the optimized one is measured against besides the one verification judged it by."""
+
+    QUANTIZED_ORIGINAL = "quantized original"  # when the twins judged it
+    FP32_REFERENCE = "fp32 reference"  # the fp32 model a quantized one was made from
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Against:
-    """The optimized model's error against a model it was not judged by (the quantized original, when
-    the twins judged it; an fp32 reference), relative to that model's outputs."""
+    """The optimized model's error against a model it was not judged by, relative to that model's outputs."""
 
-    model: str  # "quantized original" or "fp32 reference"
+    model: Baseline
     max_rel_error: float
     bound: float | None = None  # what it may reach: the twins' own quantization errors plus the tolerance
     original_max_rel_error: float | None = None  # the original's own error against that model
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "max_rel_error": _finite_or_none(self.max_rel_error),
+        return {"model": self.model.value, "max_rel_error": _finite_or_none(self.max_rel_error),
                 "bound": _finite_or_none(self.bound) if self.bound is not None else None,
                 "original_max_rel_error": _finite_or_none(self.original_max_rel_error)
                 if self.original_max_rel_error is not None else None}

@@ -14,7 +14,7 @@ import onnxruntime as ort
 from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
-from attnfuse.optimizer.report import Against, Check, VerifyResult
+from attnfuse.optimizer.report import Against, Baseline, Check, VerifyResult
 from attnfuse.optimizer.twin import twin
 from attnfuse.core import tolerance as precision
 from attnfuse.core.options import PassOptions, Target
@@ -175,7 +175,8 @@ class Verifier:
     def _outputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
         """The model's outputs on every check set."""
         runner = session(model, self.providers)
-        return [dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds))) for inputs in self.inputs_list]
+        return [dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))
+                for inputs in self.inputs_list]
 
     def _reference_outputs(self, reference: ir.Model) -> list[dict[str, np.ndarray]]:
         """The fp32 reference's outputs on every check set; a UserError when it does not take the
@@ -247,14 +248,14 @@ class Verifier:
                 pairs.append((error / scale, bound))
         over = [(error, bound) for error, bound in pairs if error > bound]
         error, bound = max(over, key=lambda pair: pair[0] - pair[1]) if over else max(pairs)
-        return Against("quantized original", error, bound), not over
+        return Against(Baseline.QUANTIZED_ORIGINAL, error, bound), not over
 
     def _against_fp32(self, results: list[dict[str, np.ndarray]]) -> Against:
         error = max(self._compare(reference, result, inputs)[1]
                     for inputs, reference, result in zip(self.inputs_list, self.fp32, results))
         original = max(self._compare(reference, result, inputs)[1]
                        for inputs, reference, result in zip(self.inputs_list, self.fp32, self.references))
-        return Against("fp32 reference", error, original_max_rel_error=original)
+        return Against(Baseline.FP32_REFERENCE, error, original_max_rel_error=original)
 
     def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "") -> VerifyResult:
         max_abs = max((a for _, a, _ in per_set), default=float("inf"))
