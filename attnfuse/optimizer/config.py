@@ -1,11 +1,15 @@
 """What a user can ask of an optimize run."""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import onnx
+
 from attnfuse.core.modes import AttentionMode, parse_attention
 from attnfuse.core.options import PassOptions, Target
+from attnfuse.optimizer.quantize import Quantization, parse_quantization
 
 TARGETS = (Target.ORT_CPU, Target.ORT_CUDA)
 
@@ -20,12 +24,16 @@ class OptimizeConfig:
     tolerance: float | None = None  # max error relative to the output's scale; None: by the model's dtype
     seed: int = 0
     input_shapes: Mapping[str, Sequence[int]] | None = None  # input name -> dims, for what the graph leaves open
+    quantize: Quantization | str | None = None  # "int8" | "int4": the output quantized by ONNX Runtime's quantizers
+    # The fp32 model a quantized input was made from: the report gives the errors against it too.
+    reference: str | os.PathLike | onnx.ModelProto | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         self.target = Target(self.target)
         self.attention = parse_attention(self.attention)  # ValueError with the usage
+        self.quantize = parse_quantization(self.quantize)  # ValueError with the choices
 
     def pass_options(self) -> PassOptions:
         """What the passes are asked to do."""
