@@ -11,6 +11,7 @@ from typing import Any
 
 _ATTENTION = "attnfuse.attention"
 _PADDING_FREE = "attnfuse.padding_free"
+_SPELLS = "attnfuse.spells"
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,14 @@ def tag_padding_free(node: Any) -> None:
 
 def is_padding_free(node: Any) -> bool:
     return bool(node.meta.get(_PADDING_FREE))
+
+
+def tag_spells(node: Any, op: Any) -> None:
+    """`node` gives fused op `op` (a core.registry.FusedOp) spelled in standard ops: rules see that op, not
+    the standard op (the LayerNormalization of a skip layernorm is no anchor for another fusion)."""
+    node.meta[_SPELLS] = op
+
+
+def spelled_op(node: Any) -> Any:
+    """The fused op `node` spells, or None."""
+    return node.meta.get(_SPELLS)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from attnfuse.kernels import ops, reference
 from attnfuse.kernels.onnx_forms import (  # noqa: F401  (the forms are read as registry.<FORM>)
     BIAS_GELU_FORM, EMBED_LAYER_NORMALIZATION, FAST_GELU, GELU_FORM, GROUP_QUERY_ATTENTION, LAYER_NORMALIZATION,
-    MS_DOMAIN, MULTI_HEAD_ATTENTION, ONNX_DOMAIN, PACKED_MULTI_HEAD_ATTENTION, ROTARY_EMBEDDING,
-    SIMPLIFIED_LAYER_NORMALIZATION, SKIP_LAYER_NORMALIZATION, SKIP_SIMPLIFIED_LAYER_NORMALIZATION, OnnxForm,
+    MS_DOMAIN, MULTI_HEAD_ATTENTION, ONNX_DOMAIN, PACKED_MULTI_HEAD_ATTENTION, RMS_NORMALIZATION, ROTARY_EMBEDDING,
+    SIMPLIFIED_LAYER_NORMALIZATION, SKIP_LAYER_NORMALIZATION, SKIP_SIMPLIFIED_LAYER_NORMALIZATION, STANDARD_ATTENTION,
+    OnnxForm,
 )
 
 
@@ -34,8 +35,8 @@ class FusedOp:
         return next(form for form in self.onnx if form.op_type == op_type)
 
 
-ATTENTION = FusedOp("attention", reference.attention, False, (MULTI_HEAD_ATTENTION, GROUP_QUERY_ATTENTION),
-                    ops.attention)
+ATTENTION = FusedOp("attention", reference.attention, False,
+                    (MULTI_HEAD_ATTENTION, GROUP_QUERY_ATTENTION, STANDARD_ATTENTION), ops.attention)
 PACKED_ATTENTION = FusedOp("packed_attention", reference.varlen_attention, False, (PACKED_MULTI_HEAD_ATTENTION,),
                            ops.packed_attention)
 SKIP_LAYER_NORM = FusedOp("skip_layernorm", reference.skip_layernorm, True, (SKIP_LAYER_NORMALIZATION,),
@@ -43,7 +44,8 @@ SKIP_LAYER_NORM = FusedOp("skip_layernorm", reference.skip_layernorm, True, (SKI
 LAYER_NORM = FusedOp("layernorm", None, True, (LAYER_NORMALIZATION,))
 EMBED_LAYER_NORM = FusedOp("embed_layernorm", None, True, (EMBED_LAYER_NORMALIZATION,))
 BIAS_GELU = FusedOp("bias_gelu", reference.bias_gelu, True, (BIAS_GELU_FORM, FAST_GELU, GELU_FORM), ops.bias_gelu)
-RMS_NORM = FusedOp("rms_norm", reference.rms_norm, True, (SIMPLIFIED_LAYER_NORMALIZATION,), ops.rms_norm)
+RMS_NORM = FusedOp("rms_norm", reference.rms_norm, True, (SIMPLIFIED_LAYER_NORMALIZATION, RMS_NORMALIZATION),
+                   ops.rms_norm)
 SKIP_RMS_NORM = FusedOp("skip_rms_norm", reference.skip_rms_norm, True, (SKIP_SIMPLIFIED_LAYER_NORMALIZATION,),
                         ops.skip_rms_norm)
 ROTARY = FusedOp("rotary", reference.rotary, True, (ROTARY_EMBEDDING,), ops.rotary)

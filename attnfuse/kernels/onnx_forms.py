@@ -77,6 +77,12 @@ BIAS_GELU_FORM = OnnxForm("BiasGelu", ("A", "B"), ("C",))
 FAST_GELU = OnnxForm("FastGelu", ("X", "bias"), ("Y",))
 GELU_FORM = OnnxForm("Gelu", ("X",), ("Y",))
 ROTARY_EMBEDDING = OnnxForm("RotaryEmbedding", ("input", "position_ids", "cos_cache", "sin_cache"), ("output",))
+# ONNX's own (opset 23), which runtimes other than ONNX Runtime read (passes/onnx/standard.py writes them).
+# Attention's q, k and v are named as the other attention forms name them (ONNX's schema: Q, K, V).
+STANDARD_ATTENTION = OnnxForm(
+    "Attention", ("query", "key", "value", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"),
+    ("output", "present_key", "present_value", "qk_matmul_output"), domain=ONNX_DOMAIN)
+RMS_NORMALIZATION = OnnxForm("RMSNormalization", ("X", "scale"), ("Y",), domain=ONNX_DOMAIN)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from attnfuse.core.modes import AttentionMode, parse_attention
 from attnfuse.core.options import PassOptions, Target
 
-TARGETS = (Target.ORT_CPU, Target.ORT_CUDA)
+TARGETS = (Target.ORT_CPU, Target.ORT_CUDA, Target.OPENVINO)
+PRECISIONS = ("f32", "bf16")
 
 
 @dataclass
@@ -20,11 +21,16 @@ class OptimizeConfig:
     tolerance: float | None = None  # max error relative to the output's scale; None: by the model's dtype
     seed: int = 0
     input_shapes: Mapping[str, Sequence[int]] | None = None  # input name -> dims, for what the graph leaves open
+    precision: str = "f32"  # what the optimized model will compute in (openvino: its INFERENCE_PRECISION_HINT)
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         self.target = Target(self.target)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision != "f32" and self.target != Target.OPENVINO:
+            raise ValueError(f"precision {self.precision} is for target openvino (its runtime's precision hint)")
         self.attention = parse_attention(self.attention)  # ValueError with the usage
 
     def pass_options(self) -> PassOptions:

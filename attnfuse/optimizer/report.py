@@ -21,14 +21,18 @@ class VerifyResult:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     message: str = ""
     mean_cosine: float = 1.0  # of the outputs' vectors at real tokens; reported for approximations
+    precision: str = "f32"  # what the optimized model computed in (OpenVINO's precision hint)
+    min_cosine: float | None = None  # below float32: of the outputs' vectors at real tokens, to the original's
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "precision": self.precision,
             "max_abs_error": _finite_or_none(self.max_abs_error),
             "max_rel_error": _finite_or_none(self.max_rel_error),
             "tolerance": self.tolerance,
             "mean_cosine": _finite_or_none(self.mean_cosine),
+            "min_cosine": None if self.min_cosine is None else _finite_or_none(self.min_cosine),
             "inputs": self.inputs,
             "message": self.message,
         }
@@ -47,6 +51,7 @@ class Report:
     fusions: list[Any] = field(default_factory=list)  # passes.onnx.Fusion
     fused_ops: dict[str, int] = field(default_factory=dict)  # op type -> count in the output graph
     verify: VerifyResult | None = None
+    verify_precision: VerifyResult | None = None  # the check at the user's precision, where it is not float32
     rolled_back: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -73,6 +78,7 @@ class Report:
             "fused_ops": dict(self.fused_ops),
             "fusions": [f.summary() for f in self.fusions],
             "verify": self.verify.to_dict() if self.verify else None,
+            "verify_precision": self.verify_precision.to_dict() if self.verify_precision else None,
             "rolled_back": list(self.rolled_back),
             "seconds": round(self.seconds, 3),
         }

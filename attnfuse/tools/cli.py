@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from attnfuse.optimizer import io
 from attnfuse.optimizer.api import STAGES, inspect_onnx, make_config, optimize_onnx
-from attnfuse.optimizer.config import TARGETS
+from attnfuse.optimizer.config import PRECISIONS, TARGETS
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.report import Report
 from attnfuse.core.modes import USAGE
@@ -75,7 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optimize.add_argument("model", metavar="IN.onnx")
     optimize.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
-    optimize.add_argument("--target", choices=TARGETS, default="ort-cpu")
+    optimize.add_argument("--target", choices=TARGETS, default="ort-cpu",
+                          help="where the model will run: ONNX Runtime (CPU, CUDA) or OpenVINO (standard ONNX ops only)")
+    optimize.add_argument("--precision", choices=PRECISIONS, default="f32",
+                          help="openvino: the precision it will compute in (its INFERENCE_PRECISION_HINT); the "
+                               "model is verified at float32 and then at this precision's tolerance")
     optimize.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
     optimize.add_argument("--no-verify", action="store_true", help="skip the comparison with the original")
     optimize.add_argument("--force", action="store_true", help=FORCE_HELP)
@@ -134,6 +138,7 @@ def _optimize(args: argparse.Namespace) -> int:
                 attention=args.attention,
                 padding_free=not args.no_padding_free,
                 input_shapes=input_shapes(args.input_shape),
+                precision=args.precision,
             ),
         )
         with _StageBar() as stage:
@@ -201,15 +206,16 @@ def _summary(report: Report, output: str) -> str:
             f"{'ok' if verify.ok else 'FAILED'}, max abs error {verify.max_abs_error:.3g}, "
             f"max rel error {verify.max_rel_error:.3g} (tolerance {verify.tolerance:g})"
         )
-    return "\n".join(
-        [
-            f"attention fused: {report.attention_fused}/{report.attention_total}",
-            f"fused ops: {ops}",
-            f"padding-free: {_padding_free(report)}",
-            f"verify: {checked}",
-            f"wrote {output} in {report.seconds:.2f} s",
-        ]
-    )
+    lines = [
+        f"attention fused: {report.attention_fused}/{report.attention_total}",
+        f"fused ops: {ops}",
+        f"padding-free: {_padding_free(report)}",
+        f"verify: {checked}",
+    ]
+    if report.verify_precision is not None:
+        lines.append(f"verify {report.verify_precision.precision}: "
+                     f"{'ok' if report.verify_precision.ok else 'FAILED'}, {report.verify_precision.message}")
+    return "\n".join([*lines, f"wrote {output} in {report.seconds:.2f} s"])
 
 
 def _padding_free(report: Report) -> str:

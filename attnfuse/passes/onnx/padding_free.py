@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from attnfuse.core import registry
 from attnfuse.core.facts import attention_facts, is_padding_free, tag_padding_free
+from attnfuse.passes.onnx import buckets
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, named_inputs, replace_uses
 
 NAME = "padding-free"
@@ -31,6 +32,7 @@ _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"}
 _NORMS = {"LayerNormalization"}  # over the last axis: token-wise
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 MHA = registry.MULTI_HEAD_ATTENTION
+STANDARD = registry.STANDARD_ATTENTION
 _QKV = ("query", "key", "value")
 # Marks a graph that runs padding-free; kept in the file, so that optimizing attnfuse's own output
 # does not pack it twice.
@@ -280,6 +282,14 @@ class Packer:
         return wide
 
     @functools.cached_property
+    def buckets(self) -> buckets.Buckets:
+        """The rows in buckets of similar length, for attention on packed tokens in standard ops."""
+        b = Builder(f"{NAME}/buckets")
+        plan = buckets.plan(b, self.sequence_lengths)
+        self._insert_after(self.sequence_lengths, b)
+        return plan
+
+    @functools.cached_property
     def token_offsets(self) -> ir.Value:
         """PackedMultiHeadAttention's token_offset [B, S], int32: real positions first, then padded ones."""
         b = Builder(f"{NAME}/sequences")
@@ -443,12 +453,13 @@ def _attention(node: ir.Node) -> registry.OnnxForm | None:
 
 
 def _attends_packed(node: ir.Node, layout: Layout) -> bool:
-    """MultiHeadAttention whose only mask is key padding, on [batch, seq, hidden] q, k and v: it
-    can run on the packed tokens."""
+    """MultiHeadAttention (or standard Attention) whose only mask is key padding, on [batch, seq, hidden]
+    q, k and v: it can run on the packed tokens."""
     facts = attention_facts(node)
-    if _attention(node) is not MHA or facts is None or not facts.key_padding_only:
+    form = _attention(node)
+    if form not in (MHA, STANDARD) or facts is None or not facts.key_padding_only:
         return False
-    inputs = named_inputs(node, MHA)
+    inputs = named_inputs(node, form)
     return all(layout.form(inputs.get(name)) == Form(TOKENS, 3) for name in _QKV)
 
 
@@ -522,7 +533,18 @@ def _on_padded_layout(node: ir.Node, packer: Packer, q, k, v) -> ir.Graph:
     return ir.Graph([], [packed], nodes=_own(b.nodes), name=f"{node.name}/padded_layout")
 
 
-ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_cpu}
+def _attend_buckets(node: ir.Node, packer: Packer) -> None:
+    """Standard Attention on padded q, k, v -> the same op on length buckets of the packed tokens (buckets.py),
+    for runtimes without ONNX Runtime's ops."""
+    b = Builder(f"{NAME}/attention")
+    token_dim = b.const([0], np.int64)
+    inputs = named_inputs(node, STANDARD)
+    q, k, v = (b.op("Squeeze", [packer.packed(inputs[name]), token_dim]) for name in _QKV)
+    out = buckets.attention(b, packer.buckets, q, k, v, dict(node.attributes))
+    _replace_attention(node, b, b.op("Unsqueeze", [out, token_dim]), packer)
+
+
+ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_cpu, "openvino": _attend_buckets}
 
 
 def _heads_and_scale(node: ir.Node) -> dict:
