@@ -180,8 +180,8 @@ def rotary(b, x: dict[str, Value], attributes: dict) -> dict[str, Value]:
     heads = attributes.get("num_heads", 0)
     if rank == 3 and not heads:
         raise NoMatch("RotaryEmbedding on 3-D input needs num_heads")
-    heads_first = given if rank == 4 else b.op("Transpose", [
-        b.op("Reshape", [given, b.const([0, 0, heads, -1], np.int64)]), {"perm": [0, 2, 1, 3]}])
+    heads_first = given if rank == 4 else b.op(
+        "Transpose", [b.op("Reshape", [given, b.const([0, 0, heads, -1], np.int64)])], {"perm": [0, 2, 1, 3]})
     cos, sin = (_rows(b, x[name], x["position_ids"], given, rank) for name in ("cos_cache", "sin_cache"))
     half = b.op("Shape", [x["cos_cache"]], {"start": 1, "end": 2})
     width = b.op("Mul", [half, b.const([2], np.int64)])
