@@ -9,7 +9,9 @@ Two workloads, each timed in one process, interleaved, median of --repeats:
   The CPU runtimes users deploy instead (--peers; attnfuse/tools/encoder_peers.py: OpenVINO f32 and at its
   own precision under both hints, CTranslate2 f32 and int8) run the same encode, the model's own tokenizer
   and pooling around their runtime, in the same rounds; each is also checked against torch at real tokens
-  on the sentences as one batch, at its precision's tolerance (attnfuse.tools.bench.TOLERANCES).
+  on the sentences as one batch, at its precision's tolerance (attnfuse.tools.bench.TOLERANCES). With
+  OpenVINO among them, attnfuse's file for it (`--target openvino`, as `attnfuse bench` builds it) runs the
+  same encode in OpenVINO at f32 and bf16: attnfuse's forms beside `optimize(model)`.
 torch.compile(dynamic=True) is applied to the same module attnfuse optimizes.
 
     python benchmarks/torch_frontend.py [--repeats 7] [--threads 2] [--no-compile] [--peers all|none|openvino,...]
@@ -76,9 +78,9 @@ def main() -> int:
         print()
         print(comparison.summary())
         print(speedup_table("contender", comparison.times, comparison.agreement))
-    encode = encode_records(comparisons[1].times, peers)
+    encode = encode_records(comparisons[1], peers)
     print(peers.summary())
-    print(against_peers(encode))
+    print(bench.summary_table(encode))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "torch_frontend.json").write_text(json.dumps({
         "threads": options.threads, "repeats": options.repeats, "load": load,
@@ -110,10 +112,13 @@ def correct(contender: bench.Contender, error: float) -> bool:
 
 
 def encode_peers(runtimes: list[str], threads: int) -> EncodePeers:
-    """The runtime peers, built from MiniLM as `attnfuse bench` builds them, and checked once."""
+    """The runtime peers, built from MiniLM as `attnfuse bench` builds them (with OpenVINO, attnfuse's file for
+    it too), and checked once."""
     torch_model = minilm.load_torch("sdpa")
     contenders = encoder_peers.peer_contenders(runtimes, torch_model, encoder_peers.transformers_folder(minilm, torch_model),
                                                minilm.padded_batch(2, 16, seed=1), threads)
+    if "openvino" in runtimes:
+        contenders += bench.attnfuse_openvino(bench.model_specs("minilm", quick=False)[0], threads, lambda _: None)
     feeds = minilm.tokenize(minilm.SENTENCES)
     expected = bench.torch_runner(torch_model)(feeds)
     real = [feeds["attention_mask"][:, :, None].astype(bool)]
@@ -122,26 +127,22 @@ def encode_peers(runtimes: list[str], threads: int) -> EncodePeers:
     return EncodePeers(minilm.load_sentence_transformer(), built, [c for c in contenders if c.run is None], errors)
 
 
-def encode_records(times: dict[str, float], peers: EncodePeers) -> list[dict]:
-    """bench's records for the encode contenders (torch eager and torch.compile are f32 peers whose
-    cosine the table shows), so that bench.add_speedups picks the fastest correct peers."""
+def encode_records(comparison, peers: EncodePeers) -> list[dict]:
+    """bench's records for the encode contenders, one per contender (the faster of OpenVINO's hints), so that
+    bench's speedups and summary hold attnfuse's forms (optimize(model); its file for OpenVINO) to the fastest
+    correct peers; torch eager and torch.compile are f32 peers, checked by their embeddings' cosine."""
     by_key = {c.key: c for c in peers.built}
     records = []
-    for name, seconds in times.items():
-        peer = by_key.get(name)
+    for key, seconds in comparison.times.items():
+        built = by_key.get(key) or bench.Contender(bench.TORCH if key == EAGER else key, peer=key != ATTNFUSE)
+        error = peers.errors.get(key)
         records.append(dict(
-            contender=bench.TORCH if name == EAGER else name, peer=name != ATTNFUSE, median_ms=seconds * 1e3,
-            precision=peer.precision if peer else "f32", max_rel_error=peers.errors.get(name),
-            correct=correct(peer, peers.errors[name]) if peer else True))
+            model="MiniLM-L6", workload="encode", padding=None, contender=built.name, setting=built.setting or None,
+            peer=built.peer, median_ms=seconds * 1e3, precision=built.precision, max_rel_error=error,
+            correct=error is None or correct(built, error), min_cosine=comparison.cosines.get(key)))
+    records = bench.keep_faster_setting(records)
     bench.add_speedups(records)
     return records
-
-
-def against_peers(records: list[dict]) -> str:
-    mine = next(r for r in records if r["contender"] == ATTNFUSE)
-    return (f"encode: {ATTNFUSE} {bench.speedup(mine['vs_fastest_peer'])} the fastest f32 peer ({mine['fastest_peer']}), "
-            f"{bench.speedup(mine['vs_fastest_peer_any_precision'])} the fastest peer of any precision "
-            f"({mine['fastest_peer_any_precision']}); min cosines are in the table above")
 
 
 if __name__ == "__main__":

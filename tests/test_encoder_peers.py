@@ -56,6 +56,22 @@ def test_the_faster_correct_setting_is_kept_with_every_settings_time():
     assert "setting_ms" not in kept[2]
 
 
+def test_the_summary_holds_attnfuse_to_each_peer_at_a_cosine_no_worse():
+    """attnfuse's fastest f32 form against the fastest f32 peer; its fastest form of any precision against the
+    fastest peer of any precision, only where its embeddings are at least as close to torch's as that peer's."""
+    def timed(name, ms, precision="f32", cosine=1.0, peer=True):
+        return dict(record(name, ms, precision, peer=peer), model="m", workload="varlen", padding=0.4, min_cosine=cosine)
+
+    records = [timed(bench.TORCH, 100.0), timed("OpenVINO f32", 50.0), timed("OpenVINO bf16", 20.0, "bf16", 0.9999),
+               timed("mine f32", 40.0, peer=False), timed("mine bf16, closer", 16.0, "bf16", 0.99995, peer=False),
+               timed("mine bf16, farther", 10.0, "bf16", 0.999, peer=False)]
+    bench.add_speedups(records)
+    [row] = [line.split("  ") for line in bench.summary_table(records).splitlines()[2:]]
+    cells = [cell.strip() for cell in row if cell.strip()]
+    assert cells[3:7] == ["OpenVINO f32", "mine f32", "40.0", "1.25x"]
+    assert cells[7:13] == ["OpenVINO bf16", "0.99990", "mine bf16, closer", "16.0", "1.25x", "0.99995"]
+
+
 def test_a_setting_makes_a_key_of_its_own():
     assert bench.Contender("OpenVINO f32", setting="LATENCY").key == "OpenVINO f32 (LATENCY)"
     assert bench.Contender("ORT").key == "ORT"
@@ -211,3 +227,6 @@ def test_quick_bench_with_the_peers_reports_their_precision(tmp_path):
     mine = varlen["attnfuse padding-free"]
     assert mine["fastest_peer"] and varlen[mine["fastest_peer"]]["precision"] == "f32"
     assert mine["fastest_peer_any_precision"] in varlen
+    on_openvino = varlen[bench.attnfuse_on_openvino("f32")]  # attnfuse's file for OpenVINO, run there
+    assert not on_openvino["peer"] and on_openvino["attention_fused"] == "6/6"
+    assert set(on_openvino["setting_ms"]) == set(encoder_peers.OPENVINO_HINTS)

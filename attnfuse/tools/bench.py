@@ -6,7 +6,8 @@ intra-op threads, default graph optimizations), and torch on as many threads:
   (TorchScript export, eager attention: the case where it fuses) | ORT on onnxscript's ort_fusions
   output (dynamo export) | the CPU runtimes users deploy instead (--peers; attnfuse/tools/encoder_peers.py):
   OpenVINO f32 and at its own precision, CTranslate2 f32 and int8 | attnfuse without and with padding-free
-  (dynamo export).
+  (dynamo export) | with OpenVINO among the peers, attnfuse's file for it (--target openvino, verified there)
+  in OpenVINO at f32 and, where the CPU has AVX512_BF16 or AMX, bf16, under both performance hints.
 Decoders (--model llama): see attnfuse/tools/bench_decoder.py; prefill and decode with a KV cache,
 and each contender's peak memory.
 Every output is compared with torch's on real positions (and, for encoders, the mean-pooled sentence
@@ -217,6 +218,39 @@ class Contender:
     def key(self) -> str:
         """Its name in Checked: name and setting, unique among the contenders of a run."""
         return f"{self.name} ({self.setting})" if self.setting else self.name
+
+
+def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None]) -> list[Contender]:
+    """attnfuse's file for OpenVINO (`--target openvino`, verified there at f32 and at bf16 where the CPU has it),
+    compiled at f32 and bf16 under both of OpenVINO's performance hints, as the OpenVINO peer is."""
+    import attnfuse
+    from attnfuse.models._export import quiet
+    from attnfuse.models.peers import describe_error
+    from attnfuse.optimizer import openvino_run
+    from attnfuse.tools import encoder_peers
+
+    precisions = ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
+    names = [attnfuse_on_openvino(precision) for precision in precisions]
+    if not openvino_run.installed():
+        return [Contender(name, error=NOT_INSTALLED, precision=None) for name in names]
+    step(f"{spec.name}: attnfuse for OpenVINO")
+    try:
+        with quiet():
+            result = attnfuse.optimize_onnx(str(spec.exported(dynamo=True, attention="sdpa")), target="openvino",
+                                            precision=precisions[-1])
+            import openvino as ov
+
+            model = ov.Core().read_model(result.proto.SerializeToString(), b"")
+            runners = encoder_peers.openvino_runners(model, threads, precisions)
+    except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
+        return [Contender(name, error=describe_error(error), precision=None) for name in names]
+    fused = f"{result.report.attention_fused}/{result.report.attention_total}"
+    return [Contender(attnfuse_on_openvino(forced), run, attention=fused, precision=precision, setting=hint)
+            for forced, precision, hint, run in runners]
+
+
+def attnfuse_on_openvino(precision: str) -> str:
+    return f"attnfuse (OpenVINO {precision})"
 
 
 def build_contenders(name: str, torch_run: Runner, builders: OnnxBuilders, threads: int, step: Callable[[str], None],
@@ -434,16 +468,44 @@ def cosine_cell(cosine: float | None) -> str:
 
 
 def summary_table(records: list[dict]) -> str:
-    """attnfuse padding-free against the fastest correct f32 peer and the fastest correct peer of any precision
-    (with that peer's embeddings cosine: attnfuse's counts against it only at a cosine no worse), per workload."""
-    mine = sorted((r for r in records if r["contender"] == "attnfuse padding-free"), key=lambda r: (r["model"], r["padding"]))
-    cosines = {(r["model"], r["workload"], r["contender"]): r.get("min_cosine") for r in records}
-    rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["fastest_peer"], *timing_cells(r)[:1],
-             speedup(r["vs_fastest_peer"]), r.get("fastest_peer_any_precision") or "-",
-             cosine_cell(cosines.get((r["model"], r["workload"], r.get("fastest_peer_any_precision")))),
-             speedup(r.get("vs_fastest_peer_any_precision")), cosine_cell(r.get("min_cosine"))] for r in mine]
-    return table(["model", "workload", "pad", "fastest f32 peer", "attnfuse pf ms", "speedup", "fastest peer",
-                  "its min cos", "speedup", "attnfuse pf min cos"], rows)
+    """Per workload, attnfuse's fastest correct f32 form against the fastest correct f32 peer, and its fastest correct
+    form of any precision whose embeddings cosine is no worse than that peer's against the fastest correct peer of
+    any precision."""
+    rows = []
+    for (model, workload), group in by_workload(records).items():
+        by_name = {r["contender"]: r for r in group}
+        other = by_name.get(group[0].get("fastest_peer_any_precision"))
+        floor = (other or {}).get("min_cosine") or -1.0
+        f32 = fastest_mine(group, lambda r: r.get("precision") == "f32")
+        any_precision = fastest_mine(group, lambda r: (r.get("min_cosine") or 1.0) >= floor)
+        rows.append([model, workload, percent(group[0]["padding"]), group[0]["fastest_peer"] or "-",
+                     *mine_cells(f32, "vs_fastest_peer"), (other or {}).get("contender", "-"), cosine_cell(floor),
+                     *mine_cells(any_precision, "vs_fastest_peer_any_precision"),
+                     cosine_cell((any_precision or {}).get("min_cosine"))])
+    return table(["model", "workload", "pad", "fastest f32 peer", "attnfuse's fastest f32 form", "ms", "speedup",
+                  "fastest peer", "its min cos", "attnfuse's fastest form at a cos no worse", "ms", "speedup",
+                  "its min cos"], rows)
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.0%}"
+
+
+def by_workload(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        grouped.setdefault((r["model"], r["workload"]), []).append(r)
+    return grouped
+
+
+def fastest_mine(records: list[dict], keep: Callable[[dict], bool]) -> dict | None:
+    """The fastest correct attnfuse form (a contender that is no peer) that `keep` keeps."""
+    mine = [r for r in records if not r["peer"] and r["correct"] and r["median_ms"] is not None and keep(r)]
+    return min(mine, key=lambda r: r["median_ms"]) if mine else None
+
+
+def mine_cells(r: dict | None, ratio: str) -> list[str]:
+    return ["-", "-", "-"] if r is None else [contender_label(r), f"{r['median_ms']:.1f}", speedup(r[ratio])]
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -566,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peers", type=peer_list, default=None, metavar="LIST",
                         help="encoders: the CPU runtimes to time besides ONNX Runtime, comma-separated: openvino, "
                              "ctranslate2, all or none (default all, none with --quick); one not installed is listed "
-                             "as such (pip install -e .[bench])")
+                             "as such (pip install -e .[bench]); with openvino, attnfuse's file for it runs there too")
     parser.add_argument("--quick", action="store_true",
                         help="encoders batch 4, max length 32; llama the zoo's tiny one; 2 repeats: for tests")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement here")
@@ -679,7 +741,8 @@ def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
 
     plans = [(spec, workloads(spec, args.sweep)) for spec in model_specs(args.model, args.quick)]
     decoder = bench_decoder.decoder_bench(args.quick, args.vocab) if args.model == "llama" else None
-    steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(args.peers) + len(loads) for _, loads in plans)
+    steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(args.peers) + ("openvino" in args.peers) + len(loads)
+                    for _, loads in plans)
     steps += bench_decoder.progress_steps(decoder) if decoder else 0
     records: list[dict] = []
     with tqdm(total=steps, desc="attnfuse bench", file=sys.stderr, disable=None) as bar:
@@ -695,6 +758,8 @@ def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
             geometry = Geometry.of(module)
             contenders = build_contenders(spec.name, torch_runner(module), onnx_builders(spec, geometry), args.threads, step)
             contenders = with_runtime_peers(contenders, spec, module, args.peers, args.threads, step)
+            if "openvino" in args.peers:
+                contenders += attnfuse_openvino(spec, args.threads, step)
             for workload in loads:
                 step(f"{spec.name}: {workload.name}")
                 records += measure(spec, geometry, workload, contenders, repeats)

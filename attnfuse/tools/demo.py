@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,7 @@ class TorchComparison:
     agreement: dict[str, str]  # how close each output is to eager's
     report: Report
     ok: bool  # verified, and as close to eager on the timed inputs as verification demands
+    cosines: dict[str, float] = field(default_factory=dict)  # min cosine of each one's sentence embeddings to eager's
 
     def summary(self) -> str:
         return f"{self.title}: {fused_summary(self.report)}; {padding_free_summary(self.report)}"
@@ -151,7 +152,7 @@ def sentence_transformer_comparison(minilm, repeats: int, with_compile: bool = T
     agreement = {name: f"min cosine {c:.7f}" for name, c in cosines.items()}
     title = f"SentenceTransformer.encode({len(minilm.SENTENCES)} sentences, batch_size={batch_size})"
     return TorchComparison(title, times, agreement, optimized.report,
-                           optimized.report.verify.ok and cosines[ATTNFUSE] > 0.99999)
+                           optimized.report.verify.ok and cosines[ATTNFUSE] > 0.99999, cosines)
 
 
 def relative_error(got, want) -> float:

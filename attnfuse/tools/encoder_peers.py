@@ -71,20 +71,29 @@ def openvino_contenders(torch_model: torch.nn.Module, example: dict[str, np.ndar
     """f32 and OpenVINO's own precision, each under both performance hints."""
     import openvino as ov
 
-    core = ov.Core()
     model = ov.convert_model(torch_model, example_input={name: torch.from_numpy(a) for name, a in example.items()})
-    contenders = []
-    for forced in ("f32", None):  # None: the precision OpenVINO picks for this CPU
+    return [Contender("OpenVINO f32" if forced else f"OpenVINO default ({precision})", run, precision=precision,
+                      setting=hint, peer=True)
+            for forced, precision, hint, run in openvino_runners(model, threads, ("f32", None))]
+
+
+def openvino_runners(model, threads: int, precisions: tuple[str | None, ...]) -> list[tuple[str | None, str, str, Runner]]:
+    """`model` (an ov.Model, or an ONNX file's path) compiled for the CPU on `threads` threads at each of `precisions`
+    (None: the one OpenVINO picks for this CPU) under each performance hint: (the precision asked for, the one
+    it computes in, the hint, its runner)."""
+    import openvino as ov
+
+    core = ov.Core()
+    runners = []
+    for forced in precisions:
         for hint in OPENVINO_HINTS:
             config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": hint}
             if forced:
                 config["INFERENCE_PRECISION_HINT"] = forced
             compiled = core.compile_model(model, "CPU", config)
-            precision = openvino_precision(compiled)
-            name = "OpenVINO f32" if forced else f"OpenVINO default ({precision})"
             run = openvino_latency_runner(compiled) if hint == "LATENCY" else openvino_throughput_runner(compiled)
-            contenders.append(Contender(name, run, precision=precision, setting=hint, peer=True))
-    return contenders
+            runners.append((forced, openvino_precision(compiled), hint, run))
+    return runners
 
 
 def openvino_precision(compiled) -> str:
