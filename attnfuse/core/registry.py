@@ -19,7 +19,7 @@ from attnfuse.kernels.onnx_forms import (  # noqa: F401  (the forms are read as 
     BIAS_GELU_FORM, EMBED_LAYER_NORMALIZATION, FAST_GELU, GELU_FORM, GROUP_QUERY_ATTENTION, LAYER_NORMALIZATION,
     MS_DOMAIN, MULTI_HEAD_ATTENTION, ONNX_DOMAIN, PACKED_MULTI_HEAD_ATTENTION, RMS_NORMALIZATION, ROTARY_EMBEDDING,
     SIMPLIFIED_LAYER_NORMALIZATION, SKIP_LAYER_NORMALIZATION, SKIP_SIMPLIFIED_LAYER_NORMALIZATION, STANDARD_ATTENTION,
-    OnnxForm,
+    OnnxForm, gelu_form,
 )
 
 
@@ -56,13 +56,6 @@ FUSED_OPS = (ATTENTION, PACKED_ATTENTION, SKIP_LAYER_NORM, LAYER_NORM, EMBED_LAY
 # Fused attention that ONNX Runtime (or an earlier attnfuse run) may have written into a model:
 # kept as it is, and counted.
 FOREIGN_ATTENTION = frozenset({"Attention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
-
-
-def gelu_form(approximate: str, bias: bool) -> OnnxForm:
-    """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
-    if approximate == "tanh":
-        return FAST_GELU
-    return BIAS_GELU_FORM if bias else GELU_FORM
 
 
 def of_onnx(domain: str, op_type: str) -> tuple[FusedOp, OnnxForm] | None:

@@ -83,6 +83,14 @@ STANDARD_ATTENTION = OnnxForm(
     "Attention", ("query", "key", "value", "attn_mask", "past_key", "past_value", "nonpad_kv_seqlen"),
     ("output", "present_key", "present_value", "qk_matmul_output"), domain=ONNX_DOMAIN)
 RMS_NORMALIZATION = OnnxForm("RMSNormalization", ("X", "scale"), ("Y",), domain=ONNX_DOMAIN)
+STANDARD_GELU = OnnxForm("Gelu", ("X",), ("Y",), domain=ONNX_DOMAIN)  # opset 20: erf or tanh, by `approximate`
+
+
+def gelu_form(approximate: str, bias: bool) -> OnnxForm:
+    """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
+    if approximate == "tanh":
+        return FAST_GELU
+    return BIAS_GELU_FORM if bias else GELU_FORM
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from attnfuse.kernels import onnx_forms, reference
 
-MS_DOMAIN = onnx_forms.MS_DOMAIN
 
 # ---------------------------------------------------------------------------
 # Helpers shared by the implementations
@@ -311,15 +310,14 @@ def skip_layernorm(x, skip, bias, weight, beta, eps: float):
     if _exporting():
         if weight is None:
             weight = x.new_ones(x.shape[-1])
-        return _skip_norm("SkipLayerNormalization", (x, skip, weight, beta, bias), eps)
+        return _skip_norm(onnx_forms.SKIP_LAYER_NORMALIZATION, (x, skip, weight, beta, bias), eps)
     return skip_layernorm_op(x, skip, bias, weight, beta, eps)
 
 
 def bias_gelu(x, bias, approximate: str):
     if _exporting():
-        if approximate == "tanh":
-            return _symbolic("FastGelu", (x, bias), {}, x)
-        return _symbolic("Gelu", (x,), {}, x) if bias is None else _symbolic("BiasGelu", (x, bias), {}, x)
+        form = onnx_forms.gelu_form(approximate, bias is not None)
+        return _symbolic(form, tuple(a for a in (x, bias) if a is not None), {}, x)
     return bias_gelu_op(x, bias, approximate)
 
 
@@ -327,24 +325,24 @@ def rms_norm(x, weight, eps: float):
     if _exporting():
         scale = weight if weight is not None else x.new_ones(x.shape[-1])
         attrs = {"axis": -1, "epsilon": float(eps), "stash_type": 1}
-        return _symbolic("SimplifiedLayerNormalization", (x, scale), attrs, x, domain="")
+        return _symbolic(onnx_forms.SIMPLIFIED_LAYER_NORMALIZATION, (x, scale), attrs, x)
     return rms_norm_op(x, weight, eps)
 
 
 def skip_rms_norm(x, skip, weight, eps: float):
     if _exporting():
         scale = weight if weight is not None else x.new_ones(x.shape[-1])
-        return _skip_norm("SkipSimplifiedLayerNormalization", (x, skip, scale), eps)
+        return _skip_norm(onnx_forms.SKIP_SIMPLIFIED_LAYER_NORMALIZATION, (x, skip, scale), eps)
     return skip_rms_norm_op(x, skip, weight, eps)
 
 
-def _skip_norm(op_type: str, inputs: tuple, eps: float):
+def _skip_norm(form: onnx_forms.OnnxForm, inputs: tuple, eps: float):
     """A com.microsoft skip norm's outputs 0 and 3: the norm and the residual sum (its mean and
     inverse deviation, outputs 1 and 2, unused)."""
     x = inputs[0]
     statistics = (*x.shape[:-1], 1)
     out, _, _, total = torch.onnx.ops.symbolic_multi_out(
-        f"{MS_DOMAIN}::{op_type}", inputs, {"epsilon": float(eps)},
+        f"{form.domain}::{form.op_type}", inputs, {"epsilon": float(eps)},
         dtypes=(x.dtype, torch.float32, torch.float32, x.dtype), shapes=(x.shape, statistics, statistics, x.shape),
         version=1,
     )
@@ -359,7 +357,7 @@ def rotary(x, cos, sin, num_heads: int, interleaved: bool):
         tables = [t.reshape(-1, t.shape[-1]) for t in (cos, sin)]
         positions = torch.arange(tables[0].shape[0], device=x.device).reshape(cos.shape[:-1]).expand(x.shape[:-1])
         attrs = {"num_heads": num_heads, "rotary_embedding_dim": 2 * cos.shape[-1], "interleaved": int(interleaved)}
-        return _symbolic("RotaryEmbedding", (x, positions, *tables), attrs, x)
+        return _symbolic(onnx_forms.ROTARY_EMBEDDING, (x, positions, *tables), attrs, x)
     return rotary_op(x, cos, sin, num_heads, interleaved)
 
 
@@ -382,7 +380,7 @@ def _onnx_attention(q, k, v, key_padding_mask, bias, num_heads, scale, causal):
     keys = k.shape[2 if k.dim() == 4 else 1]
     mask = _attention_bias(key_padding_mask, bias, causal, q, keys)
     form = onnx_forms.MULTI_HEAD_ATTENTION
-    return _symbolic(form.op_type, form.arguments(query=q, key=k, value=v, attention_bias=mask),
+    return _symbolic(form, form.arguments(query=q, key=k, value=v, attention_bias=mask),
                      {"num_heads": num_heads, "scale": float(scale)}, q, shape=shape)
 
 
@@ -426,7 +424,8 @@ def _repeat_heads(x: torch.Tensor, groups: int, num_heads: int) -> torch.Tensor:
     return heads[:, :, :, None].expand(-1, -1, -1, repeats, -1).flatten(2)
 
 
-def _symbolic(op_type: str, inputs, attrs: dict, like: torch.Tensor, shape=None, domain: str = MS_DOMAIN) -> torch.Tensor:
+def _symbolic(form: onnx_forms.OnnxForm, inputs, attrs: dict, like: torch.Tensor, shape=None) -> torch.Tensor:
     return torch.onnx.ops.symbolic(
-        f"{domain}::{op_type}", inputs, attrs, dtype=like.dtype, shape=like.shape if shape is None else shape, version=1
+        f"{form.domain}::{form.op_type}", inputs, attrs, dtype=like.dtype, shape=like.shape if shape is None else shape,
+        version=1,
     )

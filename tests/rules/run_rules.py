@@ -40,9 +40,10 @@ def op_types(proto: onnx.ModelProto) -> list[str]:
 
 
 def fx_rewrite(module: torch.nn.Module, runs: list[tuple], rules: list) -> tuple[torch.fx.GraphModule, list]:
-    """`module` captured by torch.export on the first of `runs` (tuples of its arguments), probed on
-    all of them, with `rules` applied; and the outcomes."""
-    captured = torch.export.export(module.eval(), runs[0]).module()
+    """`module` captured by torch.export on the first of `runs` (tuples of its arguments; every dim
+    dynamic, as `optimize` captures), probed on all of them, with `rules` applied; and the outcomes."""
+    dims = tuple({axis: torch.export.Dim.AUTO for axis in range(x.dim())} for x in runs[0])
+    captured = torch.export.export(module.eval(), runs[0], dynamic_shapes=dims, strict=False).module()
     remove_no_ops(captured.graph)
     view = TorchView(FxProbe(captured, [(args, {}) for args in runs]))
     applied = driver.rewrite(FxGraph(captured.graph, view), view, rules)

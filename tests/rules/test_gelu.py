@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from attnfuse.core import tolerance
 from attnfuse.kernels import ops, reference
 from attnfuse.passes.rules.gelu import Gelu
-from driver_harness import fx_rewrite, onnx_rewrite, ops_of, targets_of
+from run_rules import fx_rewrite, fx_targets, onnx_rewrite, op_types
 
 HIDDEN = 8
 TANH_CONSTANT = 0.044715
@@ -83,7 +83,7 @@ def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 def test_onnx_gelu_spellings_fuse_with_their_bias(spelling, approximate, op):
     model, outcomes = onnx_rewrite(OnnxGelu().model(spelling), [Gelu()])
     assert [(o.op, o.fused) for o in outcomes] == [(op, True)]
-    assert op in ops_of(model) and not {"Erf", "Tanh", "Gelu", "Add"} & set(ops_of(model))
+    assert op in op_types(model) and not {"Erf", "Tanh", "Gelu", "Add"} & set(op_types(model))
     assert close(expected(X, approximate), run(model, X))
 
 
@@ -99,7 +99,7 @@ def test_onnx_tanh_gelu_with_a_wrong_constant_is_left_alone():
     original = OnnxGelu().model("tanh", constant=0.05)
     model, outcomes = onnx_rewrite(original, [Gelu()])
     assert not any(o.fused for o in outcomes)
-    assert "Tanh" in ops_of(model) and "FastGelu" not in ops_of(model)
+    assert "Tanh" in op_types(model) and "FastGelu" not in op_types(model)
     assert close(run(original, X), run(model, X))
     assert not close(expected(X, "tanh"), run(model, X))
 
@@ -140,7 +140,7 @@ def test_fx_aten_gelu_takes_the_linear_bias(approximate):
     module = LinearGelu(approximate).eval()
     fused, outcomes = fx_rewrite(module, RUNS, [Gelu()])
     assert [(o.op, o.fused) for o in outcomes] == [("bias_gelu", True)]
-    assert ops.bias_gelu in targets_of(fused) and torch.ops.aten.gelu.default not in targets_of(fused)
+    assert ops.bias_gelu in fx_targets(fused) and torch.ops.aten.gelu.default not in fx_targets(fused)
     (linear,) = [n for n in fused.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert len(linear.args) == 2  # its bias moved into the fused op
     x = torch.randn(4, 6, HIDDEN)
@@ -153,8 +153,8 @@ def test_fx_aten_gelu_takes_the_linear_bias(approximate):
 def test_fx_written_out_gelu_fuses_with_its_bias(spelling, approximate):
     fused, outcomes = fx_rewrite(WrittenOutGelu(spelling).eval(), RUNS, [Gelu()])
     assert [(o.op, o.fused) for o in outcomes] == [("bias_gelu", True)]
-    assert ops.bias_gelu in targets_of(fused)
-    assert not {torch.ops.aten.erf.default, torch.ops.aten.tanh.default} & set(targets_of(fused))
+    assert ops.bias_gelu in fx_targets(fused)
+    assert not {torch.ops.aten.erf.default, torch.ops.aten.tanh.default} & set(fx_targets(fused))
     with torch.no_grad():
         assert close(expected(X, approximate), fused(torch.from_numpy(X)).numpy())
 
@@ -162,6 +162,6 @@ def test_fx_written_out_gelu_fuses_with_its_bias(spelling, approximate):
 def test_fx_tanh_gelu_with_a_wrong_constant_is_left_alone():
     module = WrittenOutGelu("tanh", constant=0.05).eval()
     fused, outcomes = fx_rewrite(module, RUNS, [Gelu()])
-    assert not any(o.fused for o in outcomes) and ops.bias_gelu not in targets_of(fused)
+    assert not any(o.fused for o in outcomes) and ops.bias_gelu not in fx_targets(fused)
     with torch.no_grad():
         assert close(module(torch.from_numpy(X)).numpy(), fused(torch.from_numpy(X)).numpy())

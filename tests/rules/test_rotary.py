@@ -18,7 +18,7 @@ from attnfuse.core import tolerance
 from attnfuse.kernels import ops, reference
 from attnfuse.models import decoder_spellings as spellings
 from attnfuse.passes.rules.rotary import Rotary
-from driver_harness import fx_rewrite, onnx_rewrite, ops_of, targets_of
+from run_rules import fx_rewrite, fx_targets, onnx_rewrite, op_types
 
 REFUSED = "equals no rotary"
 
@@ -78,7 +78,7 @@ def test_onnx_rotary_forms_become_rotary_embedding(name):
     spec = ONNX_FORMS[name]
     model, outcomes = onnx_rewrite(spellings.rotary_model(spec), [Rotary()])
     assert [(o.op, o.fused) for o in outcomes] == [("RotaryEmbedding", True)] * 2, outcomes
-    assert ops_of(model).count("RotaryEmbedding") == 2 and "Neg" not in ops_of(model)
+    assert op_types(model).count("RotaryEmbedding") == 2 and "Neg" not in op_types(model)
     feeds = onnx_feeds(spec)
     for got, (output, heads) in zip(run(model, feeds), (("q", spec.heads), ("k", spec.kv_heads))):
         assert close(onnx_expected(spec, feeds, output, heads), got), output
@@ -88,7 +88,7 @@ def test_onnx_rotary_reads_the_graph_table_and_position_ids():
     model, _ = onnx_rewrite(spellings.rotary_model(spellings.RotarySpelling(angles="table")), [Rotary()])
     first, second = (n for n in model.graph.node if n.op_type == "RotaryEmbedding")
     assert first.input[1] == "position_ids" and list(first.input[1:]) == list(second.input[1:])  # one cache
-    assert "Gather" not in ops_of(model)
+    assert "Gather" not in op_types(model)
 
 
 def with_constant(model: onnx.ModelProto, old: float, new: float) -> onnx.ModelProto:
@@ -108,7 +108,7 @@ def test_onnx_near_misses_are_refused_with_the_reason(near_miss):
         original = with_constant(spellings.rotary_model(spellings.RotarySpelling(negate="mul")), -1.0, -0.5)
     model, outcomes = onnx_rewrite(original, [Rotary()])
     assert outcomes and all(o.op == "RotaryEmbedding" and not o.fused and REFUSED in o.reason for o in outcomes)
-    assert "RotaryEmbedding" not in ops_of(model)
+    assert "RotaryEmbedding" not in op_types(model)
     feeds = onnx_feeds(spellings.RotarySpelling())
     for want, got in zip(run(original, feeds), run(model, feeds)):
         assert close(want, got)
@@ -198,7 +198,7 @@ def test_fx_near_misses_are_refused_with_the_reason(negate):
     module = Rotate(Form(negate=negate)).eval()
     fused, outcomes = fx_rewrite(module, fx_runs(), [Rotary()])
     assert outcomes and all(o.op == "rotary" and not o.fused and REFUSED in o.reason for o in outcomes)
-    assert ops.rotary not in targets_of(fused)
+    assert ops.rotary not in fx_targets(fused)
     q, position_ids = fx_runs()[1]
     with torch.no_grad():
         assert close(module(q, position_ids).numpy(), fused(q, position_ids).numpy())

@@ -121,12 +121,14 @@ def _summed(b, x: dict[str, Value]) -> Value:
 
 
 def _layer_norm(b, x: Value, gamma: Value, beta: Value | None, epsilon: float) -> Value:
-    return b.op("LayerNormalization", [x, gamma, beta], {"axis": -1, "epsilon": float(epsilon)})
+    form = forms.LAYER_NORMALIZATION
+    return b.op(form.op_type, form.arguments(X=x, Scale=gamma, B=beta), {"axis": -1, "epsilon": float(epsilon)})
 
 
 def _rms_norm(b, x: Value, gamma: Value, attributes: dict) -> Value:
-    return b.op("RMSNormalization", [x, gamma], {"axis": attributes.get("axis", -1),
-                                                 "epsilon": float(attributes.get("epsilon", 1e-5))})
+    form = forms.RMS_NORMALIZATION
+    return b.op(form.op_type, form.arguments(X=x, scale=gamma), {"axis": attributes.get("axis", -1),
+                                                                 "epsilon": float(attributes.get("epsilon", 1e-5))})
 
 
 def skip_layer_norm(b, x: dict[str, Value], attributes: dict) -> dict[str, Value]:
@@ -165,7 +167,7 @@ def _gelu(form: OnnxForm, approximate: str) -> Spelling:
     def spelled(b, x: dict[str, Value], attributes: dict) -> dict[str, Value]:
         given = [x[name] for name in form.inputs if name in x]
         value = b.op("Add", given) if len(given) == 2 else given[0]
-        return {form.outputs[0]: b.op("Gelu", [value], {"approximate": approximate})}
+        return {form.outputs[0]: b.op(forms.STANDARD_GELU.op_type, [value], {"approximate": approximate})}
     return spelled
 
 
