@@ -4,7 +4,8 @@ Two workloads, each timed in one process, interleaved, median of --repeats:
 - `AutoModel.from_pretrained` (BertModel with its pooler) on batch 32, lengths uniform
   in [8, 128] (the batch of `attnfuse bench`), optimized from one unpadded sentence;
   outputs checked against eager (last_hidden_state at real tokens, pooler_output whole);
-- `SentenceTransformer.encode` on the demo's 40 sentences, batch_size 32
+- `SentenceTransformer.encode` on --sentences texts (default 256) of one to three of the demo's sentences
+  each (minilm.sentence_mix: a few tokens to beyond 128), batch_size 32
   (sentence-transformers' own sorting, padding and pooling); embeddings checked by cosine.
   The CPU runtimes users deploy instead (--peers; attnfuse/tools/encoder_peers.py: OpenVINO f32 and at its
   own precision under both hints, CTranslate2 f32 and int8) run the same encode, the model's own tokenizer
@@ -14,7 +15,8 @@ Two workloads, each timed in one process, interleaved, median of --repeats:
   same encode in OpenVINO at f32 and bf16: attnfuse's forms beside `optimize(model)`.
 torch.compile(dynamic=True) is applied to the same module attnfuse optimizes.
 
-    python benchmarks/torch_frontend.py [--repeats 7] [--threads 2] [--no-compile] [--peers all|none|openvino,...]
+    python benchmarks/torch_frontend.py [--repeats 7] [--threads 2] [--no-compile] [--sentences 256]
+                                        [--peers all|none|openvino,...]
 
 sentence-transformers' own `backend="openvino"` is not among the peers: it needs optimum-intel, which pins
 transformers < 5.6 (this project's environment has 5.x newer than that) and pulls PyPI's torchvision, which does
@@ -23,8 +25,9 @@ not load beside the CPU torch; it runs the same OpenVINO runtime as the OpenVINO
 OpenMP's idle threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment
 says otherwise), as the ONNX Runtime sessions of `attnfuse bench` stop spinning: on
 a machine shared with other work, threads that spin between parallel regions take
-the cores the working thread needs, and the contender with the most short regions
-(attnfuse, whose attention runs one sequence at a time) loses most.
+the cores the working thread needs, and the contender with the most short regions loses
+most (benchmarks/packed_attention.py: attnfuse's packed attention one sequence at a time ran 26x slower
+under the default policy than under PASSIVE on this loaded machine; in length buckets it makes fewer regions).
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
+    parser.add_argument("--sentences", type=int, default=256,
+                        help="encode this many texts of one to three of the demo's sentences (minilm.sentence_mix)")
     parser.add_argument("--peers", type=bench.peer_list, default=bench.peer_list("all"), metavar="LIST",
                         help="runtime peers of the encode workload: openvino, ctranslate2, all or none (default all)")
     options = parser.parse_args()
@@ -67,7 +72,8 @@ def main() -> int:
         auto_model_comparison(minilm, batch, options.repeats, not options.no_compile),
         sentence_transformer_comparison(minilm, options.repeats, not options.no_compile,
                                         peers={c.key: encoder_peers.with_peer(peers.sentence_model, c.run)
-                                               for c in peers.built}),
+                                               for c in peers.built},
+                                        sentences=minilm.sentence_mix(options.sentences)),
     ]
     # Other work on the machine slows small parallel regions (per-sequence attention) most: say how busy it was.
     load = (f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; "
