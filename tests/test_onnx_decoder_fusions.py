@@ -159,20 +159,7 @@ def test_norms_run_on_the_packed_tokens(residual):
 
 # --------------------------------------------------------------------------- rotary spellings
 
-ROTARIES = {
-    "llama": spellings.RotarySpelling(),
-    "interleaved": spellings.RotarySpelling(form="interleaved"),
-    "partial (phi)": spellings.RotarySpelling(rotary=8),
-    "[B, S, H, D] (gpt-j)": spellings.RotarySpelling(layout="bshd"),
-    "back to [B, S, H*D]": spellings.RotarySpelling(layout="flat"),
-    "table": spellings.RotarySpelling(angles="table"),
-    "arange, shared by the batch": spellings.RotarySpelling(angles="arange"),
-    "negated by Mul": spellings.RotarySpelling(negate="mul"),
-    "scaled (yarn)": spellings.RotarySpelling(scaling=1.25),
-    "interleaved, partial, [B, S, H, D], table": spellings.RotarySpelling(
-        form="interleaved", rotary=8, layout="bshd", angles="table", negate="mul"),
-    "partial, [B, S, H*D], scaled table": spellings.RotarySpelling(rotary=8, layout="flat", angles="table", scaling=1.0),
-}
+ROTARIES = spellings.ROTARY_SPELLINGS
 
 
 def rotary_feeds(spec: spellings.RotarySpelling, first: int = 0) -> dict[str, np.ndarray]:

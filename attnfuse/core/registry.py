@@ -55,7 +55,8 @@ FUSED_OPS = (ATTENTION, PACKED_ATTENTION, SKIP_LAYER_NORM, LAYER_NORM, EMBED_LAY
 
 # Fused attention that ONNX Runtime (or an earlier attnfuse run) may have written into a model:
 # kept as it is, and counted.
-FOREIGN_ATTENTION = frozenset({"Attention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention"})
+FOREIGN_ATTENTION = frozenset({"Attention", "PackedAttention", "DecoderMaskedMultiHeadAttention", "SparseAttention",
+                               "QAttention"})  # QAttention: quantize_dynamic's int8 form of Attention
 
 
 def of_onnx(domain: str, op_type: str) -> tuple[FusedOp, OnnxForm] | None:

@@ -165,6 +165,23 @@ class RotarySpelling:
         return (1.0 / BASE ** (np.arange(0, self.rotary, 2) / self.rotary)).astype(np.float32)
 
 
+# The rotary spellings exporters write (tests run each through the rule alone and through the pipeline).
+ROTARY_SPELLINGS = {
+    "llama": RotarySpelling(),
+    "interleaved": RotarySpelling(form="interleaved"),
+    "partial (phi)": RotarySpelling(rotary=8),
+    "[B, S, H, D] (gpt-j)": RotarySpelling(layout="bshd"),
+    "back to [B, S, H*D]": RotarySpelling(layout="flat"),
+    "table": RotarySpelling(angles="table"),
+    "arange, shared by the batch": RotarySpelling(angles="arange"),
+    "negated by Mul": RotarySpelling(negate="mul"),
+    "scaled (yarn)": RotarySpelling(scaling=1.25),
+    "interleaved, partial, [B, S, H, D], table": RotarySpelling(
+        form="interleaved", rotary=8, layout="bshd", angles="table", negate="mul"),
+    "partial, [B, S, H*D], scaled table": RotarySpelling(rotary=8, layout="flat", angles="table", scaling=1.0),
+}
+
+
 def rotary_model(spec: RotarySpelling) -> onnx.ModelProto:
     g = _Graph()
     cos, sin = _angles(g, spec)

@@ -11,6 +11,7 @@ import tempfile
 
 import onnx
 
+from attnfuse.core import registry
 from attnfuse.models._export import quiet
 from attnfuse.models.zoo import MODEL_KIND
 
@@ -22,15 +23,6 @@ PEERS = ("ort", "ort-O1", "onnxscript")
 NUM_HEADS, HIDDEN_SIZE = 4, 64
 
 _ORT_MODEL_TYPE = {"encoder": "bert", "decoder": "gpt2", "vision": "vit"}
-
-FUSED_ATTENTION_OPS = {
-    "com.microsoft": {
-        "Attention", "MultiHeadAttention", "GroupQueryAttention", "PackedAttention",
-        "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention",
-    },
-    "": {"Attention"},  # ONNX's own, from opset 23
-}
-
 
 def ort_model_type(path: str | os.PathLike) -> str:
     """ORT's model_type for a zoo file, read from its name ("gpt2-dynamo-eager...")."""
@@ -89,9 +81,8 @@ def count_attention(model: onnx.ModelProto) -> tuple[int, int]:
 def _count_attention(nodes) -> tuple[int, int]:
     fused = softmax = 0
     for node in nodes:
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        fused += node.op_type in FUSED_ATTENTION_OPS.get(domain, ())
-        softmax += domain == "" and node.op_type == "Softmax"
+        fused += registry.is_fused_attention(node.domain, node.op_type)
+        softmax += node.domain in ("", "ai.onnx") and node.op_type == "Softmax"
         bodies = [_count_attention(a.g.node) for a in node.attribute if a.g.node]
         if bodies:  # an If runs one branch; a Loop's body is counted once, as the op it loops
             inner_fused, inner_total = max(bodies, key=lambda counts: counts[::-1]) if node.op_type == "If" else \

@@ -376,6 +376,8 @@ def session(
     if extra_outputs:
         model = _with_outputs(model, extra_outputs)
     options = ort.SessionOptions()
+    # Threads that spin after a run take the cores the next session (or the next evaluation) needs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not needs_external_data(model):

@@ -38,15 +38,7 @@ def close(want: np.ndarray, got: np.ndarray) -> bool:
 
 # --------------------------------------------------------------------------- ONNX (decoder_spellings' graphs)
 
-ONNX_FORMS = {
-    "rotate-half, heads first": spellings.RotarySpelling(),
-    "interleaved": spellings.RotarySpelling(form="interleaved"),
-    "partial (phi)": spellings.RotarySpelling(rotary=8),
-    "tokens first [B, S, H, D]": spellings.RotarySpelling(layout="bshd"),
-    "[B, S, H*D]": spellings.RotarySpelling(layout="flat"),
-    "table by position ids": spellings.RotarySpelling(angles="table"),
-    "positions shared by the batch": spellings.RotarySpelling(angles="arange"),
-}
+ONNX_FORMS = spellings.ROTARY_SPELLINGS
 
 
 def onnx_feeds(spec: spellings.RotarySpelling) -> dict[str, np.ndarray]:
@@ -60,11 +52,8 @@ def onnx_feeds(spec: spellings.RotarySpelling) -> dict[str, np.ndarray]:
 
 def onnx_expected(spec: spellings.RotarySpelling, feeds: dict[str, np.ndarray], name: str, heads: int) -> np.ndarray:
     x = feeds[name]
-    positions = feeds.get("position_ids", np.arange(x.shape[1])[None])
-    out = rotated(x, heads, positions, spec.inv_freq(), spec.form == "interleaved")
-    if spec.layout == "flat":
-        return out.reshape(x.shape).numpy()
-    return (out if spec.layout == "bshd" else out.transpose(1, 2)).numpy()
+    positions = feeds.get("position_ids", np.broadcast_to(np.arange(x.shape[1]), x.shape[:2]))
+    return spellings.rotary_reference(spec, x, heads, positions)
 
 
 def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

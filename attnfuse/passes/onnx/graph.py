@@ -78,19 +78,6 @@ def observed(value: ir.Value, probe, run: int | None = None) -> np.ndarray:
     return array
 
 
-def runs_seeing(values: Sequence[ir.Value], probe) -> list[int]:
-    """The probe runs that computed every one of `values` (an If branch: the runs that take it)."""
-    runs = None
-    for value in values:
-        seen = set(probe.runs_seeing(value.name)) if value.name else set()
-        if not seen:
-            raise NoMatch(f"no value was observed for {value.name!r}")
-        runs = seen if runs is None else runs & seen
-    if not runs:
-        raise NoMatch(f"no run observed all of {', '.join(repr(v.name) for v in values)}")
-    return sorted(runs)
-
-
 # The ONNX opset of the graph being rewritten: builders spell ops as it defines them.
 _OPSET = contextvars.ContextVar("attnfuse_onnx_opset", default=20)
 # Ops whose axes (or split sizes) were attributes before they became inputs, and the opset of the change.
