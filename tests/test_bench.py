@@ -139,7 +139,9 @@ def test_quick_llama_run_checks_prefill_decode_and_generation(tmp_path, capsys):
     from attnfuse.tools import bench_decoder
 
     out = tmp_path / "llama.json"
-    assert bench.main(["--model", "llama", "--quick", "--json", str(out), "--plot", str(tmp_path / "llama.png")]) == 0
+    # Peak memory (a fresh process per contender) has its own test below.
+    assert bench.main(["--model", "llama", "--quick", "--no-memory", "--json", str(out),
+                       "--plot", str(tmp_path / "llama.png")]) == 0
     saved = json.loads(out.read_text())
     results = saved["results"]
     assert saved["settings"]["warmups"] == 4
@@ -154,18 +156,14 @@ def test_quick_llama_run_checks_prefill_decode_and_generation(tmp_path, capsys):
             continue  # ORT's optimizer wrote one graph for two model types: run once
         assert r["build_error"] is None, r
         assert r["correct"] and r["max_rel_error"] <= bench.TOLERANCE, r
-        generates = r["workload"].startswith("generate")
-        assert (r["peak_mb"] is None) if generates else (r["peak_mb"] > 0)
-        assert not generates or r["token_mismatch"] is None
+        assert r["peak_mb"] is None
+        assert not r["workload"].startswith("generate") or r["token_mismatch"] is None
     decode = next(r for r in results if r["workload"] == "decode")
     assert (decode["batch"], decode["width"], decode["past"], decode["real_tokens"]) == (2, 1, 16, 2)
     prefill = next(r for r in results if r["workload"] == "prefill")
     assert prefill["padding"] > 0 and prefill["real_tokens"] < prefill["batch"] * prefill["width"]
     fused = {r["contender"]: r["attention_fused"] for r in results}
     assert fused["ORT"] == "0/2" and fused["attnfuse"] == "2/2"  # the tiny Llama has 2 layers
-    # a process that imports only numpy and onnxruntime stays under one that imports torch
-    peaks = {r["contender"]: r["peak_mb"] for r in results if r["workload"] == "decode"}
-    assert peaks["ORT"] < peaks[bench.TORCH]
     markdown = capsys.readouterr().out.split("| model | workload |", 1)[1].splitlines()
     assert len(markdown) == 1 + 1 + 3  # the rest of the header, the rule, a row per workload
     assert "(target 1.5x)" in markdown[2] and "(target 1.1x)" in markdown[3]

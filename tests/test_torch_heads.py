@@ -60,8 +60,13 @@ def assert_outputs_equal(got, want, mask: torch.Tensor) -> None:
         assert error <= TOLERANCE, f"{name}: relative error {error:.1e}"
 
 
-@pytest.mark.parametrize("head", HEADS)
-@pytest.mark.parametrize("family", ENCODERS)
+# Every head on BERT; on the other families the heads whose modules are their own (the sequence
+# classifier reads the first token each its own way; the masked-LM heads differ too).
+HEAD_CASES = [("bert", head) for head in HEADS] + [
+    (family, head) for family in ENCODERS[1:] for head in HEADS if head.endswith(("SequenceClassification", "MaskedLM"))]
+
+
+@pytest.mark.parametrize("family, head", HEAD_CASES)
 def test_task_heads_run_padding_free_and_equal_eager(family, head):
     model = encoder(family, head)
     optimized = attnfuse.optimize(model, example_kwargs=unpadded_example(family))

@@ -19,12 +19,7 @@ from attnfuse.passes.fx import padding_free
 from attnfuse.passes.fx.adapter import FxGraph
 from attnfuse.passes.fx.graph import FxProbe, NoMatch, find_tokens, placeholders, remove_dead, remove_no_ops
 from attnfuse.passes.fx.view import TorchView
-from attnfuse.passes.rules.attention import Attention
-from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
-from attnfuse.passes.rules.gelu import Gelu
-from attnfuse.passes.rules.normalization import Normalization
-from attnfuse.passes.rules.rotary import Rotary
-from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
+from attnfuse.passes.rules import pipeline
 
 
 @dataclass
@@ -45,12 +40,10 @@ def run_passes(module: fx.GraphModule, runs: list[tuple[tuple, dict]], options: 
     mask = _placeholder(graph, probe, runs, mask)
     view = TorchView(probe, mask, find_tokens(graph, probe, mask))
     adapter = FxGraph(graph, view)
-    found = driver.rewrite(adapter, view, [Rotary()], excluded)  # first: attention then reads q and k as rows
-    remove_dead(graph)
-    found += driver.rewrite(adapter, view, [Attention(options)], excluded)
-    remove_dead(graph)
-    found += driver.rewrite(adapter, view, [Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()], excluded)
-    remove_dead(graph)
+    found = []
+    for rule in pipeline(options):
+        found += driver.rewrite(adapter, view, [rule], excluded)
+        remove_dead(graph)  # what a rule replaced is no anchor for the next
     module.recompile()
     passes = PassResult(found)
     if options.padding_free:

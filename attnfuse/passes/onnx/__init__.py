@@ -23,12 +23,7 @@ from attnfuse.passes.onnx.graph import (
 from attnfuse.passes.onnx.adapter import OnnxGraph
 from attnfuse.passes.onnx.view import OrtView
 from attnfuse.passes.result import PassResult
-from attnfuse.passes.rules import attention
-from attnfuse.passes.rules.embed_layer_norm import EmbedLayerNorm
-from attnfuse.passes.rules.normalization import Normalization
-from attnfuse.passes.rules.gelu import Gelu
-from attnfuse.passes.rules.rotary import Rotary
-from attnfuse.passes.rules.skip_layer_norm import SkipLayerNorm
+from attnfuse.passes.rules import attention, pipeline
 
 
 class Probe(Protocol):
@@ -76,8 +71,7 @@ def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: C
     fused_before = attention.already_fused(OnnxGraph(graph, None), nodes_on_one_path(graph))
     result = PassResult(_reported(fused_before))
     applied = result.applied
-    # Rotary first: attention then reads rotated q and k.
-    rules = [Rotary(), attention.Attention(options), Normalization(), Gelu(), EmbedLayerNorm(), SkipLayerNorm()]
+    rules = pipeline(options)
     for subgraph, in_loop in graphs_in_order(graph):  # the model's graph, then If branches, Loop bodies
         if in_loop and not _observed(subgraph, probe):
             applied += _reported(_in_loop_body(subgraph))
