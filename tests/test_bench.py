@@ -186,3 +186,63 @@ def test_peak_memory_counts_what_the_child_allocates():
     assert peak_memory_mb("block = bytearray(200 * 2**20); block[::4096] = b'x' * len(block[::4096])") > small + 150
     with pytest.raises(RuntimeError, match="ValueError: no model"):
         peak_memory_mb("raise ValueError('no model')")
+
+
+# --- int8 and int4 rows ------------------------------------------------------------------------------
+
+def test_int8_contenders_are_built_as_their_users_build_them_and_checked_by_cosine():
+    """The int8 rows of `attnfuse bench` (quick MiniLM, the varlen workload): every contender built, checked
+    against torch's fp32 at the int8 tolerance, and its sentence cosine measured."""
+    from attnfuse.tools import bench_int8
+
+    spec = bench.model_specs("minilm", quick=True)[0]
+    module = spec.torch_model()
+    geometry = bench.Geometry.of(module)
+    builders = bench_int8.cached(bench.onnx_builders(spec, geometry))
+    export = lambda: str(spec.exported(dynamo=True, attention="sdpa"))  # noqa: E731
+    contenders = [bench.Contender(bench.TORCH, bench.torch_runner(module)),
+                  *bench_int8.int8_contenders(builders, export, 2, lambda _: None, spec.name)]
+    records = bench.measure(spec, geometry, bench.workloads(spec, sweep=False)[0], contenders, repeats=1)
+    int8 = [r for r in records if bench_int8.is_int8_row(r)]
+    assert {r["contender"] for r in int8} == set(bench_int8.NAMES)
+    for r in int8:
+        assert r["build_error"] is None and r["precision"] == "int8" and 0.9 < r["min_cosine"] <= 1.0, r
+        assert r["peer"] == (r["contender"] in bench_int8.PEER_BASES)
+        assert set(r.get("setting_ms") or {}) == (set(bench_int8.SETTINGS) if r["peer"] else set())
+    (mine,) = [r for r in int8 if r["contender"] == bench_int8.ATTNFUSE]
+    assert mine["attention_fused"] == "6/6" and mine["correct"]
+    (row,) = bench_int8.summary_rows(records)
+    assert row["fastest"] is not None and row["cosine"] == mine["min_cosine"]
+
+
+def test_the_int8_summary_counts_a_peer_with_a_better_cosine_apart():
+    from attnfuse.tools import bench_int8
+
+    def record(name, ms, cosine, peer=True, correct=True):
+        return dict(model="m", workload="varlen", padding=0.4, contender=name, median_ms=ms, min_cosine=cosine,
+                    peer=peer, correct=correct, precision="int8")
+
+    records = [record("precise peer", 100.0, 0.995), record("rough peer", 150.0, 0.98), record("wrong", 10.0, 0.5,
+               correct=False), record(bench_int8.ATTNFUSE, 50.0, 0.99, peer=False)]
+    (row,) = bench_int8.summary_rows(records)
+    assert row["fastest"]["contender"] == "precise peer" and row["fastest"]["speedup"] == 2.0
+    assert not row["fastest"]["cosine_no_worse"]
+    assert row["fastest_matched"]["contender"] == "rough peer" and row["fastest_matched"]["speedup"] == 3.0
+    assert "(its cosine is better); 3.00x vs rough peer" in bench_int8.markdown_table(records)
+
+
+def test_quick_int4_decode_row_checks_attnfuse_against_the_int4_export():
+    from attnfuse.tools import bench_decoder, bench_int4
+
+    model = bench_decoder.decoder_bench(quick=True)
+    loads = bench_decoder.decoder_workloads(model)
+    module = model.torch_model()
+    torch_contender = bench.Contender(bench.TORCH, bench.torch_runner(module, positional=True))
+    built = bench_decoder.BuiltContenders([torch_contender], [], {}, module)
+    records = bench_decoder.int4_row(model, built, loads, threads=2, repeats=2, step=lambda _: None)
+    by = {r["contender"]: r for r in records}
+    assert list(by) == list(bench_int4.CONTENDERS) and {r["workload"] for r in records} == {bench_int4.WORKLOAD}
+    mine, export = by[bench_int4.ATTNFUSE], by[bench_int4.ORT]
+    assert mine["vs_int4_export"] <= bench.TOLERANCE and mine["correct"] and mine["attention_fused"] == "2/2"
+    assert export["peer"] and export["precision"] == "int4" and export["max_rel_error"] <= bench.INT4_TOLERANCE
+    assert bench_int4.WORKLOAD in bench_int4.markdown_table(records)

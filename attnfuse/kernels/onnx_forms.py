@@ -86,6 +86,19 @@ RMS_NORMALIZATION = OnnxForm("RMSNormalization", ("X", "scale"), ("Y",), domain=
 STANDARD_GELU = OnnxForm("Gelu", ("X",), ("Y",), domain=ONNX_DOMAIN)  # opset 20: erf or tanh, by `approximate`
 
 
+# ONNX Runtime's quantized ops: attnfuse reads them in the models it is given (passes/onnx/quantized.py
+# says how each one computes on packed rows) and writes none itself (its --quantize lets ONNX Runtime's
+# quantizers write them). QuantizeLinear / DequantizeLinear also exist in com.microsoft, in the same form.
+DYNAMIC_QUANTIZE_LINEAR = OnnxForm("DynamicQuantizeLinear", ("x",), ("y", "y_scale", "y_zero_point"),
+                                   domain=ONNX_DOMAIN)
+MATMUL_INTEGER = OnnxForm("MatMulInteger", ("A", "B", "a_zero_point", "b_zero_point"), ("Y",), domain=ONNX_DOMAIN)
+DYNAMIC_QUANTIZE_MATMUL = OnnxForm("DynamicQuantizeMatMul", ("A", "B", "b_scale", "b_zero_point", "bias"), ("Y",))
+MATMUL_INTEGER_TO_FLOAT = OnnxForm(
+    "MatMulIntegerToFloat", ("A", "B", "a_scale", "b_scale", "a_zero_point", "b_zero_point", "bias"), ("Y",))
+MATMUL_NBITS = OnnxForm("MatMulNBits", ("A", "B", "scales", "zero_points", "g_idx", "bias"), ("Y",))
+QUANTIZE_LINEAR = OnnxForm("QuantizeLinear", ("x", "y_scale", "y_zero_point"), ("y",), domain=ONNX_DOMAIN)
+DEQUANTIZE_LINEAR = OnnxForm("DequantizeLinear", ("x", "x_scale", "x_zero_point"), ("y",), domain=ONNX_DOMAIN)
+
 def gelu_form(approximate: str, bias: bool) -> OnnxForm:
     """How ONNX spells bias + gelu: FastGelu (tanh), BiasGelu (erf), com.microsoft's Gelu (erf, no bias)."""
     if approximate == "tanh":

@@ -22,6 +22,7 @@ from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
 from attnfuse.optimizer.inputs import InputPlan
 from attnfuse.optimizer.probe import Probe
+from attnfuse.optimizer.quantize import padded_path_matmuls, quantize
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
 from attnfuse.optimizer.rollback import mark_rolled_back, rewrites, roll_back
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
@@ -31,7 +32,7 @@ ModelSource = str | os.PathLike | onnx.ModelProto
 Progress = Callable[[str], None]
 # The stages an optimize run goes through, in order, as given to `progress`.
 # Roll-back trials are announced as "roll back: <k> of <n> rewrites" between "verify" and the end.
-STAGES = ("load", "probe", "rewrite", "verify")
+STAGES = ("load", "quantize", "probe", "rewrite", "verify")  # "quantize" only with config.quantize
 
 
 @dataclass
@@ -78,6 +79,10 @@ def optimize_onnx(
     start = time.perf_counter()
     stage("load")
     original = io.load_model(model)
+    reference = io.load_model(config.reference) if config.reference is not None else None
+    if config.quantize is not None:
+        stage("quantize")  # the quantized model is the original the rewrites are verified against
+        original, reference = quantize(prepare(original), config.quantize), reference or original
     stage("probe")
     prepared = prepared_for(original, options)  # rewrites start from this; verification compares with the original
     probe = capture(prepared, config)
@@ -88,7 +93,7 @@ def optimize_onnx(
     if config.verify:
         stage("verify")
         verifier = Verifier(original, checked, check_inputs(original, probe, config.seed, options.target),
-                            probe.run_count, config.tolerance)
+                            probe.run_count, config.tolerance, reference)
         attempt, culprits = _verified(first, prepared, probe, checked, verifier, stage)
     if checked is not options:
         # The verified rewrites again, with the target's own ops (CUDA-only ones that this
@@ -187,6 +192,7 @@ def _verified(
 def _report(
     source: ModelSource, config: OptimizeConfig, attempt: _Attempt, rolled_back: list[str], seconds: float
 ) -> Report:
+    matmuls = padded_path_matmuls(attempt.model)
     return Report(
         model=_source_name(source),
         target=str(config.target),
@@ -194,6 +200,9 @@ def _report(
         sites=attempt.passes.sites,
         fusions=attempt.passes.fusions,
         fused_ops=count_fused_ops(ops_on_one_path(attempt.model.graph)),
+        quantize=str(config.quantize) if config.quantize is not None else None,
+        quantized_matmuls=matmuls.total_quantized,
+        float_matmuls=matmuls.float_weights,
         verify=attempt.verify,
         verify_precision=attempt.verify_precision,
         rolled_back=rolled_back,

@@ -1,11 +1,15 @@
 """What a user can ask of an optimize run."""
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import onnx
+
 from attnfuse.core.modes import AttentionMode, parse_attention
 from attnfuse.core.options import PassOptions, Target
+from attnfuse.optimizer.quantize import Quantization, parse_quantization
 
 TARGETS = (Target.ORT_CPU, Target.ORT_CUDA, Target.OPENVINO)
 PRECISIONS = ("f32", "bf16")
@@ -22,6 +26,9 @@ class OptimizeConfig:
     seed: int = 0
     input_shapes: Mapping[str, Sequence[int]] | None = None  # input name -> dims, for what the graph leaves open
     precision: str = "f32"  # what the optimized model will compute in (openvino: its INFERENCE_PRECISION_HINT)
+    quantize: Quantization | str | None = None  # "int8" | "int4": the output quantized by ONNX Runtime's quantizers
+    # The fp32 model a quantized input was made from: the report gives the errors against it too.
+    reference: str | os.PathLike | onnx.ModelProto | None = None
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -32,6 +39,10 @@ class OptimizeConfig:
         if self.precision != "f32" and self.target != Target.OPENVINO:
             raise ValueError(f"precision {self.precision} is for target openvino (its runtime's precision hint)")
         self.attention = parse_attention(self.attention)  # ValueError with the usage
+        self.quantize = parse_quantization(self.quantize)  # ValueError with the choices
+        if self.quantize is not None and self.target == Target.OPENVINO:
+            # ONNX Runtime's quantizers write ops (MatMulInteger, MatMulNBits) not verified in OpenVINO here
+            raise ValueError("--quantize is for the ONNX Runtime targets; openvino computes in f32 or bf16 (--precision)")
 
     def pass_options(self) -> PassOptions:
         """What the passes are asked to do."""

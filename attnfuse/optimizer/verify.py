@@ -14,10 +14,11 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from attnfuse.optimizer import openvino_run
-from attnfuse.optimizer.errors import first_line
+from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
-from attnfuse.optimizer.report import VerifyResult
+from attnfuse.optimizer.report import Against, Baseline, Check, VerifyResult
+from attnfuse.optimizer.twin import twin
 from attnfuse.core import tolerance as precision
 from attnfuse.core.options import PassOptions, Target
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
@@ -31,16 +32,24 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
     so are caches [B, heads, past + S, head_size] at the real tokens of `real_total`.
     A missing output or a shape mismatch is an infinite error.
     """
-    max_abs = max_rel = 0.0
+    errors = errors_by_output(reference, candidate, real, real_total)
+    max_abs = max((error for error, _ in errors.values()), default=0.0)
+    max_rel = max((error / scale for error, scale in errors.values()), default=0.0)
+    return max_abs, max_rel
+
+
+def errors_by_output(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None,
+                     real_total: np.ndarray | None = None) -> dict[str, tuple[float, float]]:
+    """Each output's (max absolute error, largest magnitude of the reference), compared as `compare` says."""
+    errors = {}
     for name, ref in reference.items():
         got = candidate.get(name)
         if got is None or np.shape(got) != np.shape(ref):
-            return float("inf"), float("inf")
+            errors[name] = (float("inf"), 1.0)
+            continue
         ref, got = _real_part(np.asarray(ref), np.asarray(got), real, real_total)
-        error = _abs_error(ref, got)
-        max_abs = max(max_abs, error)
-        max_rel = max(max_rel, error / _scale(ref))
-    return max_abs, max_rel
+        errors[name] = (_abs_error(ref, got), _scale(ref))
+    return errors
 
 
 def _mean_of(cosines: list[np.ndarray]) -> float:
@@ -139,10 +148,16 @@ def providers(target: Target) -> list[str]:
 
 
 class Verifier:
-    """The original's outputs, computed once, against which candidates are checked."""
+    """The original's outputs, computed once, against which candidates are checked.
+
+    A model that quantizes activations dynamically is judged by its twin (optimizer/twin.py): the
+    candidate's twin against the original's, at the float tolerance. The candidate's error against
+    the quantized original is reported beside it with the bound the twins derive for it, and must
+    stay within it. With a `reference` (the fp32 model a quantized one was made from), the error of
+    the candidate and of the original against it is reported too."""
 
     def __init__(self, original: ir.Model, options: PassOptions, inputs_list: list[CheckInputs], probe_runs: int = 2,
-                 tolerance: float | None = None):
+                 tolerance: float | None = None, reference: ir.Model | None = None):
         self.target = options.target
         self.providers = providers(options.target)
         self.tolerance = tolerance if tolerance is not None else model_tolerance(original)
@@ -165,6 +180,9 @@ class Verifier:
             self.references.append({name: values[name] for name in self.output_names})
             self.cases.append(self._case(inputs, {**inputs.feeds, **values}))
             self.inputs_list.append(inputs)
+        self.twin = twin(original)
+        self.twin_references = self._ort_outputs(self.twin) if self.twin is not None else None
+        self.fp32 = self._reference_outputs(reference) if reference is not None else None
 
     def _case(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> str:
         """The set's case, with the branch each If of the original takes on it."""
@@ -172,38 +190,103 @@ class Verifier:
                  for node, cond in self.branches.items() if cond in values]
         return "; ".join([inputs.case, *taken])
 
-    def _outputs(self, candidate: ir.Model, precision: str) -> list[dict[str, np.ndarray]]:
-        """The candidate's outputs on every input set, run where the target runs it."""
+    def _outputs(self, candidate: ir.Model, precision: str = "f32") -> list[dict[str, np.ndarray]]:
+        """The candidate's outputs on every check set, run where the target runs it (OpenVINO: at `precision`)."""
         if self.target == Target.OPENVINO:
             return openvino_run.run(candidate, [inputs.feeds for inputs in self.inputs_list], precision)
-        runner = session(candidate, self.providers)
-        return [dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds))) for inputs in self.inputs_list]
+        return self._ort_outputs(candidate)
+
+    def _ort_outputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
+        """The model's outputs on every check set, in ONNX Runtime (where the original runs)."""
+        runner = session(model, self.providers)
+        return [dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))
+                for inputs in self.inputs_list]
+
+    def _reference_outputs(self, reference: ir.Model) -> list[dict[str, np.ndarray]]:
+        """The fp32 reference's outputs on every check set; a UserError when it does not take the
+        original's inputs or lacks one of its outputs."""
+        inputs = [value.name for value in reference.graph.inputs]
+        outputs = {value.name for value in reference.graph.outputs}
+        missing = [name for name in self.output_names if name not in outputs]
+        if missing or any(name not in self.inputs_list[0].feeds for name in inputs):
+            raise UserError(f"the reference model does not compute the model's outputs from its inputs "
+                            f"(outputs {', '.join(missing) or 'match'}; inputs {', '.join(inputs)})")
+        try:
+            runner = session(reference, self.providers)
+            return [dict(zip(self.output_names, runner.run(self.output_names, {n: case.feeds[n] for n in inputs})))
+                    for case in self.inputs_list]
+        except Exception as e:
+            raise UserError(f"the reference model does not run on the check inputs: {first_line(e)}") from None
 
     def check(self, candidate: ir.Model, precision: str = "f32") -> VerifyResult:
         """The candidate against the original, computing in `precision` (where the target's runtime takes
         one: OpenVINO's INFERENCE_PRECISION_HINT), at that precision's tolerance where it is lower than float32."""
         try:
             results = self._outputs(candidate, precision)
+            twins = self._outputs(twin(candidate) or candidate, precision) if self.twin is not None else None
         except Exception as e:  # a rewrite that does not even run fails verification
             return self._result([], message=f"the optimized model does not run: {first_line(e)}")
-        per_set = [
-            (inputs, *compare(reference, result, inputs.real, inputs.real_total))
-            for inputs, reference, result in zip(self.inputs_list, self.references, results)
-        ]
+        judged, references = (twins, self.twin_references) if twins is not None else (results, self.references)
+        per_set = [(inputs, *self._compare(reference, result, inputs))
+                   for inputs, reference, result in zip(self.inputs_list, references, judged)]
+        verdict = self._result(per_set, tolerance=max(self.tolerance, _TOLERANCES[precision]))
         cosines = [vector_cosines(reference, result, inputs.real, inputs.real_total)
                    for inputs, reference, result in zip(self.inputs_list, self.references, results)]
-        verdict = self._result(per_set, tolerance=max(self.tolerance, _TOLERANCES[precision]))
         verdict.mean_cosine = float(np.mean([_mean_of(per_output) for per_output in cosines]))
         if precision != "f32":
             verdict.precision = precision
             verdict.min_cosine = float(min((c.min() for per_output in cosines for c in per_output if c.size), default=1.0))
             verdict.message += (f"; computing in {precision}, the outputs' vectors at real tokens have a min cosine "
                                 f"of {verdict.min_cosine:.6f} to the original's (float32)")
+        if twins is not None:
+            verdict.check = Check.TWIN
+            quantized, within = self._against_quantized(results, twins)
+            verdict.against.append(quantized)
+            verdict.ok = verdict.ok and within
+        if self.fp32 is not None:
+            verdict.against.append(self._against_fp32(results))
         if self.approximation:  # measured and reported, not held to the exact tolerance
             verdict.ok = bool(np.isfinite(verdict.max_rel_error))
             verdict.message = (f"approximation {self.approximation}: max relative error {verdict.max_rel_error:.3g}, "
                                f"mean cosine similarity {verdict.mean_cosine:.6f}")
+        elif verdict.check is Check.TWIN:
+            verdict.message = f"twin check (activation quantization removed): {verdict.message}"
+        if verdict.against and not self.approximation:
+            verdict.message += "; " + "; ".join(other.describe() for other in verdict.against)
         return verdict
+
+    def _compare(self, reference: dict[str, np.ndarray], result: dict[str, np.ndarray],
+                 inputs: CheckInputs) -> tuple[float, float]:
+        return compare(reference, result, inputs.real, inputs.real_total)
+
+    def _against_quantized(self, results: list[dict[str, np.ndarray]], twins: list[dict[str, np.ndarray]]
+                           ) -> tuple[Against, bool]:
+        """The candidate's largest error against the quantized original O with the bound its twin check
+        implies there (or the error furthest over its bound), and whether every output of every set is
+        within its bound: |O - R| <= |O - twin O|
+        + |twin O - twin R| + |twin R - R|, the middle term within the tolerance of twin O's magnitude;
+        all relative to O's magnitude."""
+        pairs = []  # (error, bound) of each output on each check set
+        for inputs, original, original_twin, result, result_twin in zip(
+                self.inputs_list, self.references, self.twin_references, results, twins):
+            found, original_noise, result_noise, twins_apart = (
+                errors_by_output(a, b, inputs.real, inputs.real_total)
+                for a, b in ((original, result), (original, original_twin), (result, result_twin),
+                             (original_twin, result_twin)))
+            for name, (error, scale) in found.items():
+                twin_scale = twins_apart[name][1]
+                bound = (original_noise[name][0] + result_noise[name][0] + self.tolerance * twin_scale) / scale
+                pairs.append((error / scale, bound))
+        over = [(error, bound) for error, bound in pairs if error > bound]
+        error, bound = max(over, key=lambda pair: pair[0] - pair[1]) if over else max(pairs)
+        return Against(Baseline.QUANTIZED_ORIGINAL, error, bound), not over
+
+    def _against_fp32(self, results: list[dict[str, np.ndarray]]) -> Against:
+        error = max(self._compare(reference, result, inputs)[1]
+                    for inputs, reference, result in zip(self.inputs_list, self.fp32, results))
+        original = max(self._compare(reference, result, inputs)[1]
+                       for inputs, reference, result in zip(self.inputs_list, self.fp32, self.references))
+        return Against(Baseline.FP32_REFERENCE, error, original_max_rel_error=original)
 
     def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "",
                 tolerance: float | None = None) -> VerifyResult:
@@ -219,6 +302,6 @@ class Verifier:
 
 
 def verify(original: ir.Model, optimized: ir.Model, options: PassOptions, inputs_list: list[CheckInputs],
-           tolerance: float | None = None) -> VerifyResult:
+           tolerance: float | None = None, reference: ir.Model | None = None) -> VerifyResult:
     """Run both models on every set of check inputs; ok when the error is within tolerance."""
-    return Verifier(original, options, inputs_list, tolerance=tolerance).check(optimized)
+    return Verifier(original, options, inputs_list, tolerance=tolerance, reference=reference).check(optimized)

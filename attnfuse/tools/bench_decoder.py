@@ -349,9 +349,11 @@ def check_kind(runtime_peer: bool, by_tokens: bool) -> str:
     return "logits" if runtime_peer else "logits, present k/v"
 
 
-def run(model: DecoderBench, threads: int, repeats: int, memory: bool, step: Callable[[str], None]) -> list[dict]:
+def run(model: DecoderBench, threads: int, repeats: int, memory: bool, step: Callable[[str], None],
+        int4: bool = False) -> list[dict]:
     """Build every contender once, then check, time (and weigh) them on each workload: generate N's
-    tokens first, which judge the runtime peers' decode steps, its end-to-end times last."""
+    tokens first, which judge the runtime peers' decode steps, its end-to-end times last; then, with
+    `int4`, the int4 decode row (tools/bench_int4.py)."""
     loads = decoder_workloads(model)
     step(f"{model.name}: torch")
     module = model.torch_model()
@@ -370,7 +372,22 @@ def run(model: DecoderBench, threads: int, repeats: int, memory: bool, step: Cal
             records += measure(model, workload, built, generated.tokens_equal, repeats, threads, memory)
         step(f"{model.name}: {generate.name}")
         records += time_generation(model, generate, built, generated, repeats)
+    if int4:
+        records += int4_row(model, built, loads, threads, repeats, step)
     return records
+
+
+def int4_row(model: DecoderBench, built: BuiltContenders, loads: list[DecoderWorkload], threads: int, repeats: int,
+             step: Callable[[str], None]) -> list[dict]:
+    from attnfuse.tools import bench_int4
+
+    prefill, decode = loads[0], loads[1]
+    names = built.module.signature.output_names
+    real = lambda outputs: [decoder_inputs.real_positions(name, decode.feeds, out)  # noqa: E731
+                            for name, out in zip(names, outputs)]
+    setup = bench_int4.Int4Run(model, built.onnx[0], prefill.feeds, decode)
+    return bench_int4.run(setup, threads, repeats, step, workload_fields, real,
+                          decoder_flops(model.config, decode.step))
 
 
 def return_freed_memory() -> None:
@@ -386,9 +403,9 @@ def return_freed_memory() -> None:
         pass
 
 
-def progress_steps(model: DecoderBench) -> int:
-    """The steps `run` reports: torch, each ONNX contender, each runtime peer, each workload."""
-    return len(CONTENDERS) + len(model.steps) + 1
+def progress_steps(model: DecoderBench, int4: bool = False) -> int:
+    """The steps `run` reports: torch, each ONNX contender, each runtime peer, each workload (and the int4 row's)."""
+    return len(CONTENDERS) + len(model.steps) + 1 + (4 if int4 else 0)
 
 
 # ---- reporting ----------------------------------------------------------------------------------
@@ -437,7 +454,7 @@ def summary_table(records: list[dict]) -> str:
     header = ["contender", "attention fused", *(f"{w} ({unit(w)})" for w in loads), "tokens equal"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for name in dict.fromkeys(r["contender"] for r in records):
-        first = by[(loads[0], name)]
+        first = next(by[(w, name)] for w in loads if (w, name) in by)
         cells = [name, first["attention_fused"] or "-", *(summary_cell(by.get((w, name))) for w in loads),
                  tokens_cell(by.get((generate, name)))]
         lines.append("| " + " | ".join(cells) + " |")

@@ -17,7 +17,8 @@ from attnfuse.optimizer import io
 from attnfuse.optimizer.api import STAGES, inspect_onnx, make_config, optimize_onnx
 from attnfuse.optimizer.config import PRECISIONS, TARGETS
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
-from attnfuse.optimizer.report import Report
+from attnfuse.optimizer.quantize import SUBGRAPH_OPTION, unquantized_in_subgraphs
+from attnfuse.optimizer.report import Check, Report
 from attnfuse.core.modes import USAGE
 from attnfuse.passes.onnx import padding_free, unpadded_branch
 
@@ -86,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     optimize.add_argument("--attention", default="exact", metavar="MODE",
                           help=f"{USAGE}; anything but exact is an opt-in approximation whose error is measured and reported")
     optimize.add_argument("--no-padding-free", action="store_true", help="keep padded tokens in the computation")
+    optimize.add_argument("--quantize", metavar="int8|int4",
+                          help="quantize the MatMuls' weights with ONNX Runtime's quantizers first (int8: "
+                               "quantize_dynamic, per channel; int4: MatMulNBits, blocks of 32), then optimize and "
+                               "verify the quantized model, reporting its error against IN")
+    optimize.add_argument("--reference", metavar="FP32.onnx",
+                          help="the fp32 model a quantized IN was made from: the report gives the errors against it too")
     _input_shape_option(optimize)
     optimize.set_defaults(run=_optimize)
 
@@ -139,6 +146,8 @@ def _optimize(args: argparse.Namespace) -> int:
                 padding_free=not args.no_padding_free,
                 input_shapes=input_shapes(args.input_shape),
                 precision=args.precision,
+                quantize=args.quantize,
+                reference=args.reference,
             ),
         )
         with _StageBar() as stage:
@@ -152,6 +161,9 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.report:
         io.write_text(args.report, result.report.to_json())
     print(_summary(result.report, args.output))
+    if result.report.quantize is None and unquantized_in_subgraphs(result.model):
+        print(f"attnfuse: note: to quantize {args.output}, use --quantize int8|int4, or ONNX Runtime's quantize_dynamic "
+              f"with {SUBGRAPH_OPTION}: its MatMuls are inside If branches")
     verify = result.report.verify
     if verify is not None and not verify.ok:  # only reached with --force
         print(f"attnfuse: warning: verification failed ({verify.message}); written anyway because of --force", file=sys.stderr)
@@ -203,12 +215,16 @@ def _summary(report: Report, output: str) -> str:
         checked = verify.message
     else:
         checked = (
-            f"{'ok' if verify.ok else 'FAILED'}, max abs error {verify.max_abs_error:.3g}, "
+            f"{'ok' if verify.ok else 'FAILED'}, {_check_names[verify.check]}max abs error {verify.max_abs_error:.3g}, "
             f"max rel error {verify.max_rel_error:.3g} (tolerance {verify.tolerance:g})"
         )
+        checked += "".join(f"; {other.describe()}" for other in verify.against)
+    quantized = [f"quantized MatMuls: {report.quantized_matmuls} ({report.quantize or 'as given'}), "
+                 f"{report.float_matmuls} with float weights"] if report.quantized_matmuls else []
     lines = [
         f"attention fused: {report.attention_fused}/{report.attention_total}",
         f"fused ops: {ops}",
+        *quantized,
         f"padding-free: {_padding_free(report)}",
         f"verify: {checked}",
     ]
@@ -216,6 +232,9 @@ def _summary(report: Report, output: str) -> str:
         lines.append(f"verify {report.verify_precision.precision}: "
                      f"{'ok' if report.verify_precision.ok else 'FAILED'}, {report.verify_precision.message}")
     return "\n".join([*lines, f"wrote {output} in {report.seconds:.2f} s"])
+
+
+_check_names = {Check.DIRECT: "", Check.TWIN: "twin check (activation quantization removed): "}
 
 
 def _padding_free(report: Report) -> str:

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from attnfuse.core import registry
 from attnfuse.core.facts import attention_facts, is_padding_free, tag_padding_free
-from attnfuse.passes.onnx import buckets
+from attnfuse.passes.onnx import buckets, quantized
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, named_inputs, replace_uses
 
 NAME = "padding-free"
@@ -30,6 +30,8 @@ TOKENS, ROWS = "tokens", "rows"
 _UNARY = {"Cast", "Erf", "Tanh", "Relu", "Sigmoid", "Gelu", "Neg", "Sqrt", "Exp", "Softplus", "Identity", "IsNaN"}
 _ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"}
 _NORMS = {"LayerNormalization"}  # over the last axis: token-wise
+# Activations are float, or integers where quantized ops compute (int8 / uint8 codes, int32 accumulators).
+_QUANTIZED_DTYPES = {"int8", "uint8", "int32"}
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 MHA = registry.MULTI_HEAD_ATTENTION
 STANDARD = registry.STANDARD_ATTENTION
@@ -110,7 +112,7 @@ class Layout:
 
     def observed(self, value: ir.Value) -> Form | None:
         arrays = [self.probe.get(value.name, run) for run in self.runs]
-        if any(a.dtype.kind != "f" for a in arrays):
+        if any(a.dtype.kind != "f" and a.dtype.name not in _QUANTIZED_DTYPES for a in arrays):
             return None
         if all(a.ndim >= 3 and a.shape[:2] == size for a, size in zip(arrays, self.sizes)):
             return Form(TOKENS, arrays[0].ndim)
@@ -141,6 +143,9 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
     if node.domain not in ("", "ai.onnx", MS_DOMAIN) or not node.outputs or not node.inputs:
         return None
     found = registry.of_onnx(node.domain, node.op_type)
+    spelled_quantized = quantized.quantized(node)
+    if spelled_quantized is not None:
+        return _quantized_forms(node, spelled_quantized, layout)
     if found is None and node.domain == MS_DOMAIN:
         return None
     probe = layout.probe
@@ -150,7 +155,7 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
         return None
     (form,) = forms
     same = [form] * len(node.outputs)
-    per_token = all(layout.form(x) == form or _same_for_every_token(x, probe, form) for x in inputs)
+    per_token = all(layout.form(x) == form or _same_for_every_token(x, layout, form) for x in inputs)
     if found is not None:
         return same if per_token and _fused_token_wise(node, *found, form) else None
     op = node.op_type
@@ -165,7 +170,7 @@ def token_wise_forms(node: ir.Node, layout: Layout) -> list[Form | None] | None:
     if op == "Gemm":
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         ok = first == Form(ROWS, 2) and not attr(node, "transA", 0) and constant(node.inputs[1], probe) is not None
-        return same if ok and (bias is None or _same_for_every_token(bias, probe, form)) else None
+        return same if ok and (bias is None or _same_for_every_token(bias, layout, form)) else None
     if op in _NORMS:
         return same if _over_last_axis(node, first) and per_token else None
     if op in ("Split", "Gather", "Transpose", "Reshape"):
@@ -179,6 +184,42 @@ def _fused_token_wise(node: ir.Node, fused: registry.FusedOp, spelled: registry.
     be read at the wrong place on packed tokens."""
     reads_positions = "position_ids" in named_inputs(node, spelled)
     return fused.token_wise and _over_last_axis(node, form) and not reads_positions
+
+
+def _quantized_forms(node: ir.Node, op: quantized.QuantizedOp, layout: Layout) -> list[Form | None] | None:
+    """A quantized op (passes/onnx/quantized.py) is token-wise on its activation when its weights are
+    constants, what it takes per tensor is one value, and a (de)quantization's channels are not tokens.
+    Its per-tensor outputs (a dynamic scale, a zero point) have no token form."""
+    inputs = named_inputs(node, op.form)
+    form = layout.form(inputs.get(op.activation))
+    if form is None or any(layout.form(x) for name, x in inputs.items() if name != op.activation):
+        return None
+    weights = {name: constant(inputs[name], layout.probe) for name in op.weights if name in inputs}
+    if any(w is None for w in weights.values()) or any(_size(inputs[name], layout) != 1 for name in op.per_tensor
+                                                         if name in inputs):
+        return None
+    if op.matrix is not None and weights[op.matrix].ndim != 2:
+        return None
+    if quantized.is_qdq(op) and not _per_tensor_or_channel(node, weights.values(), form):
+        return None
+    return [form if name in op.token_major else None for name in op.form.outputs[:len(node.outputs)]]
+
+
+def _size(value: ir.Value, layout: Layout) -> int | None:
+    """Its number of elements, if the same on every run."""
+    if not layout.seen(value):
+        array = constant(value, layout.probe)
+        return None if array is None else array.size
+    sizes = {int(np.prod(shape)) for shape in layout.shapes(value)}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _per_tensor_or_channel(node: ir.Node, scales, form: Form) -> bool:
+    """(De)QuantizeLinear's scale and zero point: one value, or one per channel along an axis of a token."""
+    if attr(node, "block_size", 0):
+        return False
+    per_channel = any(scale.size > 1 for scale in scales)
+    return not per_channel or attr(node, "axis", 1) % form.rank >= form.lead
 
 
 def _over_last_axis(node: ir.Node, form: Form) -> bool:
@@ -215,13 +256,18 @@ def _layout_forms(node: ir.Node, form: Form, layout: Layout) -> list[Form] | Non
     return None
 
 
-def _same_for_every_token(value: ir.Value, probe, form: Form) -> bool:
-    """A constant that broadcasts along the token dims only: [H], [heads, size], [1, 1, H], ..."""
-    array = constant(value, probe)
-    if array is None:
+def _same_for_every_token(value: ir.Value, layout: Layout, form: Form) -> bool:
+    """A value that broadcasts along the token dims only, on every run: [H], [heads, size], [1, 1, H], a
+    constant, or a value computed per tensor (a dynamic quantization's scale)."""
+    array = constant(value, layout.probe)
+    if array is not None:
+        shapes = [array.shape]
+    elif layout.form(value) is None and layout.seen(value):
+        shapes = layout.shapes(value)
+    else:
         return False
     per_token = form.rank - form.lead  # the dims of one token
-    return all(d == 1 for d in array.shape[:max(array.ndim - per_token, 0)])
+    return all(d == 1 for shape in shapes for d in shape[:max(len(shape) - per_token, 0)])
 
 
 class Packer:
@@ -443,7 +489,8 @@ def _run_packed(node: ir.Node, forms: list[Form], layout: Layout, packer: Packer
         node.replace_input_with(1, b.const(np.array(head + trailing, np.int64)))
         packer.graph.insert_before(node, _own(b.nodes))
     for out, form in zip(node.outputs, forms):
-        packer.mark_packed(out, form)
+        if form is not None:  # a per-tensor output (a dynamic quantization's scale) is read as it is
+            packer.mark_packed(out, form)
 
 
 def _attention(node: ir.Node) -> registry.OnnxForm | None:

@@ -30,6 +30,7 @@ class RuntimePeer:
     runtime: ModuleType  # genai or ct2
     build_tag: str  # its built model's folder is <build_tag>-<transformers folder's name>, in the zoo cache
     rows_end_at_eos: bool = False  # its generation ends a row at the end-of-sequence id (genai)
+    build_options: tuple[tuple[str, str], ...] = ()  # passed to its runtime's build (genai's precision)
 
     def missing(self) -> str | None:
         """Why it cannot run here, or None."""
@@ -39,10 +40,16 @@ class RuntimePeer:
 
     def built(self, folder: Path) -> Path:
         """Its own model, built from the transformers folder on first use."""
-        return cached_folder(f"{self.build_tag}-{folder.name}", lambda out: self.runtime.build(folder, out))
+        return cached_folder(f"{self.build_tag}-{folder.name}",
+                             lambda out: self.runtime.build(folder, out, **dict(self.build_options)))
 
     def open(self, model_dir: Path, threads: int) -> OpenPeer:
         return OpenPeer(self, model_dir, self.runtime.Model(model_dir, threads))
+
+
+# genai's builder with -p int4: the int4 decode row's peer (tools/bench_int4.py)
+GENAI_INT4 = RuntimePeer("onnxruntime-genai int4", "onnxruntime_genai", genai, "genai-int4", rows_end_at_eos=True,
+                         build_options=(("precision", "int4"),))
 
 
 def runtime_peers() -> tuple[RuntimePeer, ...]:
