@@ -176,6 +176,11 @@ def test_bf16_is_for_the_openvino_target():
         attnfuse.optimize_onnx(str(zoo.exported(BERT)), precision="bf16")
 
 
+def test_quantizing_is_for_the_onnx_runtime_targets():
+    with pytest.raises(UserError, match="--quantize is for the ONNX Runtime targets"):
+        attnfuse.optimize_onnx(str(zoo.exported(BERT)), target="openvino", quantize="int8")
+
+
 def test_bf16_needs_a_cpu_that_has_it(monkeypatch):
     monkeypatch.setattr(openvino_run, "installed", lambda: True)
     monkeypatch.setattr(openvino_run, "has_bf16", lambda: False)
