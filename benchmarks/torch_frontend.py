@@ -44,7 +44,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from attnfuse.models import minilm  # noqa: E402
-from attnfuse.tools import bench, encoder_peers  # noqa: E402
+from attnfuse.tools import bench, bench_command, encoder_peers  # noqa: E402
 from attnfuse.tools.demo import (  # noqa: E402
     ATTNFUSE, EAGER, auto_model_comparison, sentence_transformer_comparison, speedup_table,
 )
@@ -60,7 +60,7 @@ def main() -> int:
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
     parser.add_argument("--sentences", type=int, default=256,
                         help="encode this many texts of one to three of the demo's sentences (minilm.sentence_mix)")
-    parser.add_argument("--peers", type=bench.peer_list, default=bench.peer_list("all"), metavar="LIST",
+    parser.add_argument("--peers", type=bench_command.peer_list, default=bench_command.peer_list("all"), metavar="LIST",
                         help="runtime peers of the encode workload: openvino, ctranslate2, all or none (default all)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -124,7 +124,7 @@ def encode_peers(runtimes: list[str], threads: int) -> EncodePeers:
     contenders = encoder_peers.peer_contenders(runtimes, torch_model, encoder_peers.transformers_folder(minilm, torch_model),
                                                minilm.padded_batch(2, 16, seed=1), threads)
     if "openvino" in runtimes:
-        contenders += bench.attnfuse_openvino(bench.model_specs("minilm", quick=False)[0], threads, lambda _: None)
+        contenders += encoder_peers.attnfuse_openvino(bench.model_specs("minilm", quick=False)[0], threads, lambda _: None)
     feeds = minilm.tokenize(minilm.SENTENCES)
     expected = bench.torch_runner(torch_model)(feeds)
     real = [feeds["attention_mask"][:, :, None].astype(bool)]

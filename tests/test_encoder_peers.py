@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnfuse.tools import bench, encoder_peers
+from attnfuse.tools import bench, bench_command, encoder_peers
 
 needs = {runtime: pytest.mark.skipif(not encoder_peers.installed(runtime), reason=f"{runtime}: {bench.NOT_INSTALLED}")
          for runtime in encoder_peers.RUNTIMES}
@@ -100,14 +100,14 @@ def test_a_peer_that_fails_to_build_is_a_result(monkeypatch):
 @pytest.mark.parametrize("text, runtimes", [("all", list(encoder_peers.RUNTIMES)), ("none", []),
                                             ("ctranslate2", ["ctranslate2"]), (" openvino, openvino ", ["openvino"])])
 def test_peer_lists(text, runtimes):
-    assert bench.peer_list(text) == runtimes
+    assert bench_command.peer_list(text) == runtimes
 
 
 @pytest.mark.parametrize("argv", [["--model", "minilm", "--peers", "onnxruntime"], ["--model", "minilm", "--peers", ","],
                                   ["--model", "llama", "--peers", "openvino"]])
 def test_bad_peer_options_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(argv)
+        bench_command.main(argv)
     assert exit_.value.code != 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("attnfuse bench: error:")
 
@@ -212,7 +212,7 @@ def test_peer_matches_torch_at_real_tokens(runtime, tiny_bert, tmp_path):
 @pytest.mark.skipif(not all(map(encoder_peers.installed, encoder_peers.RUNTIMES)), reason=bench.NOT_INSTALLED)
 def test_quick_bench_with_the_peers_reports_their_precision(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--model", "minilm", "--quick", "--peers", "all", "--repeats", "1", "--json", str(out)]) == 0
+    assert bench_command.main(["--model", "minilm", "--quick", "--peers", "all", "--repeats", "1", "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert set(saved["settings"]) >= {"openvino", "ctranslate2", "tolerances"}
     varlen = {r["contender"]: r for r in saved["results"] if r["workload"] == "varlen"}
@@ -227,6 +227,6 @@ def test_quick_bench_with_the_peers_reports_their_precision(tmp_path):
     mine = varlen["attnfuse padding-free"]
     assert mine["fastest_peer"] and varlen[mine["fastest_peer"]]["precision"] == "f32"
     assert mine["fastest_peer_any_precision"] in varlen
-    on_openvino = varlen[bench.attnfuse_on_openvino("f32")]  # attnfuse's file for OpenVINO, run there
+    on_openvino = varlen[encoder_peers.attnfuse_on_openvino("f32")]  # attnfuse's file for OpenVINO, run there
     assert not on_openvino["peer"] and on_openvino["attention_fused"] == "6/6"
     assert set(on_openvino["setting_ms"]) == set(encoder_peers.OPENVINO_HINTS)

@@ -17,11 +17,8 @@ speedups are given against the fastest correct f32 peer and against the fastest 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,9 +26,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
-from tqdm import tqdm
 
-from attnfuse.models.decoders.bench import VOCAB
 from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 TOLERANCE = 1e-4  # max error on real positions, relative to the largest output magnitude, as the optimizer's check
@@ -227,39 +222,6 @@ class Contender:
     def key(self) -> str:
         """Its name in Checked: name and setting, unique among the contenders of a run."""
         return f"{self.name} ({self.setting})" if self.setting else self.name
-
-
-def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None]) -> list[Contender]:
-    """attnfuse's file for OpenVINO (`--target openvino`, verified there at f32 and at bf16 where the CPU has it),
-    compiled at f32 and bf16 under both of OpenVINO's performance hints, as the OpenVINO peer is."""
-    import attnfuse
-    from attnfuse.models._export import quiet
-    from attnfuse.models.peers import describe_error
-    from attnfuse.optimizer import openvino_run
-    from attnfuse.tools import encoder_peers
-
-    precisions = ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
-    names = [attnfuse_on_openvino(precision) for precision in precisions]
-    if not openvino_run.installed():
-        return [Contender(name, error=NOT_INSTALLED, precision=None) for name in names]
-    step(f"{spec.name}: attnfuse for OpenVINO")
-    try:
-        with quiet():
-            result = attnfuse.optimize_onnx(str(spec.exported(dynamo=True, attention="sdpa")), target="openvino",
-                                            precision=precisions[-1])
-            import openvino as ov
-
-            model = ov.Core().read_model(result.proto.SerializeToString(), b"")
-            runners = encoder_peers.openvino_runners(model, threads, precisions)
-    except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
-        return [Contender(name, error=describe_error(error), precision=None) for name in names]
-    fused = f"{result.report.attention_fused}/{result.report.attention_total}"
-    return [Contender(attnfuse_on_openvino(forced), run, attention=fused, precision=precision, setting=hint)
-            for forced, precision, hint, run in runners]
-
-
-def attnfuse_on_openvino(precision: str) -> str:
-    return f"attnfuse (OpenVINO {precision})"
 
 
 def build_contenders(name: str, torch_run: Runner, builders: OnnxBuilders, threads: int, step: Callable[[str], None],
@@ -622,190 +584,3 @@ def plot(records: list[dict], path: Path) -> None:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     save_figure(fig, plt, path)
-
-
-# ---- the command --------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnfuse bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("minilm", "bert-base", "all", "llama"), default="all",
-                        help="all: MiniLM and BERT-base; llama: the decoder benchmark (prefill and decode)")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads and torch threads")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs of each contender, median shown (default 5)")
-    parser.add_argument("--sweep", action="store_true",
-                        help=f"also time padding fractions {', '.join(map(str, SWEEP))} (encoders)")
-    parser.add_argument("--vocab", type=int, default=None, metavar="N",
-                        help="llama's vocabulary (default 32000, the full one; a smaller one shrinks the LM head)")
-    parser.add_argument("--no-memory", action="store_true", help="llama: skip the peak-memory processes")
-    parser.add_argument("--peers", type=peer_list, default=None, metavar="LIST",
-                        help="encoders: the CPU runtimes to time besides ONNX Runtime, comma-separated: openvino, "
-                             "ctranslate2, all or none (default all, none with --quick); one not installed is listed "
-                             "as such (pip install -e .[bench]); with openvino, attnfuse's file for it runs there too")
-    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                        help="encoders: also the int8 contenders (attnfuse --quantize int8 against quantize_dynamic of "
-                             "each peer's model; attnfuse/tools/bench_int8.py); default on, off with --quick")
-    parser.add_argument("--int4", action=argparse.BooleanOptionalAction, default=None,
-                        help="llama: also the int4 decode row (attnfuse --quantize int4 against ORT on the int4 export "
-                             "and onnxruntime-genai's int4 build; attnfuse/tools/bench_int4.py); default on, off with --quick")
-    parser.add_argument("--quick", action="store_true",
-                        help="encoders batch 4, max length 32; llama the zoo's tiny one; 2 repeats: for tests")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement here")
-    parser.add_argument("--plot", type=Path, metavar="PATH",
-                        help="PNG: speedup vs padding fraction (encoders), time and peak memory (llama)")
-    return parser
-
-
-def peer_list(text: str) -> list[str]:
-    """--peers: "all", "none" or runtime names separated by commas."""
-    from attnfuse.tools.encoder_peers import RUNTIMES
-
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if names in (["all"], ["none"]):
-        return list(RUNTIMES) if names == ["all"] else []
-    unknown = [name for name in names if name not in RUNTIMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not one of {', '.join(RUNTIMES)}, all, none")
-    return list(dict.fromkeys(names))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    decoder = args.model == "llama"
-    if args.vocab is not None and (not decoder or args.quick):
-        parser.error("--vocab applies to --model llama without --quick")
-    if args.sweep and decoder:
-        parser.error("--sweep applies to the encoders (minilm, bert-base, all)")
-    if args.vocab is not None and args.vocab < 3:
-        parser.error("--vocab must be at least 3 (ids 0-2 are the special tokens)")
-    if args.peers and decoder:
-        parser.error("--peers applies to the encoders (minilm, bert-base, all)")
-    if args.peers is None:
-        args.peers = [] if args.quick or decoder else peer_list("all")
-    if args.int8 and decoder:
-        parser.error("--int8 applies to the encoders (minilm, bert-base, all)")
-    if args.int8 is None:
-        args.int8 = not (args.quick or decoder)
-    if args.int4 and not decoder:
-        parser.error("--int4 applies to --model llama")
-    if args.int4 is None:
-        args.int4 = decoder and not args.quick
-    if decoder:
-        args.vocab = args.vocab or VOCAB
-    repeats = args.repeats or (2 if args.quick else 5)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        records, gemm = run_all(args, repeats)
-    finally:
-        torch.set_num_threads(threads_before)
-    print(format_table(records))
-    if not decoder:
-        print()
-        print(summary_table(records))
-    from attnfuse.tools import bench_int4, bench_int8
-
-    if args.int8:
-        print()
-        print(bench_int8.summary_table(records))
-    print(f"\nfp32 GEMM on this machine: {gemm:.1f} GFLOP/s (torch.matmul {GEMM_SIZE}^3, {args.threads} threads); "
-          f"ORT intra-op threads {args.threads}; median of {repeats} interleaved runs after {WARMUPS} warm-ups")
-    if decoder:
-        print(decoder_notes(records, args))
-    print()
-    print(markdown_table([r for r in records if not bench_int8.is_int8_row(r) and not bench_int4.is_int4_row(r)]))
-    for shown, module in ((args.int8, bench_int8), (args.int4, bench_int4)):
-        if shown:
-            print()
-            print(module.markdown_table(records))
-    if args.json:
-        settings = dict(threads=args.threads, repeats=repeats, warmups=WARMUPS, quick=args.quick, tolerance=TOLERANCE,
-                        tolerances=TOLERANCES, min_cosines=MIN_COSINES, torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__,
-                        **peer_versions(args.peers))
-        if decoder:
-            settings.update(vocab=args.vocab, peak_memory=not args.no_memory)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(settings=settings, gemm_gflops=gemm, results=records), indent=1) + "\n")
-    if args.plot:
-        from attnfuse.tools import bench_decoder
-
-        (bench_decoder.plot if decoder else plot)(records, args.plot)
-    wrong = [f"{r['model']} {r['workload']} {r['contender']}" for r in records if r["median_ms"] is not None and not r["correct"]]
-    if wrong:
-        print(f"attnfuse bench: outputs differ from torch beyond their precision's tolerance ({TOLERANCES}; "
-              f"min cosines {MIN_COSINES}): "
-              f"{'; '.join(wrong)}", file=sys.stderr)
-    return 0
-
-
-def peer_versions(runtimes: list[str]) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for runtime in runtimes:
-        try:
-            versions[runtime] = version(runtime)
-        except PackageNotFoundError:
-            pass
-    return versions
-
-
-def decoder_notes(records: list[dict], args: argparse.Namespace) -> str:
-    from attnfuse.tools.bench_decoder import TARGETS
-
-    full = "the full one" if args.vocab == VOCAB else f"reduced from {VOCAB}"
-    vocab = "" if args.quick else f"vocabulary {args.vocab} ({full}); "
-    memory = "not measured" if args.no_memory else "VmHWM of a fresh process that loads the model and runs the workload once"
-    targets = ", ".join(f"{name} {ratio:g}x" for name, ratio in TARGETS.items())
-    return (f"{vocab}peak MB: {memory}\n"
-            f"targets (attnfuse vs the fastest correct peer, reported, not asserted): {targets}")
-
-
-def with_runtime_peers(contenders: list[Contender], spec: ModelSpec, module: torch.nn.Module, runtimes: list[str],
-                       threads: int, step: Callable[[str], None]) -> list[Contender]:
-    """`contenders` with the runtime peers after the ONNX Runtime peers, attnfuse's forms staying last."""
-    from attnfuse.tools import encoder_peers
-
-    peers = encoder_peers.peer_contenders(
-        runtimes, module, encoder_peers.transformers_folder(spec.module, module),
-        spec.module.padded_batch(2, min(16, spec.max_length), seed=1), threads, lambda name: step(f"{spec.name}: {name}"))
-    split = max(i for i, c in enumerate(contenders) if c.name in PEERS) + 1
-    return [*contenders[:split], *peers, *contenders[split:]]
-
-
-def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
-    from attnfuse.tools import bench_decoder, bench_int8
-
-    plans = [(spec, workloads(spec, args.sweep)) for spec in model_specs(args.model, args.quick)]
-    decoder = bench_decoder.decoder_bench(args.quick, args.vocab) if args.model == "llama" else None
-    int8_steps = bench_int8.build_count() if args.int8 else 0
-    steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(args.peers) + ("openvino" in args.peers) + int8_steps + len(loads)
-                    for _, loads in plans)
-    steps += bench_decoder.progress_steps(decoder, args.int4) if decoder else 0
-    records: list[dict] = []
-    with tqdm(total=steps, desc="attnfuse bench", file=sys.stderr, disable=None) as bar:
-        def step(description: str) -> None:
-            bar.set_description(description)
-            bar.update()
-
-        step("GEMM rate")
-        gemm = gemm_gflops(args.threads, repeats)
-        for spec, loads in plans:
-            step(f"{spec.name}: torch")
-            module = spec.torch_model()
-            geometry = Geometry.of(module)
-            builders = bench_int8.cached(onnx_builders(spec, geometry))  # the int8 peers quantize these models
-            contenders = build_contenders(spec.name, torch_runner(module), builders, args.threads, step)
-            contenders = with_runtime_peers(contenders, spec, module, args.peers, args.threads, step)
-            if "openvino" in args.peers:
-                contenders += attnfuse_openvino(spec, args.threads, step)
-            if args.int8:
-                export = lambda spec=spec: str(spec.exported(dynamo=True, attention="sdpa"))  # noqa: E731
-                contenders += bench_int8.int8_contenders(builders, export, args.threads, step, spec.name)
-            for workload in loads:
-                step(f"{spec.name}: {workload.name}")
-                records += measure(spec, geometry, workload, contenders, repeats)
-        if decoder:
-            records += bench_decoder.run(decoder, args.threads, repeats, not args.no_memory, step, args.int4)
-    return records, gemm

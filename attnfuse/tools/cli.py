@@ -102,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _input_shape_option(inspect)
     inspect.set_defaults(run=_inspect)
 
-    for name, summary in (("demo", "run the demo"), ("bench", "run the benchmarks")):
+    for name, module, summary in (("demo", "demo", "run the demo"), ("bench", "bench_command", "run the benchmarks")):
         delegate = commands.add_parser(name, help=summary, add_help=False)
-        delegate.set_defaults(run=_delegate, module=f"attnfuse.tools.{name}")
+        delegate.set_defaults(run=_delegate, module=f"attnfuse.tools.{module}")
     return parser
 
 
@@ -297,7 +297,7 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def _delegate(args: argparse.Namespace) -> int:
-    """Run attnfuse.tools.demo / .bench, which are imported only when asked for."""
+    """Run attnfuse.tools.demo / .bench_command, which are imported only when asked for."""
     try:
         module = importlib.import_module(args.module)
     except ImportError as e:
