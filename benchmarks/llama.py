@@ -14,14 +14,14 @@ import json
 import sys
 from pathlib import Path
 
-from attnfuse.tools import bench, bench_decoder
+from attnfuse.tools import bench_command, bench_decoder
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main(extra: list[str]) -> int:
     out = RESULTS / "llama.json"
-    code = bench.main(["--model", "llama", "--json", str(out), "--plot", str(RESULTS / "llama.png"), *extra])
+    code = bench_command.main(["--model", "llama", "--json", str(out), "--plot", str(RESULTS / "llama.png"), *extra])
     print()
     print(bench_decoder.summary_table(json.loads(out.read_text())["results"]))
     return code

@@ -8,13 +8,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from attnfuse.tools import bench
+from attnfuse.tools import bench_command
 
 RESULTS = Path(__file__).parent / "results"
 
 
 def main(extra: list[str]) -> int:
-    return bench.main(["--model", "all", "--sweep", "--json", str(RESULTS / "padding_free.json"),
+    return bench_command.main(["--model", "all", "--sweep", "--json", str(RESULTS / "padding_free.json"),
                        "--plot", str(RESULTS / "padding_free.png"), *extra])
 
 

@@ -4,15 +4,19 @@ Two workloads, each timed in one process, interleaved, median of --repeats:
 - `AutoModel.from_pretrained` (BertModel with its pooler) on batch 32, lengths uniform
   in [8, 128] (the batch of `attnfuse bench`), optimized from one unpadded sentence;
   outputs checked against eager (last_hidden_state at real tokens, pooler_output whole);
-- `SentenceTransformer.encode` on the demo's 40 sentences, batch_size 32
+- `SentenceTransformer.encode` on --sentences texts (default 256) of one to three of the demo's sentences
+  each (minilm.sentence_mix: a few tokens to beyond 128), batch_size 32
   (sentence-transformers' own sorting, padding and pooling); embeddings checked by cosine.
   The CPU runtimes users deploy instead (--peers; attnfuse/tools/encoder_peers.py: OpenVINO f32 and at its
   own precision under both hints, CTranslate2 f32 and int8) run the same encode, the model's own tokenizer
   and pooling around their runtime, in the same rounds; each is also checked against torch at real tokens
-  on the sentences as one batch, at its precision's tolerance (attnfuse.tools.bench.TOLERANCES).
+  on the sentences as one batch, at its precision's tolerance (attnfuse.tools.bench.TOLERANCES). With
+  OpenVINO among them, attnfuse's file for it (`--target openvino`, as `attnfuse bench` builds it) runs the
+  same encode in OpenVINO at f32 and bf16: attnfuse's forms beside `optimize(model)`.
 torch.compile(dynamic=True) is applied to the same module attnfuse optimizes.
 
-    python benchmarks/torch_frontend.py [--repeats 7] [--threads 2] [--no-compile] [--peers all|none|openvino,...]
+    python benchmarks/torch_frontend.py [--repeats 7] [--threads 2] [--no-compile] [--sentences 256]
+                                        [--peers all|none|openvino,...]
 
 sentence-transformers' own `backend="openvino"` is not among the peers: it needs optimum-intel, which pins
 transformers < 5.6 (this project's environment has 5.x newer than that) and pulls PyPI's torchvision, which does
@@ -21,8 +25,9 @@ not load beside the CPU torch; it runs the same OpenVINO runtime as the OpenVINO
 OpenMP's idle threads wait passively (OMP_WAIT_POLICY=PASSIVE unless the environment
 says otherwise), as the ONNX Runtime sessions of `attnfuse bench` stop spinning: on
 a machine shared with other work, threads that spin between parallel regions take
-the cores the working thread needs, and the contender with the most short regions
-(attnfuse, whose attention runs one sequence at a time) loses most.
+the cores the working thread needs, and the contender with the most short regions loses
+most (benchmarks/packed_attention.py: attnfuse's packed attention one sequence at a time ran 26x slower
+under the default policy than under PASSIVE on this loaded machine; in length buckets it makes fewer regions).
 """
 from __future__ import annotations
 
@@ -39,7 +44,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from attnfuse.models import minilm  # noqa: E402
-from attnfuse.tools import bench, encoder_peers  # noqa: E402
+from attnfuse.tools import bench, bench_command, encoder_peers  # noqa: E402
 from attnfuse.tools.demo import (  # noqa: E402
     ATTNFUSE, EAGER, auto_model_comparison, sentence_transformer_comparison, speedup_table,
 )
@@ -53,7 +58,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
-    parser.add_argument("--peers", type=bench.peer_list, default=bench.peer_list("all"), metavar="LIST",
+    parser.add_argument("--sentences", type=int, default=256,
+                        help="encode this many texts of one to three of the demo's sentences (minilm.sentence_mix)")
+    parser.add_argument("--peers", type=bench_command.peer_list, default=bench_command.peer_list("all"), metavar="LIST",
                         help="runtime peers of the encode workload: openvino, ctranslate2, all or none (default all)")
     options = parser.parse_args()
     torch.set_num_threads(options.threads)
@@ -65,7 +72,8 @@ def main() -> int:
         auto_model_comparison(minilm, batch, options.repeats, not options.no_compile),
         sentence_transformer_comparison(minilm, options.repeats, not options.no_compile,
                                         peers={c.key: encoder_peers.with_peer(peers.sentence_model, c.run)
-                                               for c in peers.built}),
+                                               for c in peers.built},
+                                        sentences=minilm.sentence_mix(options.sentences)),
     ]
     # Other work on the machine slows small parallel regions (per-sequence attention) most: say how busy it was.
     load = (f"1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after, on {os.cpu_count()} cores; "
@@ -76,9 +84,9 @@ def main() -> int:
         print()
         print(comparison.summary())
         print(speedup_table("contender", comparison.times, comparison.agreement))
-    encode = encode_records(comparisons[1].times, peers)
+    encode = encode_records(comparisons[1], peers)
     print(peers.summary())
-    print(against_peers(encode))
+    print(bench.summary_table(encode))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "torch_frontend.json").write_text(json.dumps({
         "threads": options.threads, "repeats": options.repeats, "load": load,
@@ -110,10 +118,13 @@ def correct(contender: bench.Contender, error: float) -> bool:
 
 
 def encode_peers(runtimes: list[str], threads: int) -> EncodePeers:
-    """The runtime peers, built from MiniLM as `attnfuse bench` builds them, and checked once."""
+    """The runtime peers, built from MiniLM as `attnfuse bench` builds them (with OpenVINO, attnfuse's file for
+    it too), and checked once."""
     torch_model = minilm.load_torch("sdpa")
     contenders = encoder_peers.peer_contenders(runtimes, torch_model, encoder_peers.transformers_folder(minilm, torch_model),
                                                minilm.padded_batch(2, 16, seed=1), threads)
+    if "openvino" in runtimes:
+        contenders += encoder_peers.attnfuse_openvino(bench.model_specs("minilm", quick=False)[0], threads, lambda _: None)
     feeds = minilm.tokenize(minilm.SENTENCES)
     expected = bench.torch_runner(torch_model)(feeds)
     real = [feeds["attention_mask"][:, :, None].astype(bool)]
@@ -122,26 +133,22 @@ def encode_peers(runtimes: list[str], threads: int) -> EncodePeers:
     return EncodePeers(minilm.load_sentence_transformer(), built, [c for c in contenders if c.run is None], errors)
 
 
-def encode_records(times: dict[str, float], peers: EncodePeers) -> list[dict]:
-    """bench's records for the encode contenders (torch eager and torch.compile are f32 peers whose
-    cosine the table shows), so that bench.add_speedups picks the fastest correct peers."""
+def encode_records(comparison, peers: EncodePeers) -> list[dict]:
+    """bench's records for the encode contenders, one per contender (the faster of OpenVINO's hints), so that
+    bench's speedups and summary hold attnfuse's forms (optimize(model); its file for OpenVINO) to the fastest
+    correct peers; torch eager and torch.compile are f32 peers, checked by their embeddings' cosine."""
     by_key = {c.key: c for c in peers.built}
     records = []
-    for name, seconds in times.items():
-        peer = by_key.get(name)
+    for key, seconds in comparison.times.items():
+        built = by_key.get(key) or bench.Contender(bench.TORCH if key == EAGER else key, peer=key != ATTNFUSE)
+        error = peers.errors.get(key)
         records.append(dict(
-            contender=bench.TORCH if name == EAGER else name, peer=name != ATTNFUSE, median_ms=seconds * 1e3,
-            precision=peer.precision if peer else "f32", max_rel_error=peers.errors.get(name),
-            correct=correct(peer, peers.errors[name]) if peer else True))
+            model="MiniLM-L6", workload="encode", padding=None, contender=built.name, setting=built.setting or None,
+            peer=built.peer, median_ms=seconds * 1e3, precision=built.precision, max_rel_error=error,
+            correct=error is None or correct(built, error), min_cosine=comparison.cosines.get(key)))
+    records = bench.keep_faster_setting(records)
     bench.add_speedups(records)
     return records
-
-
-def against_peers(records: list[dict]) -> str:
-    mine = next(r for r in records if r["contender"] == ATTNFUSE)
-    return (f"encode: {ATTNFUSE} {bench.speedup(mine['vs_fastest_peer'])} the fastest f32 peer ({mine['fastest_peer']}), "
-            f"{bench.speedup(mine['vs_fastest_peer_any_precision'])} the fastest peer of any precision "
-            f"({mine['fastest_peer_any_precision']}); min cosines are in the table above")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from attnfuse.tools import bench
+from attnfuse.tools import bench, bench_command
 
 
 def test_flops_by_hand():
@@ -45,7 +45,7 @@ def test_with_lengths_cuts_real_tokens_only():
 
 def test_quick_run_checks_every_contender_against_torch(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--model", "minilm", "--quick", "--json", str(out)]) == 0
+    assert bench_command.main(["--model", "minilm", "--quick", "--json", str(out)]) == 0
     results = json.loads(out.read_text())["results"]
     assert {r["workload"] for r in results} == {"varlen", "full"}
     assert {r["contender"] for r in results} == set(bench.CONTENDERS)
@@ -140,7 +140,7 @@ def test_quick_llama_run_checks_prefill_decode_and_generation(tmp_path, capsys):
 
     out = tmp_path / "llama.json"
     # Peak memory (a fresh process per contender) has its own test below.
-    assert bench.main(["--model", "llama", "--quick", "--no-memory", "--json", str(out),
+    assert bench_command.main(["--model", "llama", "--quick", "--no-memory", "--json", str(out),
                        "--plot", str(tmp_path / "llama.png")]) == 0
     saved = json.loads(out.read_text())
     results = saved["results"]
@@ -174,7 +174,7 @@ def test_quick_llama_run_checks_prefill_decode_and_generation(tmp_path, capsys):
                                   ["--model", "llama", "--quick", "--vocab", "1000"], ["--model", "llama", "--vocab", "2"]])
 def test_bad_options_are_refused(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(argv)
+        bench_command.main(argv)
     assert exit_.value.code != 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("attnfuse bench: error:")
 

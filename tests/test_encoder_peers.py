@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attnfuse.tools import bench, encoder_peers
+from attnfuse.tools import bench, bench_command, encoder_peers
 
 needs = {runtime: pytest.mark.skipif(not encoder_peers.installed(runtime), reason=f"{runtime}: {bench.NOT_INSTALLED}")
          for runtime in encoder_peers.RUNTIMES}
@@ -56,6 +56,22 @@ def test_the_faster_correct_setting_is_kept_with_every_settings_time():
     assert "setting_ms" not in kept[2]
 
 
+def test_the_summary_holds_attnfuse_to_each_peer_at_a_cosine_no_worse():
+    """attnfuse's fastest f32 form against the fastest f32 peer; its fastest form of any precision against the
+    fastest peer of any precision, only where its embeddings are at least as close to torch's as that peer's."""
+    def timed(name, ms, precision="f32", cosine=1.0, peer=True):
+        return dict(record(name, ms, precision, peer=peer), model="m", workload="varlen", padding=0.4, min_cosine=cosine)
+
+    records = [timed(bench.TORCH, 100.0), timed("OpenVINO f32", 50.0), timed("OpenVINO bf16", 20.0, "bf16", 0.9999),
+               timed("mine f32", 40.0, peer=False), timed("mine bf16, closer", 16.0, "bf16", 0.99995, peer=False),
+               timed("mine bf16, farther", 10.0, "bf16", 0.999, peer=False)]
+    bench.add_speedups(records)
+    [row] = [line.split("  ") for line in bench.summary_table(records).splitlines()[2:]]
+    cells = [cell.strip() for cell in row if cell.strip()]
+    assert cells[3:7] == ["OpenVINO f32", "mine f32", "40.0", "1.25x"]
+    assert cells[7:13] == ["OpenVINO bf16", "0.99990", "mine bf16, closer", "16.0", "1.25x", "0.99995"]
+
+
 def test_a_setting_makes_a_key_of_its_own():
     assert bench.Contender("OpenVINO f32", setting="LATENCY").key == "OpenVINO f32 (LATENCY)"
     assert bench.Contender("ORT").key == "ORT"
@@ -84,14 +100,14 @@ def test_a_peer_that_fails_to_build_is_a_result(monkeypatch):
 @pytest.mark.parametrize("text, runtimes", [("all", list(encoder_peers.RUNTIMES)), ("none", []),
                                             ("ctranslate2", ["ctranslate2"]), (" openvino, openvino ", ["openvino"])])
 def test_peer_lists(text, runtimes):
-    assert bench.peer_list(text) == runtimes
+    assert bench_command.peer_list(text) == runtimes
 
 
 @pytest.mark.parametrize("argv", [["--model", "minilm", "--peers", "onnxruntime"], ["--model", "minilm", "--peers", ","],
                                   ["--model", "llama", "--peers", "openvino"]])
 def test_bad_peer_options_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
-        bench.main(argv)
+        bench_command.main(argv)
     assert exit_.value.code != 0
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith("attnfuse bench: error:")
 
@@ -196,7 +212,7 @@ def test_peer_matches_torch_at_real_tokens(runtime, tiny_bert, tmp_path):
 @pytest.mark.skipif(not all(map(encoder_peers.installed, encoder_peers.RUNTIMES)), reason=bench.NOT_INSTALLED)
 def test_quick_bench_with_the_peers_reports_their_precision(tmp_path):
     out = tmp_path / "bench.json"
-    assert bench.main(["--model", "minilm", "--quick", "--peers", "all", "--repeats", "1", "--json", str(out)]) == 0
+    assert bench_command.main(["--model", "minilm", "--quick", "--peers", "all", "--repeats", "1", "--json", str(out)]) == 0
     saved = json.loads(out.read_text())
     assert set(saved["settings"]) >= {"openvino", "ctranslate2", "tolerances"}
     varlen = {r["contender"]: r for r in saved["results"] if r["workload"] == "varlen"}
@@ -211,3 +227,6 @@ def test_quick_bench_with_the_peers_reports_their_precision(tmp_path):
     mine = varlen["attnfuse padding-free"]
     assert mine["fastest_peer"] and varlen[mine["fastest_peer"]]["precision"] == "f32"
     assert mine["fastest_peer_any_precision"] in varlen
+    on_openvino = varlen[encoder_peers.attnfuse_on_openvino("f32")]  # attnfuse's file for OpenVINO, run there
+    assert not on_openvino["peer"] and on_openvino["attention_fused"] == "6/6"
+    assert set(on_openvino["setting_ms"]) == set(encoder_peers.OPENVINO_HINTS)

@@ -6,7 +6,6 @@ fused and the optimized files compute what the originals compute on padded batch
 that are not an RMSNorm or a rotary are left alone."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import onnx

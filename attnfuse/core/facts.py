@@ -12,6 +12,7 @@ from typing import Any
 _ATTENTION = "attnfuse.attention"
 _PADDING_FREE = "attnfuse.padding_free"
 _TOKEN_POSITIONS = "attnfuse.token_positions"
+_SPELLS = "attnfuse.spells"
 
 
 @dataclass(frozen=True)
@@ -53,3 +54,14 @@ def tag_token_positions(node: Any) -> None:
 
 def has_token_positions(node: Any) -> bool:
     return bool(node.meta.get(_TOKEN_POSITIONS))
+
+
+def tag_spells(node: Any, op: Any) -> None:
+    """`node` gives fused op `op` (a core.registry.FusedOp) spelled in standard ops: rules see that op, not
+    the standard op (the LayerNormalization of a skip layernorm is no anchor for another fusion)."""
+    node.meta[_SPELLS] = op
+
+
+def spelled_op(node: Any) -> Any:
+    """The fused op `node` spells, or None."""
+    return node.meta.get(_SPELLS)

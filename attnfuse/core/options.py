@@ -12,11 +12,17 @@ class Target(str, enum.Enum):
 
     ORT_CPU = "ort-cpu"
     ORT_CUDA = "ort-cuda"
+    OPENVINO = "openvino"
     TORCH_CPU = "cpu"
     TORCH_CUDA = "cuda"
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def standard_onnx(self) -> bool:
+        """Its runtime reads standard ONNX ops only: fused ops are spelled without ONNX Runtime's contrib ops."""
+        return self is Target.OPENVINO
 
 
 @dataclass(frozen=True)

@@ -88,8 +88,11 @@ def additive_mask(
 def _padded_attention(q, k, v, key_padding_mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
     groups = kv_heads(q, k, num_heads)
     q, k, v = split_heads(q, num_heads), split_heads(k, groups), split_heads(v, groups)
-    mask = additive_mask(key_padding_mask, bias, causal, q.shape[2], k.shape[2], q.dtype, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=groups != num_heads)
+    # SDPA's own causal mask (top-left: ours when queries and keys are as many) lets it skip the hidden blocks.
+    own_causal = causal and key_padding_mask is None and bias is None and q.shape[2] == k.shape[2]
+    mask = None if own_causal else additive_mask(key_padding_mask, bias, causal, q.shape[2], k.shape[2], q.dtype, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=own_causal, scale=scale,
+                                         enable_gqa=groups != num_heads)
     return merge_heads(out)
 
 
@@ -134,19 +137,54 @@ def _through_padding(attend, q, k, v, indices, mask, bias, num_heads: int, scale
     return out.flatten(0, 1).index_select(0, indices).reshape(_output_shape(q, k, v, num_heads))
 
 
-def _packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool) -> torch.Tensor:
+# What one more SDPA call costs, in the attention work of query-key pairs (measured: benchmarks/packed_attention.py).
+CALL_COST = 64 * 64
+
+
+def length_buckets(lengths: list[int], call_cost: int = CALL_COST) -> list[list[int]]:
+    """The sequences (indices into `lengths`; the empty ones left out) attended together, one SDPA call each:
+    longest first, a bucket takes the next sequence until padding it to the bucket's longest would waste
+    more query-key pairs, in all, than another call costs."""
+    order = sorted((i for i, n in enumerate(lengths) if n), key=lengths.__getitem__, reverse=True)
+    buckets, longest, waste = [], 0, 0
+    for i in order:
+        waste += longest ** 2 - lengths[i] ** 2
+        if not buckets or waste > call_cost:
+            buckets.append([])
+            longest, waste = lengths[i], 0
+        buckets[-1].append(i)
+    return buckets
+
+
+def _packed_attention(q, k, v, indices, mask, bias, num_heads: int, scale: float, causal: bool,
+                      buckets=length_buckets) -> torch.Tensor:
+    """Packed attention on the CPU: without `bias`, the sequences of similar length in one SDPA call each
+    (`buckets` groups them): one call per sequence ran as many small parallel regions, and one call on the
+    whole batch computes on its padding."""
     if bias is not None:
         return _through_padding(_padded_attention, q, k, v, indices, mask, bias, num_heads, scale, causal)
-    # Each sequence on its own: no padded keys, no mask, and no work on padding.
     rows = [_rows(x) for x in (q, k, v)]
-    cu_seqlens, _ = reference.sequence_offsets(mask)
-    pieces = [
-        _padded_attention(*(x[None, start:end] for x in rows), None, None, num_heads, scale, causal)[0]
-        for start, end in reference.sequence_bounds(cu_seqlens) if end > start
-    ]
-    width = _value_width(q, k, v, num_heads)
-    out = torch.cat(pieces) if pieces else rows[2].new_empty(0, width)
+    lengths = (mask != 0).sum(1)
+    starts = lengths.cumsum(0) - lengths
+    out = rows[2].new_empty(rows[0].shape[0], _value_width(q, k, v, num_heads))
+    for bucket in buckets(lengths.tolist()):
+        _attend_bucket(rows, starts[bucket], lengths[bucket], out, num_heads, scale, causal)
     return out.reshape(_output_shape(q, k, v, num_heads))
+
+
+def _attend_bucket(rows, starts, lengths, out, num_heads: int, scale: float, causal: bool) -> None:
+    """Attention over some packed sequences at once: each laid out from its start, padded to the longest
+    (repeating its last token, hidden from every real query), the real rows written into `out`."""
+    longest = int(lengths.max())
+    offsets = torch.arange(longest, device=lengths.device)
+    real = offsets < lengths[:, None]  # [n, longest]
+    positions = starts[:, None] + torch.minimum(offsets, lengths[:, None] - 1)
+    padded = [x[positions] for x in rows]
+    # Causal queries never see a later key, so the real ones see no padding without a mask; nor do they
+    # where every sequence of the bucket is as long as the longest.
+    hide = None if causal or int(lengths.min()) == longest else real
+    attended = _padded_attention(*padded, hide, None, num_heads, scale, causal)
+    out[positions[real]] = attended[real]
 
 
 @torch.library.custom_op("attnfuse::packed_attention", mutates_args=())

@@ -200,6 +200,8 @@ def varlen_attention(
     out = torch.zeros_like(q)
     for start, end in sequence_bounds(cu_seqlens):
         length = end - start
+        if not length:  # an empty row of the batch: nothing to attend
+            continue
         pos = torch.arange(length, device=q.device)
         seen = visible(pos[:, None], pos[None, :], causal=causal, window=window, global_tokens=global_tokens)
         bias = torch.zeros(length, length, device=q.device).masked_fill(~seen, -math.inf)

@@ -143,6 +143,13 @@ def tokenize(sentences: list[str], max_length: int = 128) -> dict[str, np.ndarra
     return {name: encoded[name].astype(np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
 
 
+def sentence_mix(count: int = 256, seed: int = 0) -> list[str]:
+    """`count` texts of one to three of the SENTENCES each, drawn at random: lengths from a few tokens to
+    beyond 128, for encode workloads larger than the SENTENCES."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(SENTENCES, size=rng.integers(1, 4))) for _ in range(count)]
+
+
 def padded_batch(batch: int = 32, max_length: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
     """A batch of real text with lengths drawn uniformly from [8, max_length], right padded with 0.
 

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from attnfuse.core.driver import Candidate
 from attnfuse.core.options import PassOptions, Target
-from attnfuse.optimizer import io
+from attnfuse.optimizer import io, openvino_run
 from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
 from attnfuse.optimizer.inputs import InputPlan
@@ -26,7 +26,7 @@ from attnfuse.optimizer.quantize import padded_path_matmuls, quantize
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
 from attnfuse.optimizer.rollback import mark_rolled_back, rewrites, roll_back
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
-from attnfuse.passes.onnx import PassResult, prepare, run_passes
+from attnfuse.passes.onnx import PassResult, prepare, run_passes, standard
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 Progress = Callable[[str], None]
@@ -60,6 +60,7 @@ class _Attempt:
     passes: PassResult
     excluded: frozenset[Candidate]
     verify: VerifyResult | None = None
+    verify_precision: VerifyResult | None = None
 
 
 def optimize_onnx(
@@ -73,6 +74,7 @@ def optimize_onnx(
     """
     config = make_config(config, overrides)
     options = config.pass_options()
+    _check_runtime(config)
     stage = progress or _quiet
     start = time.perf_counter()
     stage("load")
@@ -82,7 +84,7 @@ def optimize_onnx(
         stage("quantize")  # the quantized model is the original the rewrites are verified against
         original, reference = quantize(prepare(original), config.quantize), reference or original
     stage("probe")
-    prepared = prepare(original)  # rewrites start from this; verification compares with the original
+    prepared = prepared_for(original, options)  # rewrites start from this; verification compares with the original
     probe = capture(prepared, config)
     stage("rewrite")
     checked = checkable(options)
@@ -90,8 +92,8 @@ def optimize_onnx(
     culprits: dict[Candidate, str] = {}
     if config.verify:
         stage("verify")
-        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed), probe.run_count,
-                            config.tolerance, reference)
+        verifier = Verifier(original, checked, check_inputs(original, probe, config.seed, options.target),
+                            probe.run_count, config.tolerance, reference)
         attempt, culprits = _verified(first, prepared, probe, checked, verifier, stage)
     if checked is not options:
         # The verified rewrites again, with the target's own ops (CUDA-only ones that this
@@ -99,10 +101,14 @@ def optimize_onnx(
         final = _rewrite(prepared, probe, options, attempt.excluded)
         final.verify = attempt.verify
         attempt = final
+    if config.verify and config.precision != "f32" and attempt.verify.ok:
+        stage(f"verify {config.precision}")
+        attempt.verify_precision = verifier.check(attempt.model, config.precision)
     rolled_back = mark_rolled_back(attempt.passes.applied, culprits, first.passes.applied)
     report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
-    if report.verify is not None and not report.verify.ok and not config.force:
-        raise VerificationError(f"verification failed: {report.verify.message}", report)
+    for check in (report.verify, report.verify_precision):
+        if check is not None and not check.ok and not config.force:
+            raise VerificationError(f"verification failed: {check.message}", report)
     return OptimizeResult(attempt.model, report)
 
 
@@ -110,9 +116,27 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     """What optimize_onnx would rewrite: the passes run on a copy, nothing is verified or written."""
     config = make_config(config, overrides)
     start = time.perf_counter()
-    prepared = prepare(io.load_model(model))
-    attempt = _rewrite(prepared, capture(prepared, config), config.pass_options())
+    options = config.pass_options()
+    prepared = prepared_for(io.load_model(model), options)
+    attempt = _rewrite(prepared, capture(prepared, config), options)
     return _report(model, config, attempt, [], time.perf_counter() - start)
+
+
+def prepared_for(original: ir.Model, options: PassOptions) -> ir.Model:
+    """The model the rewrites start from: in the spellings the matchers know, at the opset the target writes."""
+    prepared = prepare(original)
+    return io.with_opset(prepared, standard.OPSET) if options.target.standard_onnx else prepared
+
+
+def _check_runtime(config: OptimizeConfig) -> None:
+    """The target's runtime is here to verify in, and this CPU computes the precision asked for."""
+    if config.target != Target.OPENVINO or not config.verify:
+        return
+    if not openvino_run.installed():
+        raise UserError(f"target openvino is verified in OpenVINO, which is not installed: {openvino_run.INSTALL} "
+                        "(or --no-verify)")
+    if config.precision == "bf16" and not openvino_run.has_bf16():
+        raise UserError("precision bf16 needs a CPU with AVX512_BF16 or AMX, and this one has neither; use f32")
 
 
 def capture(original: ir.Model, config: OptimizeConfig) -> Probe:
@@ -180,6 +204,7 @@ def _report(
         quantized_matmuls=matmuls.total_quantized,
         float_matmuls=matmuls.float_weights,
         verify=attempt.verify,
+        verify_precision=attempt.verify_precision,
         rolled_back=rolled_back,
         seconds=seconds,
     )

@@ -11,7 +11,8 @@ from attnfuse.core.modes import AttentionMode, parse_attention
 from attnfuse.core.options import PassOptions, Target
 from attnfuse.optimizer.quantize import Quantization, parse_quantization
 
-TARGETS = (Target.ORT_CPU, Target.ORT_CUDA)
+TARGETS = (Target.ORT_CPU, Target.ORT_CUDA, Target.OPENVINO)
+PRECISIONS = ("f32", "bf16")
 
 
 @dataclass
@@ -24,6 +25,7 @@ class OptimizeConfig:
     tolerance: float | None = None  # max error relative to the output's scale; None: by the model's dtype
     seed: int = 0
     input_shapes: Mapping[str, Sequence[int]] | None = None  # input name -> dims, for what the graph leaves open
+    precision: str = "f32"  # what the optimized model will compute in (openvino: its INFERENCE_PRECISION_HINT)
     quantize: Quantization | str | None = None  # "int8" | "int4": the output quantized by ONNX Runtime's quantizers
     # The fp32 model a quantized input was made from: the report gives the errors against it too.
     reference: str | os.PathLike | onnx.ModelProto | None = None
@@ -32,8 +34,15 @@ class OptimizeConfig:
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r}; choose one of {', '.join(TARGETS)}")
         self.target = Target(self.target)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.precision != "f32" and self.target != Target.OPENVINO:
+            raise ValueError(f"precision {self.precision} is for target openvino (its runtime's precision hint)")
         self.attention = parse_attention(self.attention)  # ValueError with the usage
         self.quantize = parse_quantization(self.quantize)  # ValueError with the choices
+        if self.quantize is not None and self.target == Target.OPENVINO:
+            # ONNX Runtime's quantizers write ops (MatMulInteger, MatMulNBits) not verified in OpenVINO here
+            raise ValueError("--quantize is for the ONNX Runtime targets; openvino computes in f32 or bf16 (--precision)")
 
     def pass_options(self) -> PassOptions:
         """What the passes are asked to do."""

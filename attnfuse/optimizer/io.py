@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnxruntime as ort
 from google.protobuf.message import DecodeError
@@ -66,6 +67,30 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         tensor.base_dir = path.parent
     _check_external_data(model, str(path))
     return _named(model)
+
+
+# Ops whose meaning changed after opset 18 (GroupNormalization 21, GridSample 20, DFT 20): a model with one
+# is converted by onnx's version converter; any other model of opset 18 on reads the same at a later opset.
+_CHANGED_AFTER_18 = frozenset({"GroupNormalization", "GridSample", "DFT"})
+
+
+def with_opset(model: ir.Model, version: int) -> ir.Model:
+    """`model` in `version` of the ONNX domain or later (a copy that shares the weights, where it was earlier):
+    its opset raised where its ops read the same there, else converted by onnx's version converter."""
+    current = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+    if current >= version:
+        return model
+    if current >= 18 and not any(node.op_type in _CHANGED_AFTER_18 for node in model.graph.all_nodes()):
+        copy = model.clone()
+        copy.opset_imports.pop("ai.onnx", None)
+        copy.opset_imports[""] = version
+        return copy
+    try:
+        converted = onnx.version_converter.convert_version(to_proto(model), version)
+    except Exception as e:
+        raise UserError(f"the model's opset {current} could not be converted to opset {version}, which the target "
+                        f"needs: {first_line(e)}") from None
+    return load_model(converted)
 
 
 def _check_structure(proto: onnx.ModelProto, name: str) -> None:

@@ -64,17 +64,21 @@ class VerifyResult:
     inputs: list[dict[str, Any]] = field(default_factory=list)
     message: str = ""
     mean_cosine: float = 1.0  # of the outputs' vectors at real tokens; reported for approximations
+    precision: str = "f32"  # what the optimized model computed in (OpenVINO's precision hint)
+    min_cosine: float | None = None  # below float32: of the outputs' vectors at real tokens, to the original's
     check: Check = Check.DIRECT
     against: list[Against] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "precision": self.precision,
             "check": self.check.value,
             "max_abs_error": _finite_or_none(self.max_abs_error),
             "max_rel_error": _finite_or_none(self.max_rel_error),
             "tolerance": self.tolerance,
             "mean_cosine": _finite_or_none(self.mean_cosine),
+            "min_cosine": None if self.min_cosine is None else _finite_or_none(self.min_cosine),
             "against": [other.to_dict() for other in self.against],
             "inputs": self.inputs,
             "message": self.message,
@@ -98,6 +102,7 @@ class Report:
     quantized_matmuls: int = 0
     float_matmuls: int = 0
     verify: VerifyResult | None = None
+    verify_precision: VerifyResult | None = None  # the check at the user's precision, where it is not float32
     rolled_back: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -127,6 +132,7 @@ class Report:
             "float_matmuls": self.float_matmuls,
             "fusions": [f.summary() for f in self.fusions],
             "verify": self.verify.to_dict() if self.verify else None,
+            "verify_precision": self.verify_precision.to_dict() if self.verify_precision else None,
             "rolled_back": list(self.rolled_back),
             "seconds": round(self.seconds, 3),
         }

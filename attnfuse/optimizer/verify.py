@@ -1,6 +1,8 @@
 """Does the optimized model compute what the original computes?
 
-Both run in ONNX Runtime on generated check inputs. Padded positions of a
+The original runs in ONNX Runtime on generated check inputs; the optimized model runs where its target
+runs it: ONNX Runtime (CPU, or CUDA where asked for and present), or OpenVINO (in a child process,
+openvino_run.py), at float32 and then at the precision the user chose. Padded positions of a
 padding-free model's outputs are zero by design, so only real tokens count.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from attnfuse.optimizer import openvino_run
 from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
@@ -49,9 +52,16 @@ def errors_by_output(reference: dict[str, np.ndarray], candidate: dict[str, np.n
     return errors
 
 
-def mean_cosine(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None,
-                real_total: np.ndarray | None = None) -> float:
-    """Mean cosine similarity of the outputs' last-axis vectors at real tokens (1.0 is equal)."""
+def _mean_of(cosines: list[np.ndarray]) -> float:
+    """The mean over outputs of each one's mean cosine (1.0 is equal)."""
+    means = [np.mean(c) for c in cosines if c.size]
+    return float(np.mean(means)) if means else 1.0
+
+
+def vector_cosines(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], real: np.ndarray | None,
+                   real_total: np.ndarray | None = None) -> list[np.ndarray]:
+    """Per output of rank 2 or more, the cosine similarity of each last-axis vector (an embedding) at real
+    tokens to the reference's."""
     cosines = []
     for name, ref in reference.items():
         got = candidate.get(name)
@@ -60,8 +70,8 @@ def mean_cosine(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarra
         ref, got = _real_part(np.asarray(ref, np.float64), np.asarray(got, np.float64), real, real_total)
         ref, got = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
         norms = np.linalg.norm(ref, axis=-1) * np.linalg.norm(got, axis=-1)
-        cosines.append(np.mean((ref * got).sum(-1) / np.maximum(norms, 1e-30)))
-    return float(np.mean(cosines)) if cosines else 1.0
+        cosines.append((ref * got).sum(-1) / np.maximum(norms, 1e-30))
+    return cosines
 
 
 def _real_part(ref: np.ndarray, got: np.ndarray, real: np.ndarray | None,
@@ -95,12 +105,15 @@ def _scale(ref: np.ndarray) -> float:
 # a decode step over a longer cache and a continued prompt without padding.
 CHECK_CASES = (Case(3, 12, "left"), Case(2, 9, "none"), Case(2, PER_SEQUENCE_WIDTH))
 CACHE_CHECK_CASES = (Case(3, 1, "left", past=9), Case(2, 3, "none", past=4))
+# OpenVINO also gets a batch of 32 rows, 48 tokens wide: where it mis-ran per-sequence attention (from 32 tokens).
+TARGET_CHECK_CASES = {Target.OPENVINO: (Case(32, 48),)}
 
 
-def check_inputs(model: ir.Model, probe: Any, seed: int = 0) -> list[CheckInputs]:
-    """The probe's input sets, then CHECK_CASES (and CACHE_CHECK_CASES for models with a cache)."""
+def check_inputs(model: ir.Model, probe: Any, seed: int = 0, target: Target = Target.ORT_CPU) -> list[CheckInputs]:
+    """The probe's input sets, then CHECK_CASES (and CACHE_CHECK_CASES for models with a cache, and the
+    target's own TARGET_CHECK_CASES)."""
     plan = probe.plan or InputPlan(model)
-    cases = [*CHECK_CASES, *(CACHE_CHECK_CASES if plan.has_cache else ())]
+    cases = [*CHECK_CASES, *(CACHE_CHECK_CASES if plan.has_cache else ()), *TARGET_CHECK_CASES.get(target, ())]
     seed += probe.run_count
     return [*(probe.inputs(run) for run in range(probe.run_count)),
             *(plan.make(case, seed + i) for i, case in enumerate(cases))]
@@ -123,6 +136,10 @@ def judge(max_abs: float, max_rel: float, tolerance: float, inputs: list[dict[st
     return VerifyResult(ok, max_abs, max_rel, tolerance, inputs, message)
 
 
+# Each precision's tolerance (core/tolerance.py), for a check computing in it.
+_TOLERANCES = {"f32": precision.tolerance("float32"), "bf16": precision.tolerance("bfloat16")}
+
+
 def providers(target: Target) -> list[str]:
     """ORT CPU, or CUDA when the target asks for it and this machine has it."""
     if target == Target.ORT_CUDA and "CUDAExecutionProvider" in ort.get_available_providers():
@@ -141,6 +158,7 @@ class Verifier:
 
     def __init__(self, original: ir.Model, options: PassOptions, inputs_list: list[CheckInputs], probe_runs: int = 2,
                  tolerance: float | None = None, reference: ir.Model | None = None):
+        self.target = options.target
         self.providers = providers(options.target)
         self.tolerance = tolerance if tolerance is not None else model_tolerance(original)
         self.approximation = str(options.attention) if options.attention.approximate else None
@@ -163,7 +181,7 @@ class Verifier:
             self.cases.append(self._case(inputs, {**inputs.feeds, **values}))
             self.inputs_list.append(inputs)
         self.twin = twin(original)
-        self.twin_references = self._outputs(self.twin) if self.twin is not None else None
+        self.twin_references = self._ort_outputs(self.twin) if self.twin is not None else None
         self.fp32 = self._reference_outputs(reference) if reference is not None else None
 
     def _case(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> str:
@@ -172,8 +190,14 @@ class Verifier:
                  for node, cond in self.branches.items() if cond in values]
         return "; ".join([inputs.case, *taken])
 
-    def _outputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
-        """The model's outputs on every check set."""
+    def _outputs(self, candidate: ir.Model, precision: str = "f32") -> list[dict[str, np.ndarray]]:
+        """The candidate's outputs on every check set, run where the target runs it (OpenVINO: at `precision`)."""
+        if self.target == Target.OPENVINO:
+            return openvino_run.run(candidate, [inputs.feeds for inputs in self.inputs_list], precision)
+        return self._ort_outputs(candidate)
+
+    def _ort_outputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
+        """The model's outputs on every check set, in ONNX Runtime (where the original runs)."""
         runner = session(model, self.providers)
         return [dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))
                 for inputs in self.inputs_list]
@@ -194,19 +218,26 @@ class Verifier:
         except Exception as e:
             raise UserError(f"the reference model does not run on the check inputs: {first_line(e)}") from None
 
-    def check(self, candidate: ir.Model) -> VerifyResult:
+    def check(self, candidate: ir.Model, precision: str = "f32") -> VerifyResult:
+        """The candidate against the original, computing in `precision` (where the target's runtime takes
+        one: OpenVINO's INFERENCE_PRECISION_HINT), at that precision's tolerance where it is lower than float32."""
         try:
-            results = self._outputs(candidate)
-            twins = self._outputs(twin(candidate) or candidate) if self.twin is not None else None
+            results = self._outputs(candidate, precision)
+            twins = self._outputs(twin(candidate) or candidate, precision) if self.twin is not None else None
         except Exception as e:  # a rewrite that does not even run fails verification
             return self._result([], message=f"the optimized model does not run: {first_line(e)}")
         judged, references = (twins, self.twin_references) if twins is not None else (results, self.references)
         per_set = [(inputs, *self._compare(reference, result, inputs))
                    for inputs, reference, result in zip(self.inputs_list, references, judged)]
-        verdict = self._result(per_set)
-        verdict.mean_cosine = float(np.mean([mean_cosine(reference, result, inputs.real, inputs.real_total)
-                                             for inputs, reference, result
-                                             in zip(self.inputs_list, self.references, results)]))
+        verdict = self._result(per_set, tolerance=max(self.tolerance, _TOLERANCES[precision]))
+        cosines = [vector_cosines(reference, result, inputs.real, inputs.real_total)
+                   for inputs, reference, result in zip(self.inputs_list, self.references, results)]
+        verdict.mean_cosine = float(np.mean([_mean_of(per_output) for per_output in cosines]))
+        if precision != "f32":
+            verdict.precision = precision
+            verdict.min_cosine = float(min((c.min() for per_output in cosines for c in per_output if c.size), default=1.0))
+            verdict.message += (f"; computing in {precision}, the outputs' vectors at real tokens have a min cosine "
+                                f"of {verdict.min_cosine:.6f} to the original's (float32)")
         if twins is not None:
             verdict.check = Check.TWIN
             quantized, within = self._against_quantized(results, twins)
@@ -257,7 +288,8 @@ class Verifier:
                        for inputs, reference, result in zip(self.inputs_list, self.fp32, self.references))
         return Against(Baseline.FP32_REFERENCE, error, original_max_rel_error=original)
 
-    def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "") -> VerifyResult:
+    def _result(self, per_set: list[tuple[CheckInputs, float, float]], message: str = "",
+                tolerance: float | None = None) -> VerifyResult:
         max_abs = max((a for _, a, _ in per_set), default=float("inf"))
         max_rel = max((r for _, _, r in per_set), default=float("inf"))
         inputs = [
@@ -266,7 +298,7 @@ class Verifier:
             for (inputs, a, r), case in zip(per_set, self.cases)
         ] or [{"case": case, "inputs": inputs.describe(), "padding": inputs.padding}
               for inputs, case in zip(self.inputs_list, self.cases)]
-        return judge(max_abs, max_rel, self.tolerance, inputs, message)
+        return judge(max_abs, max_rel, tolerance or self.tolerance, inputs, message)
 
 
 def verify(original: ir.Model, optimized: ir.Model, options: PassOptions, inputs_list: list[CheckInputs],

@@ -6,7 +6,8 @@ intra-op threads, default graph optimizations), and torch on as many threads:
   (TorchScript export, eager attention: the case where it fuses) | ORT on onnxscript's ort_fusions
   output (dynamo export) | the CPU runtimes users deploy instead (--peers; attnfuse/tools/encoder_peers.py):
   OpenVINO f32 and at its own precision, CTranslate2 f32 and int8 | attnfuse without and with padding-free
-  (dynamo export).
+  (dynamo export) | with OpenVINO among the peers, attnfuse's file for it (--target openvino, verified there)
+  in OpenVINO at f32 and, where the CPU has AVX512_BF16 or AMX, bf16, under both performance hints.
 Decoders (--model llama): see attnfuse/tools/bench_decoder.py; prefill and decode with a KV cache,
 and each contender's peak memory.
 Every output is compared with torch's on real positions (and, for encoders, the mean-pooled sentence
@@ -16,11 +17,8 @@ speedups are given against the fastest correct f32 peer and against the fastest 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -28,9 +26,7 @@ from typing import Callable
 import numpy as np
 import onnx
 import torch
-from tqdm import tqdm
 
-from attnfuse.models.decoders.bench import VOCAB
 from attnfuse.tools.timing import interleaved_medians, ort_session, table
 
 TOLERANCE = 1e-4  # max error on real positions, relative to the largest output magnitude, as the optimizer's check
@@ -447,16 +443,44 @@ def cosine_cell(cosine: float | None) -> str:
 
 
 def summary_table(records: list[dict]) -> str:
-    """attnfuse padding-free against the fastest correct f32 peer and the fastest correct peer of any precision
-    (with that peer's embeddings cosine: attnfuse's counts against it only at a cosine no worse), per workload."""
-    mine = sorted((r for r in records if r["contender"] == "attnfuse padding-free"), key=lambda r: (r["model"], r["padding"]))
-    cosines = {(r["model"], r["workload"], r["contender"]): r.get("min_cosine") for r in records}
-    rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["fastest_peer"], *timing_cells(r)[:1],
-             speedup(r["vs_fastest_peer"]), r.get("fastest_peer_any_precision") or "-",
-             cosine_cell(cosines.get((r["model"], r["workload"], r.get("fastest_peer_any_precision")))),
-             speedup(r.get("vs_fastest_peer_any_precision")), cosine_cell(r.get("min_cosine"))] for r in mine]
-    return table(["model", "workload", "pad", "fastest f32 peer", "attnfuse pf ms", "speedup", "fastest peer",
-                  "its min cos", "speedup", "attnfuse pf min cos"], rows)
+    """Per workload, attnfuse's fastest correct f32 form against the fastest correct f32 peer, and its fastest correct
+    form of any precision whose embeddings cosine is no worse than that peer's against the fastest correct peer of
+    any precision."""
+    rows = []
+    for (model, workload), group in by_workload(records).items():
+        by_name = {r["contender"]: r for r in group}
+        other = by_name.get(group[0].get("fastest_peer_any_precision"))
+        floor = (other or {}).get("min_cosine") or -1.0
+        f32 = fastest_mine(group, lambda r: r.get("precision") == "f32")
+        any_precision = fastest_mine(group, lambda r: (r.get("min_cosine") or 1.0) >= floor)
+        rows.append([model, workload, percent(group[0]["padding"]), group[0]["fastest_peer"] or "-",
+                     *mine_cells(f32, "vs_fastest_peer"), (other or {}).get("contender", "-"), cosine_cell(floor),
+                     *mine_cells(any_precision, "vs_fastest_peer_any_precision"),
+                     cosine_cell((any_precision or {}).get("min_cosine"))])
+    return table(["model", "workload", "pad", "fastest f32 peer", "attnfuse's fastest f32 form", "ms", "speedup",
+                  "fastest peer", "its min cos", "attnfuse's fastest form at a cos no worse", "ms", "speedup",
+                  "its min cos"], rows)
+
+
+def percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{fraction:.0%}"
+
+
+def by_workload(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    grouped: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        grouped.setdefault((r["model"], r["workload"]), []).append(r)
+    return grouped
+
+
+def fastest_mine(records: list[dict], keep: Callable[[dict], bool]) -> dict | None:
+    """The fastest correct attnfuse form (a contender that is no peer) that `keep` keeps."""
+    mine = [r for r in records if not r["peer"] and r["correct"] and r["median_ms"] is not None and keep(r)]
+    return min(mine, key=lambda r: r["median_ms"]) if mine else None
+
+
+def mine_cells(r: dict | None, ratio: str) -> list[str]:
+    return ["-", "-", "-"] if r is None else [contender_label(r), f"{r['median_ms']:.1f}", speedup(r[ratio])]
 
 
 def markdown_table(records: list[dict]) -> str:
@@ -560,187 +584,3 @@ def plot(records: list[dict], path: Path) -> None:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3)
     save_figure(fig, plt, path)
-
-
-# ---- the command --------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attnfuse bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("minilm", "bert-base", "all", "llama"), default="all",
-                        help="all: MiniLM and BERT-base; llama: the decoder benchmark (prefill and decode)")
-    parser.add_argument("--threads", type=int, default=2, help="ORT intra-op threads and torch threads")
-    parser.add_argument("--repeats", type=int, default=None, help="timed runs of each contender, median shown (default 5)")
-    parser.add_argument("--sweep", action="store_true",
-                        help=f"also time padding fractions {', '.join(map(str, SWEEP))} (encoders)")
-    parser.add_argument("--vocab", type=int, default=None, metavar="N",
-                        help="llama's vocabulary (default 32000, the full one; a smaller one shrinks the LM head)")
-    parser.add_argument("--no-memory", action="store_true", help="llama: skip the peak-memory processes")
-    parser.add_argument("--peers", type=peer_list, default=None, metavar="LIST",
-                        help="encoders: the CPU runtimes to time besides ONNX Runtime, comma-separated: openvino, "
-                             "ctranslate2, all or none (default all, none with --quick); one not installed is listed "
-                             "as such (pip install -e .[bench])")
-    parser.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None,
-                        help="encoders: also the int8 contenders (attnfuse --quantize int8 against quantize_dynamic of "
-                             "each peer's model; attnfuse/tools/bench_int8.py); default on, off with --quick")
-    parser.add_argument("--int4", action=argparse.BooleanOptionalAction, default=None,
-                        help="llama: also the int4 decode row (attnfuse --quantize int4 against ORT on the int4 export "
-                             "and onnxruntime-genai's int4 build; attnfuse/tools/bench_int4.py); default on, off with --quick")
-    parser.add_argument("--quick", action="store_true",
-                        help="encoders batch 4, max length 32; llama the zoo's tiny one; 2 repeats: for tests")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write every measurement here")
-    parser.add_argument("--plot", type=Path, metavar="PATH",
-                        help="PNG: speedup vs padding fraction (encoders), time and peak memory (llama)")
-    return parser
-
-
-def peer_list(text: str) -> list[str]:
-    """--peers: "all", "none" or runtime names separated by commas."""
-    from attnfuse.tools.encoder_peers import RUNTIMES
-
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if names in (["all"], ["none"]):
-        return list(RUNTIMES) if names == ["all"] else []
-    unknown = [name for name in names if name not in RUNTIMES]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or repr(text)}: not one of {', '.join(RUNTIMES)}, all, none")
-    return list(dict.fromkeys(names))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    decoder = args.model == "llama"
-    if args.vocab is not None and (not decoder or args.quick):
-        parser.error("--vocab applies to --model llama without --quick")
-    if args.sweep and decoder:
-        parser.error("--sweep applies to the encoders (minilm, bert-base, all)")
-    if args.vocab is not None and args.vocab < 3:
-        parser.error("--vocab must be at least 3 (ids 0-2 are the special tokens)")
-    if args.peers and decoder:
-        parser.error("--peers applies to the encoders (minilm, bert-base, all)")
-    if args.peers is None:
-        args.peers = [] if args.quick or decoder else peer_list("all")
-    if args.int8 and decoder:
-        parser.error("--int8 applies to the encoders (minilm, bert-base, all)")
-    if args.int8 is None:
-        args.int8 = not (args.quick or decoder)
-    if args.int4 and not decoder:
-        parser.error("--int4 applies to --model llama")
-    if args.int4 is None:
-        args.int4 = decoder and not args.quick
-    if decoder:
-        args.vocab = args.vocab or VOCAB
-    repeats = args.repeats or (2 if args.quick else 5)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        records, gemm = run_all(args, repeats)
-    finally:
-        torch.set_num_threads(threads_before)
-    print(format_table(records))
-    if not decoder:
-        print()
-        print(summary_table(records))
-    from attnfuse.tools import bench_int4, bench_int8
-
-    if args.int8:
-        print()
-        print(bench_int8.summary_table(records))
-    print(f"\nfp32 GEMM on this machine: {gemm:.1f} GFLOP/s (torch.matmul {GEMM_SIZE}^3, {args.threads} threads); "
-          f"ORT intra-op threads {args.threads}; median of {repeats} interleaved runs after {WARMUPS} warm-ups")
-    if decoder:
-        print(decoder_notes(records, args))
-    print()
-    print(markdown_table([r for r in records if not bench_int8.is_int8_row(r) and not bench_int4.is_int4_row(r)]))
-    for shown, module in ((args.int8, bench_int8), (args.int4, bench_int4)):
-        if shown:
-            print()
-            print(module.markdown_table(records))
-    if args.json:
-        settings = dict(threads=args.threads, repeats=repeats, warmups=WARMUPS, quick=args.quick, tolerance=TOLERANCE,
-                        tolerances=TOLERANCES, min_cosines=MIN_COSINES, torch=torch.__version__, onnxruntime=__import__("onnxruntime").__version__,
-                        **peer_versions(args.peers))
-        if decoder:
-            settings.update(vocab=args.vocab, peak_memory=not args.no_memory)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(dict(settings=settings, gemm_gflops=gemm, results=records), indent=1) + "\n")
-    if args.plot:
-        from attnfuse.tools import bench_decoder
-
-        (bench_decoder.plot if decoder else plot)(records, args.plot)
-    wrong = [f"{r['model']} {r['workload']} {r['contender']}" for r in records if r["median_ms"] is not None and not r["correct"]]
-    if wrong:
-        print(f"attnfuse bench: outputs differ from torch beyond their precision's tolerance ({TOLERANCES}; "
-              f"min cosines {MIN_COSINES}): "
-              f"{'; '.join(wrong)}", file=sys.stderr)
-    return 0
-
-
-def peer_versions(runtimes: list[str]) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for runtime in runtimes:
-        try:
-            versions[runtime] = version(runtime)
-        except PackageNotFoundError:
-            pass
-    return versions
-
-
-def decoder_notes(records: list[dict], args: argparse.Namespace) -> str:
-    from attnfuse.tools.bench_decoder import TARGETS
-
-    full = "the full one" if args.vocab == VOCAB else f"reduced from {VOCAB}"
-    vocab = "" if args.quick else f"vocabulary {args.vocab} ({full}); "
-    memory = "not measured" if args.no_memory else "VmHWM of a fresh process that loads the model and runs the workload once"
-    targets = ", ".join(f"{name} {ratio:g}x" for name, ratio in TARGETS.items())
-    return (f"{vocab}peak MB: {memory}\n"
-            f"targets (attnfuse vs the fastest correct peer, reported, not asserted): {targets}")
-
-
-def with_runtime_peers(contenders: list[Contender], spec: ModelSpec, module: torch.nn.Module, runtimes: list[str],
-                       threads: int, step: Callable[[str], None]) -> list[Contender]:
-    """`contenders` with the runtime peers after the ONNX Runtime peers, attnfuse's forms staying last."""
-    from attnfuse.tools import encoder_peers
-
-    peers = encoder_peers.peer_contenders(
-        runtimes, module, encoder_peers.transformers_folder(spec.module, module),
-        spec.module.padded_batch(2, min(16, spec.max_length), seed=1), threads, lambda name: step(f"{spec.name}: {name}"))
-    split = max(i for i, c in enumerate(contenders) if c.name in PEERS) + 1
-    return [*contenders[:split], *peers, *contenders[split:]]
-
-
-def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
-    from attnfuse.tools import bench_decoder, bench_int8
-
-    plans = [(spec, workloads(spec, args.sweep)) for spec in model_specs(args.model, args.quick)]
-    decoder = bench_decoder.decoder_bench(args.quick, args.vocab) if args.model == "llama" else None
-    int8_steps = bench_int8.build_count() if args.int8 else 0
-    steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(args.peers) + int8_steps + len(loads) for _, loads in plans)
-    steps += bench_decoder.progress_steps(decoder, args.int4) if decoder else 0
-    records: list[dict] = []
-    with tqdm(total=steps, desc="attnfuse bench", file=sys.stderr, disable=None) as bar:
-        def step(description: str) -> None:
-            bar.set_description(description)
-            bar.update()
-
-        step("GEMM rate")
-        gemm = gemm_gflops(args.threads, repeats)
-        for spec, loads in plans:
-            step(f"{spec.name}: torch")
-            module = spec.torch_model()
-            geometry = Geometry.of(module)
-            builders = bench_int8.cached(onnx_builders(spec, geometry))  # the int8 peers quantize these models
-            contenders = build_contenders(spec.name, torch_runner(module), builders, args.threads, step)
-            contenders = with_runtime_peers(contenders, spec, module, args.peers, args.threads, step)
-            if args.int8:
-                export = lambda spec=spec: str(spec.exported(dynamo=True, attention="sdpa"))  # noqa: E731
-                contenders += bench_int8.int8_contenders(builders, export, args.threads, step, spec.name)
-            for workload in loads:
-                step(f"{spec.name}: {workload.name}")
-                records += measure(spec, geometry, workload, contenders, repeats)
-        if decoder:
-            records += bench_decoder.run(decoder, args.threads, repeats, not args.no_memory, step, args.int4)
-    return records, gemm

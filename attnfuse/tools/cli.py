@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from attnfuse.optimizer import io
 from attnfuse.optimizer.api import STAGES, inspect_onnx, make_config, optimize_onnx
-from attnfuse.optimizer.config import TARGETS
+from attnfuse.optimizer.config import PRECISIONS, TARGETS
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
 from attnfuse.optimizer.quantize import SUBGRAPH_OPTION, unquantized_in_subgraphs
 from attnfuse.optimizer.report import Check, Report
@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     optimize.add_argument("model", metavar="IN.onnx")
     optimize.add_argument("-o", "--output", metavar="OUT.onnx", required=True)
-    optimize.add_argument("--target", choices=TARGETS, default="ort-cpu")
+    optimize.add_argument("--target", choices=TARGETS, default="ort-cpu",
+                          help="where the model will run: ONNX Runtime (CPU, CUDA) or OpenVINO (standard ONNX ops only)")
+    optimize.add_argument("--precision", choices=PRECISIONS, default="f32",
+                          help="openvino: the precision it will compute in (its INFERENCE_PRECISION_HINT); the "
+                               "model is verified at float32 and then at this precision's tolerance")
     optimize.add_argument("--report", metavar="REPORT.json", help="write the JSON report here")
     optimize.add_argument("--no-verify", action="store_true", help="skip the comparison with the original")
     optimize.add_argument("--force", action="store_true", help=FORCE_HELP)
@@ -98,9 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     _input_shape_option(inspect)
     inspect.set_defaults(run=_inspect)
 
-    for name, summary in (("demo", "run the demo"), ("bench", "run the benchmarks")):
+    for name, module, summary in (("demo", "demo", "run the demo"), ("bench", "bench_command", "run the benchmarks")):
         delegate = commands.add_parser(name, help=summary, add_help=False)
-        delegate.set_defaults(run=_delegate, module=f"attnfuse.tools.{name}")
+        delegate.set_defaults(run=_delegate, module=f"attnfuse.tools.{module}")
     return parser
 
 
@@ -141,6 +145,7 @@ def _optimize(args: argparse.Namespace) -> int:
                 attention=args.attention,
                 padding_free=not args.no_padding_free,
                 input_shapes=input_shapes(args.input_shape),
+                precision=args.precision,
                 quantize=args.quantize,
                 reference=args.reference,
             ),
@@ -216,16 +221,17 @@ def _summary(report: Report, output: str) -> str:
         checked += "".join(f"; {other.describe()}" for other in verify.against)
     quantized = [f"quantized MatMuls: {report.quantized_matmuls} ({report.quantize or 'as given'}), "
                  f"{report.float_matmuls} with float weights"] if report.quantized_matmuls else []
-    return "\n".join(
-        [
-            f"attention fused: {report.attention_fused}/{report.attention_total}",
-            f"fused ops: {ops}",
-            *quantized,
-            f"padding-free: {_padding_free(report)}",
-            f"verify: {checked}",
-            f"wrote {output} in {report.seconds:.2f} s",
-        ]
-    )
+    lines = [
+        f"attention fused: {report.attention_fused}/{report.attention_total}",
+        f"fused ops: {ops}",
+        *quantized,
+        f"padding-free: {_padding_free(report)}",
+        f"verify: {checked}",
+    ]
+    if report.verify_precision is not None:
+        lines.append(f"verify {report.verify_precision.precision}: "
+                     f"{'ok' if report.verify_precision.ok else 'FAILED'}, {report.verify_precision.message}")
+    return "\n".join([*lines, f"wrote {output} in {report.seconds:.2f} s"])
 
 
 _check_names = {Check.DIRECT: "", Check.TWIN: "twin check (activation quantization removed): "}
@@ -291,7 +297,7 @@ def _table(header: list[str], rows: list[list[object]]) -> str:
 
 
 def _delegate(args: argparse.Namespace) -> int:
-    """Run attnfuse.tools.demo / .bench, which are imported only when asked for."""
+    """Run attnfuse.tools.demo / .bench_command, which are imported only when asked for."""
     try:
         module = importlib.import_module(args.module)
     except ImportError as e:

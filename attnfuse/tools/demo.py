@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +98,7 @@ class TorchComparison:
     agreement: dict[str, str]  # how close each output is to eager's
     report: Report
     ok: bool  # verified, and as close to eager on the timed inputs as verification demands
+    cosines: dict[str, float] = field(default_factory=dict)  # min cosine of each one's sentence embeddings to eager's
 
     def summary(self) -> str:
         return f"{self.title}: {fused_summary(self.report)}; {padding_free_summary(self.report)}"
@@ -127,10 +128,12 @@ def auto_model_comparison(minilm, batch: dict, repeats: int, with_compile: bool 
 
 
 def sentence_transformer_comparison(minilm, repeats: int, with_compile: bool = True, batch_size: int = 32,
-                                    peers: dict[str, object] | None = None) -> TorchComparison:
-    """SentenceTransformer(MiniLM).encode(the demo's sentences): sentence-transformers' own batching,
+                                    peers: dict[str, object] | None = None,
+                                    sentences: list[str] | None = None) -> TorchComparison:
+    """SentenceTransformer(MiniLM).encode(`sentences`, by default the demo's): sentence-transformers' own batching,
     padding and pooling; torch.compile applied to its transformer's model, as attnfuse is; `peers`, objects
     with the same encode (attnfuse.tools.encoder_peers.with_peer), timed in the same rounds."""
+    sentences = sentences or minilm.SENTENCES
     import torch
 
     from attnfuse.optimizer.torch_sentence import with_model
@@ -143,15 +146,15 @@ def sentence_transformer_comparison(minilm, repeats: int, with_compile: bool = T
     contenders.update(peers or {})
 
     def encode(m):
-        return m.encode(minilm.SENTENCES, batch_size=batch_size, show_progress_bar=False)
+        return m.encode(sentences, batch_size=batch_size, show_progress_bar=False)
 
     embeddings = {name: encode(m) for name, m in contenders.items()}  # torch.compile builds here
     times = interleaved_medians({name: (lambda m=m: encode(m)) for name, m in contenders.items()}, repeats)
     cosines = {name: float(cosine_similarity(e, embeddings[EAGER]).min()) for name, e in embeddings.items()}
     agreement = {name: f"min cosine {c:.7f}" for name, c in cosines.items()}
-    title = f"SentenceTransformer.encode({len(minilm.SENTENCES)} sentences, batch_size={batch_size})"
+    title = f"SentenceTransformer.encode({len(sentences)} sentences, batch_size={batch_size})"
     return TorchComparison(title, times, agreement, optimized.report,
-                           optimized.report.verify.ok and cosines[ATTNFUSE] > 0.99999)
+                           optimized.report.verify.ok and cosines[ATTNFUSE] > 0.99999, cosines)
 
 
 def relative_error(got, want) -> float:

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from attnfuse.tools.bench import NOT_INSTALLED, Contender, Runner
+from attnfuse.tools.bench import NOT_INSTALLED, Contender, ModelSpec, Runner
 
 RUNTIMES = {"openvino": "OpenVINO", "ctranslate2": "CTranslate2"}  # --peers name -> the name in tables
 OPENVINO_HINTS = ("LATENCY", "THROUGHPUT")
@@ -71,20 +71,29 @@ def openvino_contenders(torch_model: torch.nn.Module, example: dict[str, np.ndar
     """f32 and OpenVINO's own precision, each under both performance hints."""
     import openvino as ov
 
-    core = ov.Core()
     model = ov.convert_model(torch_model, example_input={name: torch.from_numpy(a) for name, a in example.items()})
-    contenders = []
-    for forced in ("f32", None):  # None: the precision OpenVINO picks for this CPU
+    return [Contender("OpenVINO f32" if forced else f"OpenVINO default ({precision})", run, precision=precision,
+                      setting=hint, peer=True)
+            for forced, precision, hint, run in openvino_runners(model, threads, ("f32", None))]
+
+
+def openvino_runners(model, threads: int, precisions: tuple[str | None, ...]) -> list[tuple[str | None, str, str, Runner]]:
+    """`model` (an ov.Model, or an ONNX file's path) compiled for the CPU on `threads` threads at each of `precisions`
+    (None: the one OpenVINO picks for this CPU) under each performance hint: (the precision asked for, the one
+    it computes in, the hint, its runner)."""
+    import openvino as ov
+
+    core = ov.Core()
+    runners = []
+    for forced in precisions:
         for hint in OPENVINO_HINTS:
             config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": hint}
             if forced:
                 config["INFERENCE_PRECISION_HINT"] = forced
             compiled = core.compile_model(model, "CPU", config)
-            precision = openvino_precision(compiled)
-            name = "OpenVINO f32" if forced else f"OpenVINO default ({precision})"
             run = openvino_latency_runner(compiled) if hint == "LATENCY" else openvino_throughput_runner(compiled)
-            contenders.append(Contender(name, run, precision=precision, setting=hint, peer=True))
-    return contenders
+            runners.append((forced, openvino_precision(compiled), hint, run))
+    return runners
 
 
 def openvino_precision(compiled) -> str:
@@ -220,3 +229,35 @@ def with_peer(sentence_model, run: Runner):
 
     transformer = next(module for module in sentence_model if hasattr(module, "auto_model"))
     return with_model(sentence_model, RunnerModel(run, transformer.auto_model.config))
+
+
+def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None]) -> list[Contender]:
+    """attnfuse's file for OpenVINO (`--target openvino`, verified there at f32 and at bf16 where the CPU has it),
+    compiled at f32 and bf16 under both of OpenVINO's performance hints, as the OpenVINO peer is."""
+    import attnfuse
+    from attnfuse.models._export import quiet
+    from attnfuse.models.peers import describe_error
+    from attnfuse.optimizer import openvino_run
+
+    precisions = ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
+    names = [attnfuse_on_openvino(precision) for precision in precisions]
+    if not openvino_run.installed():
+        return [Contender(name, error=NOT_INSTALLED, precision=None) for name in names]
+    step(f"{spec.name}: attnfuse for OpenVINO")
+    try:
+        with quiet():
+            result = attnfuse.optimize_onnx(str(spec.exported(dynamo=True, attention="sdpa")), target="openvino",
+                                            precision=precisions[-1])
+            import openvino as ov
+
+            model = ov.Core().read_model(result.proto.SerializeToString(), b"")
+            runners = openvino_runners(model, threads, precisions)
+    except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
+        return [Contender(name, error=describe_error(error), precision=None) for name in names]
+    fused = f"{result.report.attention_fused}/{result.report.attention_total}"
+    return [Contender(attnfuse_on_openvino(forced), run, attention=fused, precision=precision, setting=hint)
+            for forced, precision, hint, run in runners]
+
+
+def attnfuse_on_openvino(precision: str) -> str:
+    return f"attnfuse (OpenVINO {precision})"

@@ -77,7 +77,7 @@ def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: C
             applied += _reported(_in_loop_body(subgraph))
             continue
         canonicalize(subgraph, probe)
-        applied += _rules(subgraph, probe, excluded, rules, mask)
+        applied += _rules(subgraph, probe, excluded, rules, mask, options.target.standard_onnx)
     remove_unused(model)
     sites = result.sites
     if options.padding_free:
@@ -101,9 +101,9 @@ def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: C
     return result
 
 
-def _rules(graph: ir.Graph, probe, excluded: Collection[Candidate], rules, mask) -> list[Applied]:
+def _rules(graph: ir.Graph, probe, excluded: Collection[Candidate], rules, mask, standard: bool) -> list[Applied]:
     view = OrtView(probe, opset(graph))
-    return driver.rewrite(OnnxGraph(graph, view, mask.value if mask else None), view, rules, excluded)
+    return driver.rewrite(OnnxGraph(graph, view, mask.value if mask else None, standard), view, rules, excluded)
 
 
 def _reported(sites: list[AttentionSite]) -> list[Applied]:
@@ -161,8 +161,8 @@ def _padding_free(graph: ir.Graph, probe: Probe, options: PassOptions, excluded:
 def _why_no_unpadded_branch(options: PassOptions, excluded: bool, sites: list[AttentionSite]) -> str | None:
     if excluded:
         return driver.EXCLUDED
-    if options.target != Target.ORT_CPU:
-        return "only for ort-cpu: packed attention has no copies to skip on CUDA"
+    if options.target not in (Target.ORT_CPU, Target.OPENVINO):
+        return "only for ort-cpu and openvino: packed attention has no copies to skip on CUDA"
     if any(site.cache is CacheKind.PAST for site in sites):
         # Measured on the benchmark Llama: ONNX Runtime pre-packs the weights of each branch's
         # MatMuls apart (957 MB against 621 MB for a decode step), and a generated batch with a

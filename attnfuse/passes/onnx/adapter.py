@@ -9,6 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.core import registry
+from attnfuse.core.facts import spelled_op
 from attnfuse.core.graph import Op
 from attnfuse.core.outcome import Rotary, RotaryKind
 from attnfuse.core.rule import Replacement
@@ -34,15 +35,18 @@ _EPSILON = 1e-5
 
 class OnnxGraph:
     """One onnx_ir graph (the model's, or a subgraph) through canonical ops; `mask` is the model's padding
-    mask input (a subgraph reads it from the model's graph)."""
+    mask input (a subgraph reads it from the model's graph); `standard`: its builders write standard ONNX
+    ops only (spelling.py)."""
 
-    def __init__(self, graph: ir.Graph, view, mask: ir.Value | None = None):
-        self.graph, self.view, self.mask = graph, view, mask
+    def __init__(self, graph: ir.Graph, view, mask: ir.Value | None = None, standard: bool = False):
+        self.graph, self.view, self.mask, self.standard = graph, view, mask, standard
 
     def nodes(self) -> list[ir.Node]:
         return list(self.graph)
 
     def op(self, node: ir.Node) -> Op | None:
+        if spelled_op(node) is not None:
+            return Op.FUSED
         if node.domain in ("", "ai.onnx"):
             found = _OPS.get(node.op_type)
             if found is not None:
@@ -95,7 +99,7 @@ class OnnxGraph:
             return attr(node, "approximate", "none")
         if name == "fused_op":
             found = registry.of_onnx(node.domain, node.op_type)
-            return found[0] if found else default
+            return spelled_op(node) or (found[0] if found else default)
         if name == "fused_attention":  # fused attention the model came with: its domain and type
             return f"{node.domain}.{node.op_type}" if registry.is_fused_attention(node.domain, node.op_type) \
                 else default
@@ -111,7 +115,7 @@ class OnnxGraph:
         return (form or op.onnx[0]).op_type
 
     def builder(self, label: str) -> OnnxBuilder:
-        return OnnxBuilder(label, self.view)
+        return OnnxBuilder(label, self.view, self.standard)
 
     def settle(self) -> None:
         """Nodes built and not committed are in no graph: navigation skips them, remove_unused drops them."""

@@ -191,7 +191,9 @@ class _Site:
         if all(x.layout in (Layout.TOKENS, Layout.TOKENS_HEADS) and x.heads == m.num_heads for x in (m.k, m.v)):
             qkv = [q, _tokens(b, m.k, sizes[1]), _tokens(b, m.v, sizes[2])]
             seq_k = b.op("Shape", [qkv[1]], {"start": 1, "end": 2})
-            qkv, bias = self.projection_bias(b, qkv, sizes)
+            # MultiHeadAttention adds the projections' bias while it lays out the heads; standard
+            # Attention does not, so there q, k and v keep the graph's own bias Adds.
+            qkv, bias = (qkv, None) if b.standard else self.projection_bias(b, qkv, sizes)
             return _Inputs(*qkv, bias, b.op("Concat", [seq_q, seq_k], {"axis": 0}))
         groups = m.num_heads // m.kv_heads
         k, v = (_repeated(b, _heads_first(b, x, size), groups) for x, size in ((m.k, sizes[1]), (m.v, sizes[2])))
@@ -215,7 +217,7 @@ class _Site:
         named = {"query": inputs.q, "key": inputs.k, "value": inputs.v, "bias": inputs.bias, mask_slot: mask}
         out = b.fused(MULTI_HEAD_ATTENTION, named, {"num_heads": m.num_heads, "scale": m.scale})
         key_padding_only = mask_slot == "key_padding_mask"
-        self.tag(out, key_padding_only, mask_slot if key_padding_only else None)
+        self.tag(out, key_padding_only, b.slot(MULTI_HEAD_ATTENTION, mask_slot) if key_padding_only else None)
         return out
 
     def tag(self, out: ir.Value, key_padding_only: bool, mask_slot: str | None = None,

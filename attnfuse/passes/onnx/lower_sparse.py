@@ -15,8 +15,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from attnfuse.kernels.onnx_forms import MULTI_HEAD_ATTENTION
 from attnfuse.kernels.reference import favor_features
-from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder
+from attnfuse.passes.onnx.graph import Builder
+from attnfuse.passes.onnx.spelling import OnnxBuilder
 
 
 class Heads:
@@ -58,7 +60,7 @@ class Heads:
         return b.op("Unsqueeze", [weights, b.const([1, 3], np.int64)])
 
 
-def windowed(b: Builder, q, k, v, *, heads: int, head_size: int, scale: float, left: int, right: int,
+def windowed(b: OnnxBuilder, q, k, v, *, heads: int, head_size: int, scale: float, left: int, right: int,
              causal: bool, global_tokens: int, key_real, dtype) -> ir.Value:
     h = Heads(b, heads, head_size, dtype)
     band = Band(b, h.dim(q, 1), reach=max(left, right, 1))
@@ -79,7 +81,7 @@ def windowed(b: Builder, q, k, v, *, heads: int, head_size: int, scale: float, l
     return h.merge(out)
 
 
-def _windowed_mha(b: Builder, h: Heads, band: Band, q, k, v, scale, left, right, causal, key_real) -> ir.Value:
+def _windowed_mha(b: OnnxBuilder, h: Heads, band: Band, q, k, v, scale, left, right, causal, key_real) -> ir.Value:
     """Blocks as the batch of ONNX Runtime's fused MultiHeadAttention: [B*nb, C] queries over
     [B*nb, span] keys, the band as its attention_bias. No head transposes, no score tensors
     of ours: several times faster on the CPU than MatMul, Where and Softmax."""
@@ -94,9 +96,9 @@ def _windowed_mha(b: Builder, h: Heads, band: Band, q, k, v, scale, left, right,
     valid = b.op("Expand", [band.key_valid(0, key_real), batch])  # [B, nb, span]
     valid = b.op("Cast", [b.op("Reshape", [valid, b.const([-1, band.span], np.int64)])], {"to": ir.DataType.INT32})
     as_batch = lambda x, length: b.op("Reshape", [x, b.const([-1, length, hidden], np.int64)])  # noqa: E731
-    out = b.op("MultiHeadAttention", [as_batch(queries, band.block), as_batch(keys, band.span),
-                                      as_batch(values, band.span), None, valid, bias],
-               {"num_heads": h.heads, "scale": float(scale)}, domain=MS_DOMAIN)
+    out = b.fused(MULTI_HEAD_ATTENTION, dict(query=as_batch(queries, band.block), key=as_batch(keys, band.span),
+                                             value=as_batch(values, band.span), key_padding_mask=valid,
+                                             attention_bias=bias), {"num_heads": h.heads, "scale": float(scale)})
     out = b.op("Reshape", [out, b.op("Concat", [h.dim(q, 0), b.const([-1, hidden], np.int64)], {"axis": 0})])
     return b.op("Slice", [out, b.const([0], np.int64), band.seqlen, b.const([1], np.int64)])
 

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from attnfuse.core import registry
 from attnfuse.core.facts import attention_facts, has_token_positions, is_padding_free, tag_padding_free
-from attnfuse.passes.onnx import quantized
+from attnfuse.passes.onnx import buckets, quantized
 from attnfuse.passes.onnx.graph import MS_DOMAIN, Builder, NoMatch, attr, constant, named_inputs, replace_uses
 
 NAME = "padding-free"
@@ -34,6 +34,7 @@ _NORMS = {"LayerNormalization"}  # over the last axis: token-wise
 _QUANTIZED_DTYPES = {"int8", "uint8", "int32"}
 PER_SEQUENCE_WIDTH = 32  # measured: from here, a Loop over the sequences beats attention on the padded layout
 MHA = registry.MULTI_HEAD_ATTENTION
+STANDARD = registry.STANDARD_ATTENTION
 _QKV = ("query", "key", "value")
 _TABLES = ("cos_cache", "sin_cache")  # what a rotary's position ids index: read whole
 # Marks a graph that runs padding-free; kept in the file, so that optimizing attnfuse's own output
@@ -352,6 +353,14 @@ class Packer:
         return prompt
 
     @functools.cached_property
+    def buckets(self) -> buckets.Buckets:
+        """The rows in buckets of similar length, for attention on packed tokens in standard ops."""
+        b = Builder(f"{NAME}/buckets")
+        plan = buckets.plan(b, self.sequence_lengths)
+        self._insert_after(self.sequence_lengths, b)
+        return plan
+
+    @functools.cached_property
     def token_offsets(self) -> ir.Value:
         """PackedMultiHeadAttention's token_offset [B, S], int32: real positions first, then padded ones."""
         b = Builder(f"{NAME}/sequences")
@@ -561,15 +570,18 @@ def _attention(node: ir.Node) -> registry.OnnxForm | None:
 
 
 def _attends_packed(node: ir.Node, layout: Layout, target: str) -> bool:
-    """Fused attention whose mask is the padding mask only (MultiHeadAttention), or with the causal triangle
-    (GroupQueryAttention, on the CPU), on [batch, seq, hidden] q, k and v: it can run on the packed tokens."""
+    """Fused attention on [batch, seq, hidden] q, k and v that can run on the packed tokens: MultiHeadAttention
+    (or standard Attention) whose only mask is key padding (they have no causal flag), or GroupQueryAttention
+    on ONNX Runtime's CPU provider whose masks are the padding mask and the causal triangle."""
     form, facts = _attention(node), attention_facts(node)
-    if form is None or facts is None or not facts.per_sequence:
+    if form is None or facts is None:
         return False
-    if form is not MHA and target != "ort-cpu":
+    if form in (MHA, STANDARD):
+        packs = facts.key_padding_only
+    else:
+        packs = target == "ort-cpu" and facts.per_sequence
+    if not packs:
         return False
-    if form is MHA and not facts.key_padding_only:
-        return False  # MultiHeadAttention has no causal flag
     inputs = named_inputs(node, form)
     return all(layout.form(inputs.get(name)) == Form(TOKENS, 3) for name in _QKV)
 
@@ -689,7 +701,18 @@ def _on_padded_layout(node: ir.Node, form: registry.OnnxForm, packer: Packer, qk
     return ir.Graph([], [results[name] for name in outputs], nodes=_own(b.nodes), name=f"{node.name}/padded_layout")
 
 
-ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_cpu}
+def _attend_buckets(node: ir.Node, packer: Packer) -> None:
+    """Standard Attention on padded q, k, v -> the same op on length buckets of the packed tokens (buckets.py),
+    for runtimes without ONNX Runtime's ops."""
+    b = Builder(f"{NAME}/attention")
+    token_dim = b.const([0], np.int64)
+    inputs = named_inputs(node, STANDARD)
+    q, k, v = (b.op("Squeeze", [packer.packed(inputs[name]), token_dim]) for name in _QKV)
+    out = buckets.attention(b, packer.buckets, q, k, v, dict(node.attributes))
+    _replace_attention(node, STANDARD, b, {"output": b.op("Unsqueeze", [out, token_dim])}, packer)
+
+
+ATTEND_PACKED = {"ort-cuda": _attend_packed, "ort-cpu": _attend_cpu, "openvino": _attend_buckets}
 
 
 def _replace_attention(node: ir.Node, form: registry.OnnxForm, b: Builder, made: dict[str, ir.Value],

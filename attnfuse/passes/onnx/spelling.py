@@ -1,5 +1,6 @@
 """How ONNX spells each fused op: a Builder whose methods take the op's canonical arguments (the
-same as the fx builder's) and write the ONNX Runtime node of core/registry.py's form for it.
+same as the fx builder's) and write the ONNX Runtime node of core/registry.py's form for it, or, for
+a target whose runtime reads standard ONNX ops only, the same op in those (standard.py).
 """
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.core import registry
-from attnfuse.core.facts import tag_token_positions
+from attnfuse.core.facts import tag_spells, tag_token_positions
 from attnfuse.core.measure.rotary import RotaryForm
 from attnfuse.core.registry import OnnxForm
-from attnfuse.core.rule import Replacement
+from attnfuse.core.rule import NoMatch, Replacement
 from attnfuse.core.view import dtype_of
+from attnfuse.passes.onnx import standard
 from attnfuse.passes.onnx.graph import Builder
 
 if TYPE_CHECKING:
@@ -24,11 +26,13 @@ Value = ir.Value
 
 
 class OnnxBuilder(Builder):
-    """Nodes of one rewrite, with the model's values read through `view`."""
+    """Nodes of one rewrite, with the model's values read through `view`; `standard`: the fused ops
+    in standard ONNX ops (opset 23), for runtimes without ONNX Runtime's contrib ops."""
 
-    def __init__(self, prefix: str, view):
+    def __init__(self, prefix: str, view, standard: bool = False):
         super().__init__(prefix)
         self.view = view
+        self.standard = standard
         self.initializers: list[Value] = []  # new weights: the graph registers them when the rewrite is committed
 
     def replacement(self, label: str, claims: list[tuple[Value, Value]], **facts) -> Replacement:
@@ -38,12 +42,36 @@ class OnnxBuilder(Builder):
               outputs: tuple[str, ...] = ()) -> Value | list[Value]:
         """The form's node on named inputs; its first output, or the `outputs` named (in that order)."""
         wanted = outputs or form.outputs[:1]
+        if self.standard and standard.needs_spelling(form):
+            given = {name: value for name, value in inputs.items() if value is not None}
+            made = standard.spell(self, form, given, dict(attributes or {}))
+            tag_spells(made[form.outputs[0]].producer(), registry.of_onnx(form.domain, form.op_type)[0])
+            if any(name not in made for name in wanted):
+                raise NoMatch(f"{form.op_type}'s {', '.join(n for n in wanted if n not in made)}: no standard spelling")
+            return [made[name] for name in wanted] if outputs else made[wanted[0]]
         count = max(form.output(name) for name in wanted) + 1
         made = self.op(form.op_type, form.arguments(**inputs), attributes, domain=form.domain,
                        num_outputs=count, name=f"{self.prefix}/{form.op_type}")
         made = made if isinstance(made, list) else [made]
         picked = [made[form.output(name)] for name in wanted]
         return picked if outputs else picked[0]
+
+    def slot(self, form: OnnxForm, name: str) -> str:
+        """The input of the node written for `form` that takes what `form` takes in its input `name`."""
+        return standard.slot(form, name) if self.standard else name
+
+    def example(self, value: Value) -> np.ndarray:
+        """`value` on one probe run: observed, a constant, or computed by this builder's nodes."""
+        array = self._values.get(id(value))
+        if array is None and value.name:
+            array = self.view.value(value)
+        if array is not None:
+            return np.asarray(array)
+        made = {id(out) for node in self.nodes for out in node.outputs}
+        reads = [x for node in self.nodes for x in node.inputs
+                 if x is not None and id(x) not in made and self.view.constant(x) is None]
+        run = self.view.runs(*reads)[0] if reads else 0
+        return self.view.evaluate(self.nodes, [value], {}, run)[0]
 
     def copy(self, node: ir.Node, replaced: dict) -> Value:
         """A copy of `node` that reads replaced[x] instead of each x that `replaced` holds; its first output."""
