@@ -18,6 +18,9 @@ from attnfuse.core.rule import NoMatch
 from attnfuse.passes.onnx.graph import MS_DOMAIN, constant
 
 _SESSION_CACHE_LIMIT = 256
+# A cached session holds its region's weights: a large model's projections, once per layer, would
+# otherwise keep a copy of most of its weights alive until the pass ends.
+_SESSION_CACHE_BYTES = 256 * 2**20
 
 
 class OrtView:
@@ -27,6 +30,7 @@ class OrtView:
         self.probe = probe
         self.opset = opset
         self._sessions: dict[tuple, tuple[ort.InferenceSession, list[str], list, tuple]] = {}
+        self._weights: dict[tuple, int] = {}  # the bytes of constants each cached session holds
 
     @property
     def run_count(self) -> int:
@@ -145,11 +149,14 @@ class OrtView:
             session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         except Exception as error:
             raise NoMatch(f"ONNX Runtime rejects the fused op: {_first_line(error)}") from None
-        if len(self._sessions) >= _SESSION_CACHE_LIMIT:
-            self._sessions.pop(next(iter(self._sessions)))
         # The nodes stay referenced while their session is cached: their ids are its key.
         entry = (session, [out.name for out in outputs], reads, (tuple(nodes), tuple(outputs)))
+        self._weights[key] = sum(len(tensor.raw_data) for tensor in initializers.values())
         self._sessions[key] = entry
+        while len(self._sessions) > _SESSION_CACHE_LIMIT or \
+                (len(self._sessions) > 1 and sum(self._weights.values()) > _SESSION_CACHE_BYTES):
+            oldest = next(iter(self._sessions))  # a proof reuses the session it just made, not the oldest
+            del self._sessions[oldest], self._weights[oldest]
         return entry
 
 
