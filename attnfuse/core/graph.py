@@ -105,6 +105,10 @@ class Graph(Protocol):
     def is_input(self, value: Value) -> bool:
         """A graph input (a placeholder), not a weight."""
 
+    def stored_elsewhere(self, value: Value) -> bool:
+        """A weight the model keeps outside itself (ONNX external data): a new tensor made from it
+        would be a copy in memory beside it."""
+
     def label(self, node: Node) -> str:
         """The node's name: what a report calls it, and what a rollback excludes."""
 

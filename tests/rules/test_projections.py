@@ -273,3 +273,16 @@ def test_fx_silu_with_another_alpha_has_no_torch_form():
 def test_fx_a_shifted_sigmoid_is_no_silu():
     fused, outcomes = fx_rewrite(Swish("shifted").eval(), RUNS, [Silu()])
     assert outcomes == [] and aten.silu.default not in fx_targets(fused)
+
+
+def test_onnx_weights_in_external_data_are_not_joined(tmp_path, monkeypatch):
+    """A large model's weights stay in its data file: joined, they would be held twice in memory."""
+    g = OnnxGraph()
+    original = g.model(*[g.projection("x", name, False) for name in WIDTHS])
+    onnx.save(original, tmp_path / "model.onnx", save_as_external_data=True, location="model.onnx_data",
+              size_threshold=0)
+    monkeypatch.chdir(tmp_path)  # a ModelProto's external data is read from the current directory
+    model, outcomes = onnx_rewrite(onnx.load(tmp_path / "model.onnx", load_external_data=False), [Projections()])
+    assert [(o.fused, o.reason) for o in outcomes] == [
+        (False, "the weights are in external data: joining them would copy them into memory")]
+    assert op_types(model).count("MatMul") == len(WIDTHS)

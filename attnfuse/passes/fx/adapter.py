@@ -137,6 +137,9 @@ class FxGraph:
     def is_input(self, value) -> bool:
         return isinstance(value, fx.Node) and value.op == "placeholder"
 
+    def stored_elsewhere(self, value) -> bool:
+        return False  # a module's parameters are in memory
+
     def label(self, node: fx.Node) -> str:
         return node.name
 

@@ -76,6 +76,9 @@ class OnnxGraph:
     def is_input(self, value: ir.Value) -> bool:
         return value.is_graph_input()
 
+    def stored_elsewhere(self, value: ir.Value) -> bool:
+        return isinstance(value.const_value, ir.ExternalTensor)
+
     def label(self, node: ir.Node) -> str:
         return node.name
 

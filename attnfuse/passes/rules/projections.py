@@ -21,7 +21,7 @@ import numpy as np
 
 from attnfuse.core.graph import Graph, Node, Op, Value, single_user
 from attnfuse.core.outcome import Fusion
-from attnfuse.core.rule import Replacement
+from attnfuse.core.rule import NoMatch, Replacement
 from attnfuse.core.view import View, dtype_of
 from attnfuse.passes.rules.patterns import bias_add
 
@@ -79,7 +79,12 @@ class Projections:
     def match(self, anchor: Node, graph: Graph, view: View) -> ProjectionsMatch | None:
         x = graph.operands(anchor)[0]
         projections = self._projections_of(graph, view, x)
-        return ProjectionsMatch(anchor, x, projections) if len(projections) >= 2 else None
+        if len(projections) < 2:
+            return None
+        if any(graph.stored_elsewhere(p.weight) for p in projections):
+            # A large model's weights stay in its data file; joined, they would be held twice in memory.
+            raise NoMatch("the weights are in external data: joining them would copy them into memory")
+        return ProjectionsMatch(anchor, x, projections)
 
     def lower(self, match: ProjectionsMatch, graph: Graph, view: View) -> Iterator[Replacement]:
         b = graph.builder(graph.label(match.anchor))
