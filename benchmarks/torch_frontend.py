@@ -43,6 +43,7 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+import attnfuse  # noqa: E402
 from attnfuse.models import minilm  # noqa: E402
 from attnfuse.tools import bench, bench_command, encoder_peers  # noqa: E402
 from attnfuse.tools.demo import (  # noqa: E402
@@ -125,12 +126,20 @@ def encode_peers(runtimes: list[str], threads: int) -> EncodePeers:
                                                minilm.padded_batch(2, 16, seed=1), threads)
     if "openvino" in runtimes:
         contenders += encoder_peers.attnfuse_openvino(bench.model_specs("minilm", quick=False)[0], threads, lambda _: None)
+    contenders.append(attnfuse_onnx(threads))
     feeds = minilm.tokenize(minilm.SENTENCES)
     expected = bench.torch_runner(torch_model)(feeds)
     real = [feeds["attention_mask"][:, :, None].astype(bool)]
     built = [c for c in contenders if c.run is not None]
     errors = {c.key: bench.max_relative_error(c.run(feeds), expected, real) for c in built}
     return EncodePeers(minilm.load_sentence_transformer(), built, [c for c in contenders if c.run is None], errors)
+
+
+def attnfuse_onnx(threads: int) -> bench.Contender:
+    """attnfuse's ONNX file (the default target, padding-free) in ONNX Runtime: what `optimize(model)` is held to."""
+    result = attnfuse.optimize_onnx(str(minilm.exported()))
+    return bench.Contender("attnfuse (ONNX Runtime)", bench.ort_runner(result.proto, threads),
+                           attention=f"{result.report.attention_fused}/{result.report.attention_total}")
 
 
 def encode_records(comparison, peers: EncodePeers) -> list[dict]:
