@@ -1,13 +1,13 @@
 """What a pass run is asked to do: typed, parsed once, passed down to every pass."""
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
+from attnfuse.core.text_enum import TextEnum
 from attnfuse.core.modes import AttentionMode
 
 
-class Target(str, enum.Enum):
+class Target(TextEnum):
     """Where the optimized model runs."""
 
     ORT_CPU = "ort-cpu"
@@ -15,9 +15,6 @@ class Target(str, enum.Enum):
     OPENVINO = "openvino"
     TORCH_CPU = "cpu"
     TORCH_CUDA = "cuda"
-
-    def __str__(self) -> str:
-        return self.value
 
     @property
     def standard_onnx(self) -> bool:

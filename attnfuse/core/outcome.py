@@ -7,12 +7,13 @@ stays in the rule's own typed match, so a report can outlive the graph it descri
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Any
 
+from attnfuse.core.text_enum import TextEnum
 
-class MaskKind(str, enum.Enum):
+
+class MaskKind(TextEnum):
     """What the scores' mask hides, from the simplest to the most general."""
 
     NONE = "none"
@@ -22,38 +23,26 @@ class MaskKind(str, enum.Enum):
     WINDOW = "window"
     ADDITIVE = "additive"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class BiasKind(str, enum.Enum):
+class BiasKind(TextEnum):
     """What is added to the scores besides the mask."""
 
     NONE = "none"
     ALIBI = "alibi"
     ADDITIVE = "additive"
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class CacheKind(str, enum.Enum):
+class CacheKind(TextEnum):
     """Where k and v come from besides this step's projections."""
 
     NONE = "none"
     PAST = "past"  # concatenated with a past k/v input (a KV cache)
     CROSS = "cross"  # read directly from inputs (cross-attention)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class RotaryKind(str, enum.Enum):
+class RotaryKind(TextEnum):
     HALF = "half"  # rotate-half (GPT-NeoX, Llama)
     INTERLEAVED = "interleaved"  # pairs of neighbours (GPT-J)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass

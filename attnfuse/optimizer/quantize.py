@@ -15,7 +15,6 @@ but needs a second verification after the first and cannot roll back one rewrite
 from __future__ import annotations
 
 import contextlib
-import enum
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from attnfuse.core.text_enum import TextEnum
 from attnfuse.optimizer import io
 from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.passes.onnx.graph import nodes_on_one_path
@@ -34,12 +34,9 @@ INT4_BLOCK = 32
 SUBGRAPH_OPTION = 'extra_options={"EnableSubgraph": True}'
 
 
-class Quantization(str, enum.Enum):
+class Quantization(TextEnum):
     INT8 = "int8"  # quantize_dynamic: int8 weights per channel, activations quantized per tensor at run time
     INT4 = "int4"  # MatMulNBitsQuantizer: 4-bit weights in blocks of 32, symmetric; activations stay float
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def parse_quantization(value: Quantization | str | None) -> Quantization | None:

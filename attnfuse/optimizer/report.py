@@ -8,6 +8,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from attnfuse.core.text_enum import TextEnum
 from attnfuse.core import registry
 from attnfuse.core.outcome import AttentionSite
 from attnfuse.passes.onnx import quantized
@@ -21,14 +22,11 @@ class Check(str, enum.Enum):
     TWIN = "twin"  # their twins without activation quantization (optimizer/twin.py), at the float tolerance
 
 
-class Baseline(str, enum.Enum):
+class Baseline(TextEnum):
     """A model the optimized one is measured against besides the one verification judged it by."""
 
     QUANTIZED_ORIGINAL = "quantized original"  # when the twins judged it
     FP32_REFERENCE = "fp32 reference"  # the fp32 model a quantized one was made from
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass

@@ -6,22 +6,19 @@ precision of the dtype it computes in.
 """
 from __future__ import annotations
 
-import enum
 import math
 
 import numpy as np
 
+from attnfuse.core.text_enum import TextEnum
 from attnfuse.core import tolerance
 
 
-class Approximation(str, enum.Enum):
+class Approximation(TextEnum):
     """gelu's forms, as the fused ops' `approximate` argument names them."""
 
     EXACT = "none"  # 0.5 x (1 + erf(x / sqrt 2))
     TANH = "tanh"  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-
-    def __str__(self) -> str:
-        return self.value
 
 
 POINTS = np.linspace(-6.0, 6.0, 97)

@@ -12,16 +12,16 @@ equals what attention reads on every run; the factor is measured, not read from 
 """
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from attnfuse.core.text_enum import TextEnum
 from attnfuse.core.tolerance import tolerance
 
 
-class Layout(str, enum.Enum):
+class Layout(TextEnum):
     """How a tensor lays out batch B, length L, G heads of size D."""
 
     TOKENS = "B,L,G*D"  # a projection's output: what fused attention ops take
@@ -30,9 +30,6 @@ class Layout(str, enum.Enum):
     HEADS_FIRST_T = "B,G,D,L"
     FLAT_HEADS = "B*G,L,D"
     FLAT_HEADS_T = "B*G,D,L"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,11 @@ not normalise at all.
 """
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
 
+from attnfuse.core.text_enum import TextEnum
 from attnfuse.core.tolerance import tolerance
 
 _JOINT = 0.5  # the second copy of the points, scaled by this (exact in binary)
@@ -31,12 +31,9 @@ NO_EPSILON = "the normalization has no epsilon: a zero row gives 0 / 0"
 ZERO, SIGNS, TINY_SIGNS, LARGE, LARGER, SHIFTED = range(6)  # the rows read below, in order
 
 
-class NormKind(str, enum.Enum):
+class NormKind(TextEnum):
     LAYER = "layer_norm"
     RMS = "rms_norm"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 @dataclass(frozen=True)
