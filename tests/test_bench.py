@@ -204,7 +204,7 @@ def test_int8_contenders_are_built_as_their_users_build_them_and_checked_by_cosi
                   *bench_int8.int8_contenders(builders, export, 2, lambda _: None, spec.name)]
     records = bench.measure(spec, geometry, bench.workloads(spec, sweep=False)[0], contenders, repeats=1)
     int8 = [r for r in records if bench_int8.is_int8_row(r)]
-    assert {r["contender"] for r in int8} == set(bench_int8.NAMES)
+    assert {r["contender"] for r in int8} == set(bench_int8.ORT_NAMES)
     for r in int8:
         assert r["build_error"] is None and r["precision"] == "int8" and 0.9 < r["min_cosine"] <= 1.0, r
         assert r["peer"] == (r["contender"] in bench_int8.PEER_BASES)

@@ -176,9 +176,31 @@ def test_bf16_is_for_the_openvino_target():
         attnfuse.optimize_onnx(str(zoo.exported(BERT)), precision="bf16")
 
 
-def test_quantizing_is_for_the_onnx_runtime_targets():
-    with pytest.raises(UserError, match="--quantize is for the ONNX Runtime targets"):
-        attnfuse.optimize_onnx(str(zoo.exported(BERT)), target="openvino", quantize="int8")
+def test_int4_is_for_the_onnx_runtime_targets():
+    with pytest.raises(UserError, match="--quantize int4 is for the ONNX Runtime targets"):
+        attnfuse.optimize_onnx(str(zoo.exported(BERT)), target="openvino", quantize="int4")
+
+
+def test_int8_weights_are_within_half_a_step_of_each_block():
+    """weights_int8 on x @ W (K = 64: two blocks of 32 per column; K = 48: one scale per column), read back
+    through ONNX Runtime with x the identity: each weight within half its block's step, the steps per block."""
+    from attnfuse.optimizer.io import load_model, to_proto
+    from attnfuse.optimizer.quantize import INT8_BLOCK, weights_int8
+
+    for rows in (2 * INT8_BLOCK, 48):
+        weight = floats(rows, 6) * np.linspace(0.1, 10, rows, dtype=np.float32)[:, None]  # blocks of other ranges
+        builder = onnx.helper
+        graph = builder.make_graph([builder.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                                   [builder.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [rows, rows])],
+                                   [builder.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [rows, 6])],
+                                   [onnx.numpy_helper.from_array(weight, "w")])
+        model = weights_int8(load_model(builder.make_model(graph, opset_imports=[builder.make_opsetid("", OPSET)])))
+        assert [node.op_type for node in model.graph] == ["DequantizeLinear", "MatMul"]
+        assert "w" not in model.graph.initializers
+        got = ort.InferenceSession(to_proto(model).SerializeToString()).run(None, {"x": np.eye(rows, dtype=np.float32)})[0]
+        block = INT8_BLOCK if rows % INT8_BLOCK == 0 else rows
+        step = np.abs(weight.reshape(rows // block, block, 6)).max(axis=1) / 127
+        assert np.all(np.abs(got - weight).reshape(rows // block, block, 6) <= step[:, None, :] / 2 + 1e-7)
 
 
 def test_bf16_needs_a_cpu_that_has_it(monkeypatch):
@@ -220,6 +242,28 @@ def test_verified_in_openvino_at_bf16():
     assert check.ok and check.precision == "bf16" and check.tolerance == 5e-2
     assert 0.99 < check.min_cosine <= 1.0
     assert result.report.to_dict()["verify_precision"]["min_cosine"] == check.min_cosine
+
+
+@needs_openvino
+def test_int8_weights_verified_in_openvino():
+    """--quantize int8 for OpenVINO: int8 weights in each If branch's own constants (else OpenVINO runs them in
+    float), proved against the weight-quantized original exactly, then with OpenVINO's int8 activations at their
+    tolerance; the error against the fp32 model is reported."""
+    result = attnfuse.optimize_onnx(str(zoo.exported(BERT)), target="openvino", quantize="int8")
+    report = result.report
+    assert report.verify.ok and report.verify.max_rel_error <= 1e-4
+    check = report.verify_precision
+    assert check.ok and check.precision == "f32, int8 activations" and check.tolerance == 5e-2
+    assert 0.99 < check.min_cosine < 1.0
+    assert report.quantized_matmuls > 0 and report.float_matmuls == 0
+    assert [str(against.model) for against in report.verify.against] == ["fp32 reference"]
+    branches = [graph for graph in result.model.graphs() if graph is not result.model.graph]
+    assert branches
+    for graph in branches:
+        dequantized = [node for node in graph if node.op_type == "DequantizeLinear"]
+        assert dequantized and all(node.inputs[0] in graph.initializers.values() for node in dequantized)
+        assert all(node.inputs[1].producer() in dequantized for node in graph if node.op_type == "MatMul"
+                   and node.inputs[1].producer() is not None)
 
 
 @needs_openvino

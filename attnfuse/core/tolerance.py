@@ -13,6 +13,9 @@ import numpy as np
 
 FLOAT32 = 1e-4
 BY_DTYPE = {"float64": FLOAT32, "float32": FLOAT32, "float16": 1e-2, "bfloat16": 5e-2}
+# Activations quantized to int8 symmetrically per group at run time (OpenVINO): rounding moves each by at
+# most half a step, 1/254 of its group's largest magnitude, about bfloat16's unit roundoff (1/256): its margin.
+INT8_ACTIVATIONS = BY_DTYPE["bfloat16"]
 
 
 def tolerance(dtype) -> float:

@@ -22,7 +22,7 @@ from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
 from attnfuse.optimizer.inputs import InputPlan
 from attnfuse.optimizer.probe import Probe
-from attnfuse.optimizer.quantize import padded_path_matmuls, quantize
+from attnfuse.optimizer.quantize import check_float, padded_path_matmuls, quantize, weights_int8
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
 from attnfuse.optimizer.rollback import mark_rolled_back, rewrites, roll_back
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
@@ -80,30 +80,39 @@ def optimize_onnx(
     stage("load")
     original = io.load_model(model)
     reference = io.load_model(config.reference) if config.reference is not None else None
+    finish = None  # what each rewritten model gets last
     if config.quantize is not None:
-        stage("quantize")  # the quantized model is the original the rewrites are verified against
-        original, reference = quantize(prepare(original), config.quantize), reference or original
+        stage("quantize")
+        reference = reference or original
+        if config.int8_activations:  # OpenVINO: int8 weights written after the rewrites, where they are used
+            finish = weights_int8
+            original = check_float(original)
+        else:  # the quantized model is the original the rewrites are verified against
+            original = quantize(prepare(original), config.quantize)
     stage("probe")
     prepared = prepared_for(original, options)  # rewrites start from this; verification compares with the original
     probe = capture(prepared, config)
+    if finish is not None:
+        original = finish(prepared.clone())
+    rewrite = _Rewriter(prepared, probe, finish)
     stage("rewrite")
     checked = checkable(options)
-    first = attempt = _rewrite(prepared, probe, checked)
+    first = attempt = rewrite(checked)
     culprits: dict[Candidate, str] = {}
     if config.verify:
         stage("verify")
         verifier = Verifier(original, checked, check_inputs(original, probe, config.seed, options.target),
                             probe.run_count, config.tolerance, reference)
-        attempt, culprits = _verified(first, prepared, probe, checked, verifier, stage)
+        attempt, culprits = _verified(first, rewrite, checked, verifier, stage)
     if checked is not options:
         # The verified rewrites again, with the target's own ops (CUDA-only ones that this
         # machine cannot run) in place of their CPU equivalents.
-        final = _rewrite(prepared, probe, options, attempt.excluded)
+        final = rewrite(options, attempt.excluded)
         final.verify = attempt.verify
         attempt = final
-    if config.verify and config.precision != "f32" and attempt.verify.ok:
-        stage(f"verify {config.precision}")
-        attempt.verify_precision = verifier.check(attempt.model, config.precision)
+    if config.verify and (config.precision != "f32" or config.int8_activations) and attempt.verify.ok:
+        stage(f"verify {config.precision}{' int8' if config.int8_activations else ''}")
+        attempt.verify_precision = verifier.check(attempt.model, config.precision, config.int8_activations)
     rolled_back = mark_rolled_back(attempt.passes.applied, culprits, first.passes.applied)
     report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
     for check in (report.verify, report.verify_precision):
@@ -118,7 +127,7 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     start = time.perf_counter()
     options = config.pass_options()
     prepared = prepared_for(io.load_model(model), options)
-    attempt = _rewrite(prepared, capture(prepared, config), options)
+    attempt = _Rewriter(prepared, capture(prepared, config))(options)
     return _report(model, config, attempt, [], time.perf_counter() - start)
 
 
@@ -168,20 +177,29 @@ def _quiet(stage: str) -> None:
     pass
 
 
-def _rewrite(original: ir.Model, probe: Probe, options: PassOptions,
-             excluded: frozenset[Candidate] = frozenset()) -> _Attempt:
-    copy = original.clone()  # graph copied, weights shared
-    return _Attempt(copy, run_passes(copy, probe.for_rewrite(), options, excluded), excluded)
+@dataclass
+class _Rewriter:
+    """Runs of the passes, each on a fresh copy of the prepared model, finished alike (`finish`: the
+    int8 weights written for OpenVINO)."""
+
+    prepared: ir.Model
+    probe: Probe
+    finish: Callable[[ir.Model], ir.Model] | None = None
+
+    def __call__(self, options: PassOptions, excluded: frozenset[Candidate] = frozenset()) -> _Attempt:
+        copy = self.prepared.clone()  # graph copied, weights shared
+        passes = run_passes(copy, self.probe.for_rewrite(), options, excluded)
+        return _Attempt(self.finish(copy) if self.finish else copy, passes, excluded)
 
 
 def _verified(
-    first: _Attempt, original: ir.Model, probe: Probe, options: PassOptions, verifier: Verifier, stage: Progress
+    first: _Attempt, rewrite: _Rewriter, options: PassOptions, verifier: Verifier, stage: Progress
 ) -> tuple[_Attempt, dict[Candidate, str]]:
     """The first attempt if it verifies; otherwise the rewrites that verify together, and the
     reasons the others were rolled back. Returns `first` unchanged when nothing verifies."""
 
     def attempt(excluded: frozenset[Candidate]) -> _Attempt:
-        result = _rewrite(original, probe, options, excluded)
+        result = rewrite(options, excluded)
         result.verify = verifier.check(result.model)
         return result
 

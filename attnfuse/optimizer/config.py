@@ -40,9 +40,14 @@ class OptimizeConfig:
             raise ValueError(f"precision {self.precision} is for target openvino (its runtime's precision hint)")
         self.attention = parse_attention(self.attention)  # ValueError with the usage
         self.quantize = parse_quantization(self.quantize)  # ValueError with the choices
-        if self.quantize is not None and self.target == Target.OPENVINO:
-            # ONNX Runtime's quantizers write ops (MatMulInteger, MatMulNBits) not verified in OpenVINO here
-            raise ValueError("--quantize is for the ONNX Runtime targets; openvino computes in f32 or bf16 (--precision)")
+        if self.quantize == Quantization.INT4 and self.target == Target.OPENVINO:
+            # MatMulNBits, what int4 writes, is ONNX Runtime's own op
+            raise ValueError("--quantize int4 is for the ONNX Runtime targets; openvino takes --quantize int8")
+
+    @property
+    def int8_activations(self) -> bool:
+        """Whether the runtime quantizes activations itself: OpenVINO does, for the int8 weights it is given."""
+        return self.quantize == Quantization.INT8 and self.target == Target.OPENVINO
 
     def pass_options(self) -> PassOptions:
         """What the passes are asked to do."""

@@ -5,7 +5,7 @@ carries a sequence), so a model runs in a child process: the model and its input
 folder, the child compiles the model for the CPU at the precision asked for and writes the outputs back.
 A child that dies is an error of that run, not of attnfuse's.
 
-This file is also the child (`python openvino_run.py MODEL FEEDS OUTPUTS PRECISION`): as such it imports
+This file is also the child (`python openvino_run.py MODEL FEEDS OUTPUTS PRECISION GROUP`): as such it imports
 numpy and openvino only.
 """
 from __future__ import annotations
@@ -18,6 +18,8 @@ INSTALL = "pip install 'attnfuse[openvino]'"
 PRECISIONS = ("f32", "bf16")
 # What a CPU needs for OpenVINO's bf16 to be native (else it emulates it, slower than f32).
 BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+# OpenVINO's CPU default for DYNAMIC_QUANTIZATION_GROUP_SIZE: activations quantized per 32 values along K.
+ACTIVATION_GROUP = 32
 
 
 def installed() -> bool:
@@ -41,10 +43,13 @@ def has_bf16() -> bool:
         return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
-def run(model, feeds: list[dict[str, np.ndarray]], precision: str = "f32") -> list[dict[str, np.ndarray]]:
+def run(model, feeds: list[dict[str, np.ndarray]], precision: str = "f32", int8_activations: bool = False
+        ) -> list[dict[str, np.ndarray]]:
     """`model` (an onnx_ir.Model) compiled by OpenVINO for the CPU at `precision` (its
-    INFERENCE_PRECISION_HINT), run on each set of `feeds`: the outputs by name. RuntimeError when
-    OpenVINO refuses the model or its process dies."""
+    INFERENCE_PRECISION_HINT), run on each set of `feeds`: the outputs by name. OpenVINO quantizes the
+    activations of MatMuls with int8 weights per group of ACTIVATION_GROUP, as it does by default, only
+    with `int8_activations`: without, such a MatMul computes in float. RuntimeError when OpenVINO refuses
+    the model or its process dies."""
     import os
     import subprocess
     import tempfile
@@ -58,7 +63,8 @@ def run(model, feeds: list[dict[str, np.ndarray]], precision: str = "f32") -> li
         np.savez(folder / "feeds.npz", **{f"{i}/{name}": array for i, sets in enumerate(feeds)
                                           for name, array in sets.items()})
         command = [sys.executable, os.path.abspath(__file__), *(str(folder / name) for name in
-                                                                 ("model.onnx", "feeds.npz", "outputs.npz")), precision]
+                                                                 ("model.onnx", "feeds.npz", "outputs.npz")), precision,
+                   str(ACTIVATION_GROUP if int8_activations else 0)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"OpenVINO {_ended(done.returncode)}: {_last_line(done.stderr)}")
@@ -86,10 +92,11 @@ def _last_line(text: str) -> str:
     return (meaningful or lines or ["no message"])[-1][:400]
 
 
-def _child(model: str, feeds: str, outputs: str, precision: str) -> None:
+def _child(model: str, feeds: str, outputs: str, precision: str, activation_group: str) -> None:
     import openvino as ov
 
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision})
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                      "DYNAMIC_QUANTIZATION_GROUP_SIZE": activation_group})
     request = compiled.create_infer_request()
     sets: dict[str, dict[str, np.ndarray]] = {}
     with np.load(feeds) as saved:
@@ -110,4 +117,4 @@ def _named(port, names) -> str:
 
 
 if __name__ == "__main__":
-    _child(*sys.argv[1:5])
+    _child(*sys.argv[1:6])

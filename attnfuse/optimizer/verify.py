@@ -19,7 +19,7 @@ from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.report import Against, Baseline, Check, VerifyResult
 from attnfuse.optimizer.twin import twin
-from attnfuse.core import tolerance as precision
+from attnfuse.core import tolerance as precision_tolerance
 from attnfuse.core.options import PassOptions, Target
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 
@@ -121,7 +121,7 @@ def check_inputs(model: ir.Model, probe: Any, seed: int = 0, target: Target = Ta
 
 def model_tolerance(model: ir.Model) -> float:
     """The default tolerance (core/tolerance.py) of the model's least precise float output."""
-    return precision.least_precise(out.dtype.numpy() for out in model.graph.outputs
+    return precision_tolerance.least_precise(out.dtype.numpy() for out in model.graph.outputs
                                    if out.dtype is not None and out.dtype.is_floating_point())
 
 
@@ -137,7 +137,7 @@ def judge(max_abs: float, max_rel: float, tolerance: float, inputs: list[dict[st
 
 
 # Each precision's tolerance (core/tolerance.py), for a check computing in it.
-_TOLERANCES = {"f32": precision.tolerance("float32"), "bf16": precision.tolerance("bfloat16")}
+_TOLERANCES = {"f32": precision_tolerance.tolerance("float32"), "bf16": precision_tolerance.tolerance("bfloat16")}
 
 
 def providers(target: Target) -> list[str]:
@@ -190,10 +190,13 @@ class Verifier:
                  for node, cond in self.branches.items() if cond in values]
         return "; ".join([inputs.case, *taken])
 
-    def _outputs(self, candidate: ir.Model, precision: str = "f32") -> list[dict[str, np.ndarray]]:
-        """The candidate's outputs on every check set, run where the target runs it (OpenVINO: at `precision`)."""
+    def _outputs(self, candidate: ir.Model, precision: str = "f32", int8_activations: bool = False
+                 ) -> list[dict[str, np.ndarray]]:
+        """The candidate's outputs on every check set, run where the target runs it (OpenVINO: at `precision`,
+        quantizing activations with `int8_activations`)."""
         if self.target == Target.OPENVINO:
-            return openvino_run.run(candidate, [inputs.feeds for inputs in self.inputs_list], precision)
+            return openvino_run.run(candidate, [inputs.feeds for inputs in self.inputs_list], precision,
+                                    int8_activations)
         return self._ort_outputs(candidate)
 
     def _ort_outputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
@@ -218,25 +221,28 @@ class Verifier:
         except Exception as e:
             raise UserError(f"the reference model does not run on the check inputs: {first_line(e)}") from None
 
-    def check(self, candidate: ir.Model, precision: str = "f32") -> VerifyResult:
+    def check(self, candidate: ir.Model, precision: str = "f32", int8_activations: bool = False) -> VerifyResult:
         """The candidate against the original, computing in `precision` (where the target's runtime takes
-        one: OpenVINO's INFERENCE_PRECISION_HINT), at that precision's tolerance where it is lower than float32."""
+        one: OpenVINO's INFERENCE_PRECISION_HINT), at that precision's tolerance where it is lower than float32;
+        with `int8_activations`, the runtime quantizing activations as it does by default (OpenVINO, for int8
+        weights), at their tolerance."""
         try:
-            results = self._outputs(candidate, precision)
+            results = self._outputs(candidate, precision, int8_activations)
             twins = self._outputs(twin(candidate) or candidate, precision) if self.twin is not None else None
         except Exception as e:  # a rewrite that does not even run fails verification
             return self._result([], message=f"the optimized model does not run: {first_line(e)}")
         judged, references = (twins, self.twin_references) if twins is not None else (results, self.references)
         per_set = [(inputs, *self._compare(reference, result, inputs))
                    for inputs, reference, result in zip(self.inputs_list, references, judged)]
-        verdict = self._result(per_set, tolerance=max(self.tolerance, _TOLERANCES[precision]))
+        lowered = max(_TOLERANCES[precision], precision_tolerance.INT8_ACTIVATIONS if int8_activations else 0.0)
+        verdict = self._result(per_set, tolerance=max(self.tolerance, lowered))
         cosines = [vector_cosines(reference, result, inputs.real, inputs.real_total)
                    for inputs, reference, result in zip(self.inputs_list, self.references, results)]
         verdict.mean_cosine = float(np.mean([_mean_of(per_output) for per_output in cosines]))
-        if precision != "f32":
-            verdict.precision = precision
+        if precision != "f32" or int8_activations:
+            verdict.precision = precision + (", int8 activations" if int8_activations else "")
             verdict.min_cosine = float(min((c.min() for per_output in cosines for c in per_output if c.size), default=1.0))
-            verdict.message += (f"; computing in {precision}, the outputs' vectors at real tokens have a min cosine "
+            verdict.message += (f"; computing in {verdict.precision}, the outputs' vectors at real tokens have a min cosine "
                                 f"of {verdict.min_cosine:.6f} to the original's (float32)")
         if twins is not None:
             verdict.check = Check.TWIN

@@ -166,7 +166,7 @@ def with_runtime_peers(contenders: list[Contender], spec: ModelSpec, module: tor
 def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
     plans = [(spec, workloads(spec, args.sweep)) for spec in model_specs(args.model, args.quick)]
     decoder = bench_decoder.decoder_bench(args.quick, args.vocab) if args.model == "llama" else None
-    int8_steps = bench_int8.build_count() if args.int8 else 0
+    int8_steps = bench_int8.build_count() + 2 * ("openvino" in args.peers) if args.int8 else 0
     steps = 1 + sum(1 + len(ONNX_CONTENDERS) + len(args.peers) + ("openvino" in args.peers) + int8_steps + len(loads)
                     for _, loads in plans)
     steps += bench_decoder.progress_steps(decoder, args.int4) if decoder else 0
@@ -190,6 +190,9 @@ def run_all(args: argparse.Namespace, repeats: int) -> tuple[list[dict], float]:
             if args.int8:
                 export = lambda spec=spec: str(spec.exported(dynamo=True, attention="sdpa"))  # noqa: E731
                 contenders += bench_int8.int8_contenders(builders, export, args.threads, step, spec.name)
+                if "openvino" in args.peers:
+                    contenders += encoder_peers.openvino_int8(spec, args.threads, step)
+                    contenders += encoder_peers.attnfuse_openvino(spec, args.threads, step, quantize=bench_int8.INT8)
             for workload in loads:
                 step(f"{spec.name}: {workload.name}")
                 records += measure(spec, geometry, workload, contenders, repeats)

@@ -7,8 +7,11 @@ with the peers, in the same interleaved run as the f32 contenders.
       (bench.keep_faster_setting). ORT's optimizer output needs DefaultTensorType=FLOAT to quantize at all
       (its contrib ops defeat the quantizer's type inference), which every peer gets.
   CTranslate2 int8: a runtime peer (encoder_peers.py)
+  OpenVINO int8 f32 / default (bf16): the export with OpenVINO's int8 weights, per output channel (encoder_peers.py)
   attnfuse int8: optimize_onnx(export, quantize="int8") (optimizer/quantize.py: per channel, MatMuls only)
   attnfuse int8 per tensor: the same from weights per tensor, to show why per channel
+  attnfuse int8 (OpenVINO f32 / bf16): optimize_onnx(export, target="openvino", quantize="int8"), int8 weights in
+      blocks of 32, OpenVINO quantizing the activations (the last two with --peers openvino)
 
 Every contender here computes in int8 (bench.TOLERANCES["int8"]); each is also judged by the min cosine
 of its sentence embeddings against torch's fp32, and a peer whose cosine is better than attnfuse's does
@@ -26,12 +29,16 @@ from typing import Callable
 import onnx
 
 from attnfuse.tools.bench import Contender, OnnxBuilders, ort_runner, speedup, cosine_cell, table
+from attnfuse.tools.encoder_peers import attnfuse_on_openvino, openvino_int8_name
 
 INT8 = "int8"
 PEER_BASES = {"ORT int8": "ORT", "ORT optimizer int8": "ORT optimizer", "onnxscript int8": "onnxscript"}
+OPENVINO_PEERS = tuple(openvino_int8_name(precision) for precision in ("f32", "bf16"))
 ATTNFUSE = "attnfuse int8"
 ATTNFUSE_PER_TENSOR = "attnfuse int8 per tensor"
-NAMES = (*PEER_BASES, ATTNFUSE_PER_TENSOR, ATTNFUSE)
+ATTNFUSE_FORMS = (ATTNFUSE, *(attnfuse_on_openvino(precision, INT8) for precision in ("f32", "bf16")))
+ORT_NAMES = (*PEER_BASES, ATTNFUSE_PER_TENSOR, ATTNFUSE)  # int8_contenders'; the others are OpenVINO's
+NAMES = (*ORT_NAMES, *OPENVINO_PEERS, *ATTNFUSE_FORMS[1:])
 SETTINGS = {"per channel": True, "per tensor": False}
 
 
@@ -115,13 +122,18 @@ def fastest(records: list[dict], at_most_cosine: float | None = None) -> dict | 
 
 
 def summary_rows(records: list[dict]) -> list[dict]:
-    """Per model and workload: attnfuse int8 against the fastest correct int8 peer, and against the fastest
-    one whose sentence cosine is no better than attnfuse's (the one it beats at equal quality)."""
+    """Per model and workload: attnfuse's fastest correct int8 form against the fastest correct int8 peer, and
+    against the fastest one whose sentence cosine is no better than attnfuse's (the one it beats at equal quality)."""
     rows = []
-    for mine in (r for r in records if r["contender"] == ATTNFUSE and r["median_ms"]):
-        same = [r for r in records if (r["model"], r["workload"]) == (mine["model"], mine["workload"])]
+    for model, workload in dict.fromkeys((r["model"], r["workload"]) for r in records):
+        same = [r for r in records if (r["model"], r["workload"]) == (model, workload)]
+        forms = [r for r in same if r["contender"] in ATTNFUSE_FORMS and r["median_ms"]]
+        correct = [r for r in forms if r["correct"]] or forms
+        if not correct:
+            continue
+        mine = min(correct, key=lambda r: r["median_ms"])
         best, matched = fastest(same), fastest(same, mine.get("min_cosine"))
-        rows.append(dict(model=mine["model"], workload=mine["workload"], padding=mine["padding"], ms=mine["median_ms"],
+        rows.append(dict(model=model, workload=workload, form=_named(mine), padding=mine["padding"], ms=mine["median_ms"],
                          cosine=mine.get("min_cosine"), correct=mine["correct"],
                          fastest=_versus(mine, best), fastest_matched=_versus(mine, matched)))
     return rows
@@ -130,9 +142,12 @@ def summary_rows(records: list[dict]) -> list[dict]:
 def _versus(mine: dict, peer: dict | None) -> dict | None:
     if peer is None:
         return None
-    return dict(contender=peer["contender"] + (f" ({peer['setting']})" if peer.get("setting") else ""),
-                ms=peer["median_ms"], cosine=peer.get("min_cosine"), speedup=peer["median_ms"] / mine["median_ms"],
+    return dict(contender=_named(peer), ms=peer["median_ms"], cosine=peer.get("min_cosine"), speedup=peer["median_ms"] / mine["median_ms"],
                 cosine_no_worse=(mine.get("min_cosine") or -1.0) >= (peer.get("min_cosine") or -1.0))
+
+
+def _named(record: dict) -> str:
+    return record["contender"] + (f" ({record['setting']})" if record.get("setting") else "")
 
 
 def summary_table(records: list[dict]) -> str:
@@ -141,22 +156,23 @@ def summary_table(records: list[dict]) -> str:
             return ["-"] * 4
         return [versus["contender"], f"{versus['ms']:.1f}", cosine_cell(versus["cosine"]), speedup(versus["speedup"])]
 
-    rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", f"{r['ms']:.1f}", cosine_cell(r["cosine"]),
+    rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["form"], f"{r['ms']:.1f}", cosine_cell(r["cosine"]),
              *cells(r["fastest"]), "yes" if r["fastest"] and r["fastest"]["cosine_no_worse"] else "no",
              *cells(r["fastest_matched"])] for r in summary_rows(records)]
-    return table(["model", "workload", "pad", "attnfuse int8 ms", "its min cos", "fastest int8 peer", "ms", "min cos",
+    return table(["model", "workload", "pad", "attnfuse's fastest int8", "ms", "its min cos", "fastest int8 peer", "ms", "min cos",
                   "speedup", "cos no worse", "fastest int8 peer attnfuse's cos matches", "ms", "min cos", "speedup"],
                  rows)
 
 
 def markdown_table(records: list[dict]) -> str:
     """README-ready: a row per model and workload, each int8 contender's median ms and min cosine."""
-    names = [*PEER_BASES, "CTranslate2 int8", ATTNFUSE_PER_TENSOR, ATTNFUSE]
-    header = ["model", "workload", *names, "attnfuse int8 vs fastest int8 peer"]
+    names = [*PEER_BASES, "CTranslate2 int8", *OPENVINO_PEERS, ATTNFUSE_PER_TENSOR, *ATTNFUSE_FORMS]
+    shown = [name for name in names if any(r["contender"] == name for r in records)]
+    header = ["model", "workload", *shown, "attnfuse's fastest int8 vs fastest int8 peer"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     by = {(r["model"], r["workload"], r["contender"]): r for r in records}
     for row in summary_rows(records):
-        cells = [_markdown_cell(by.get((row["model"], row["workload"], name))) for name in names]
+        cells = [_markdown_cell(by.get((row["model"], row["workload"], name))) for name in shown]
         lines.append("| " + " | ".join([row["model"], row["workload"], *cells, _headline(row)]) + " |")
     return "\n".join(lines)
 
@@ -173,7 +189,7 @@ def _headline(row: dict) -> str:
     best, matched = row["fastest"], row["fastest_matched"]
     if best is None:
         return "-"
-    text = f"**{speedup(best['speedup'])}** vs {best['contender']}"
+    text = f"{row['form']}: **{speedup(best['speedup'])}** vs {best['contender']}"
     if not best["cosine_no_worse"]:
         text += " (its cosine is better)"
         if matched is not None:

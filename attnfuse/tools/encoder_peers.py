@@ -9,6 +9,9 @@ as contenders of `attnfuse bench` (and, through with_peer, of benchmarks/torch_f
   The bench keeps the faster hint of each precision.
 - CTranslate2: the transformers model folder converted by TransformersConverter, an Encoder on the CPU with
   intra_threads=--threads at compute_type float32 and int8; forward_batch takes each row's real tokens, unpadded.
+- OpenVINO int8 (with `attnfuse bench`'s int8 rows): the dynamo export with int8 weights, one scale per output
+  channel, what OpenVINO's own int8 weight compression writes (nncf.compress_weights, `optimum-cli export openvino
+  --weight-format int8`; symmetric here), OpenVINO quantizing the activations at run time as it does by default.
 
 A runtime that is not installed is one contender whose error says so (bench.NOT_INSTALLED), never a crash.
 """
@@ -231,33 +234,72 @@ def with_peer(sentence_model, run: Runner):
     return with_model(sentence_model, RunnerModel(run, transformer.auto_model.config))
 
 
-def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None]) -> list[Contender]:
-    """attnfuse's file for OpenVINO (`--target openvino`, verified there at f32 and at bf16 where the CPU has it),
-    compiled at f32 and bf16 under both of OpenVINO's performance hints, as the OpenVINO peer is."""
+def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None], quantize: str | None = None
+                      ) -> list[Contender]:
+    """attnfuse's file for OpenVINO (`--target openvino`, verified there at f32 and at bf16 where the CPU has it;
+    `quantize="int8"`: with int8 weights), compiled at f32 and bf16 under both of OpenVINO's performance hints,
+    as the OpenVINO peer is."""
     import attnfuse
+
+    names = [attnfuse_on_openvino(precision, quantize) for precision in _openvino_precisions()]
+
+    def build():
+        result = attnfuse.optimize_onnx(str(spec.exported(dynamo=True, attention="sdpa")), target="openvino",
+                                        precision=_openvino_precisions()[-1], quantize=quantize)
+        return result.proto, f"{result.report.attention_fused}/{result.report.attention_total}"
+    step(f"{spec.name}: attnfuse{' ' + quantize if quantize else ''} for OpenVINO")
+    return _on_openvino(names, build, threads, quantize)
+
+
+def openvino_int8(spec: ModelSpec, threads: int, step: Callable[[str], None]) -> list[Contender]:
+    """The OpenVINO int8 peer: the dynamo export with int8 weights per output channel (module docstring)."""
+    from attnfuse.optimizer import io
+    from attnfuse.optimizer.quantize import weights_int8
+    from attnfuse.passes.onnx import standard
+
+    names = [openvino_int8_name(precision) for precision in _openvino_precisions()]
+
+    def build():
+        export = io.load_model(str(spec.exported(dynamo=True, attention="sdpa")))
+        return io.to_proto(weights_int8(io.with_opset(export, standard.OPSET), block=None)), None
+    step(f"{spec.name}: OpenVINO int8")
+    return _on_openvino(names, build, threads, "int8", peer=True)
+
+
+def openvino_int8_name(precision: str) -> str:
+    return f"OpenVINO int8 {'f32' if precision == 'f32' else f'default ({precision})'}"
+
+
+def _openvino_precisions() -> tuple[str, ...]:
+    """f32, and bf16 where this CPU computes it natively."""
+    from attnfuse.optimizer import openvino_run
+
+    return ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
+
+
+def _on_openvino(names: list[str], build: Callable, threads: int, quantize: str | None, peer: bool = False
+                 ) -> list[Contender]:
+    """A contender per name (one per precision of _openvino_precisions) and performance hint, running the ONNX
+    model `build()` gives (with its attention count) in OpenVINO; the reason in each where it cannot."""
     from attnfuse.models._export import quiet
     from attnfuse.models.peers import describe_error
     from attnfuse.optimizer import openvino_run
 
-    precisions = ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
-    names = [attnfuse_on_openvino(precision) for precision in precisions]
     if not openvino_run.installed():
-        return [Contender(name, error=NOT_INSTALLED, precision=None) for name in names]
-    step(f"{spec.name}: attnfuse for OpenVINO")
+        return [Contender(name, error=NOT_INSTALLED, precision=quantize, peer=peer) for name in names]
     try:
         with quiet():
-            result = attnfuse.optimize_onnx(str(spec.exported(dynamo=True, attention="sdpa")), target="openvino",
-                                            precision=precisions[-1])
+            proto, fused = build()
             import openvino as ov
 
-            model = ov.Core().read_model(result.proto.SerializeToString(), b"")
-            runners = openvino_runners(model, threads, precisions)
+            model = ov.Core().read_model(proto.SerializeToString(), b"")
+            runners = openvino_runners(model, threads, _openvino_precisions())
     except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
-        return [Contender(name, error=describe_error(error), precision=None) for name in names]
-    fused = f"{result.report.attention_fused}/{result.report.attention_total}"
-    return [Contender(attnfuse_on_openvino(forced), run, attention=fused, precision=precision, setting=hint)
+        return [Contender(name, error=describe_error(error), precision=quantize, peer=peer) for name in names]
+    named = dict(zip(_openvino_precisions(), names))
+    return [Contender(named[forced], run, attention=fused, precision=quantize or precision, setting=hint, peer=peer)
             for forced, precision, hint, run in runners]
 
 
-def attnfuse_on_openvino(precision: str) -> str:
-    return f"attnfuse (OpenVINO {precision})"
+def attnfuse_on_openvino(precision: str, quantize: str | None = None) -> str:
+    return f"attnfuse{' ' + quantize if quantize else ''} (OpenVINO {precision})"
