@@ -10,8 +10,13 @@ quantized model from a wrong one. The figures of README "Quantized models".
    and wrong rewrites of R (one bias dropped, one weight's scale x1.1, in the graph a padded batch runs):
    each one's max relative error against O directly and between the twins (optimizer/twin.py), over the
    verifier's check inputs.
+3. For OpenVINO (`--target openvino --quantize int8`): attnfuse's f32 file for OpenVINO with its weights in int8
+   per output channel (what OpenVINO's own int8 weight compression writes) and in blocks of 128, 64 and 32 along
+   K, each run by OpenVINO at f32 and bf16 with its int8 activations (its default), and per channel with float
+   activations (DYNAMIC_QUANTIZATION_GROUP_SIZE 0): median ms on the varlen and full batches (interleaved) and min
+   cosine against torch's fp32. Needs OpenVINO (skipped without it, or with --no-openvino).
 
-    python -m benchmarks.quantized [--repeats N]   (from the repository root)
+    python -m benchmarks.quantized [--repeats N] [--no-openvino]   (from the repository root)
 """
 from __future__ import annotations
 
@@ -75,6 +80,37 @@ def quantize_point(export: str, repeats: int) -> None:
                                       for name in models))
 
 
+def openvino_blocks(export: str, repeats: int) -> None:
+    import openvino as ov
+
+    from attnfuse.optimizer.io import to_proto
+    from attnfuse.optimizer.quantize import weights_int8
+    from attnfuse.tools.encoder_peers import openvino_latency_runner
+
+    fp32 = attnfuse.optimize_onnx(export, target="openvino", verify=False).model
+    blocks = {"per channel": None, "blocks of 128": 128, "blocks of 64": 64, "blocks of 32": 32}
+    models = {name: to_proto(weights_int8(fp32.clone(), block)).SerializeToString() for name, block in blocks.items()}
+    core, runners = ov.Core(), {}
+    for precision in ("f32", "bf16"):
+        for name, model in models.items():
+            compiled = core.compile_model(core.read_model(model, b""), "CPU", {
+                "INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": precision})
+            runners[f"{name}, {precision}"] = openvino_latency_runner(compiled)
+    compiled = core.compile_model(core.read_model(models["per channel"], b""), "CPU", {
+        "INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})
+    runners["per channel, f32, float activations"] = openvino_latency_runner(compiled)
+    torch_model = minilm.load_torch("sdpa")
+    varlen = minilm.padded_batch(32, 128, seed=0)
+    for load, feeds in {"varlen": varlen, "full": with_lengths(varlen, np.full(32, 128), 128)}.items():
+        cosine = sentence_cosine(feeds["attention_mask"])
+        expected = torch_runner(torch_model)(feeds)
+        cosines = {name: cosine(run(feeds), expected) for name, run in runners.items()}
+        medians = interleaved_medians({name: (lambda run=run: run(feeds)) for name, run in runners.items()}, repeats,
+                                      warmup=2, desc=f"OpenVINO int8, {load}")
+        print(f"OpenVINO int8 weights, {load}: " + "; ".join(
+            f"{name} {medians[name] * 1e3:.0f} ms, min cosine {cosines[name]:.5f}" for name in runners))
+
+
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for graph, _ in graphs_in_order(ir.from_proto(model).graph) for node in graph]
 
@@ -121,12 +157,17 @@ def verification(export: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-openvino", action="store_true", help="skip part 3")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     export = str(minilm.exported(dynamo=True, attention="sdpa"))
     print(os.popen("uptime").read().strip())
     quantize_point(export, args.repeats)
     verification(export)
+    from attnfuse.optimizer import openvino_run
+
+    if openvino_run.installed() and not args.no_openvino:
+        openvino_blocks(export, args.repeats)
     print(os.popen("uptime").read().strip())
 
 

@@ -43,6 +43,10 @@ from attnfuse.passes.onnx.graph import nodes_on_one_path
 from attnfuse.passes.onnx.quantized import MatMulCount, count_matmuls
 
 INT4_BLOCK = 32
+# MatMulNBits' accuracy_level 4: activations quantized to int8 per block of each row inside the op, so int8
+# dot products (VNNI) instead of dequantizing the weights to float: what onnxruntime-genai's builder writes
+# for the CPU. Per row, so padding-free changes no activation's scale.
+INT4_ACCURACY = 4
 INT8_BLOCK = 32  # OpenVINO: weights' blocks along K, as its activations' groups
 # What a user of quantize_dynamic passes for a model optimized by attnfuse: its MatMuls sit in If branches.
 SUBGRAPH_OPTION = 'extra_options={"EnableSubgraph": True}'
@@ -116,8 +120,9 @@ def _int8(proto: onnx.ModelProto) -> onnx.ModelProto:
 def _int4(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
-    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True)
-    quantizer = MatMulNBitsQuantizer(proto, block_size=INT4_BLOCK, is_symmetric=True, algo_config=config)
+    config = DefaultWeightOnlyQuantConfig(block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=INT4_ACCURACY)
+    quantizer = MatMulNBitsQuantizer(proto, block_size=INT4_BLOCK, is_symmetric=True, accuracy_level=INT4_ACCURACY,
+                                     algo_config=config)
     quantizer.process()
     return quantizer.model.model
 

@@ -8,7 +8,7 @@ one decode step over a padded cache, against the int4 models a user makes with t
 
 torch eager (fp32) runs beside them: every ONNX contender's logits and present k/v are compared with its
 at real positions, to the int4 tolerance (bench.TOLERANCES); attnfuse int4, whose weights are ORT int4's,
-is also compared with ORT int4 (`vs_int4_export`, to the f32 tolerance). genai decodes over its own cache:
+is also compared with ORT int4 (`vs_int4_export`, to VERSUS_EXPORT). genai decodes over its own cache:
 it is judged by its prompts' logits (the prefill workload's) against torch's, to the same tolerance.
 """
 from __future__ import annotations
@@ -18,11 +18,16 @@ from typing import Callable
 
 import numpy as np
 
+from attnfuse.core.tolerance import INT8_ACTIVATIONS
 from attnfuse.tools import bench
 from attnfuse.tools.decoder_peers import peers
 from attnfuse.tools.decoder_peers.prompts import Prompts, packed
 
 INT4 = "int4"
+# attnfuse int4 against ORT int4, whose weights it has: both quantize activations to int8 inside MatMulNBits
+# (accuracy_level 4), where a rewrite's last-place differences flip some roundings by a step, so they agree to
+# int8 activations' tolerance, not float32's (optimize_onnx proves the rewrite at float32's, by the twins).
+VERSUS_EXPORT = INT8_ACTIVATIONS
 WORKLOAD = "decode int4"
 ORT = "ORT int4"
 ATTNFUSE = "attnfuse int4"
@@ -92,8 +97,8 @@ def run(setup: Int4Run, threads: int, repeats: int, step: Callable[[str], None],
         record = dict(workload_fields(model, workload), **bench.contender_record(c, checked, flops, (ORT, GENAI)))
         record.update(check="prompts' logits" if c.name == GENAI else "logits, present k/v", target=None, peak_mb=None,
                       vs_int4_export=versus_export if c.name == ATTNFUSE else None)
-        if c.name == ATTNFUSE:  # the same weights as ORT int4: its outputs to the f32 tolerance
-            record["correct"] = record["correct"] and versus_export is not None and versus_export <= bench.TOLERANCE
+        if c.name == ATTNFUSE:  # the same weights as ORT int4: its outputs to int8 activations' tolerance
+            record["correct"] = record["correct"] and versus_export is not None and versus_export <= VERSUS_EXPORT
         records.append(record)
     records.sort(key=lambda r: CONTENDERS.index(r["contender"]))
     bench.add_speedups(records)

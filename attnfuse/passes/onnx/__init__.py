@@ -21,6 +21,7 @@ from attnfuse.passes.onnx.graph import (
     MS_DOMAIN, NoMatch, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
 )
 from attnfuse.passes.onnx.adapter import OnnxGraph
+from attnfuse.passes.onnx.types import fill_types
 from attnfuse.passes.onnx.view import OrtView
 from attnfuse.passes.result import PassResult
 from attnfuse.passes.rules import attention, pipeline
@@ -96,6 +97,7 @@ def _run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: C
             applied.append(Applied(branch, Fusion(unpadded_branch.NAME, "If", why_not_branch is None, why_not_branch)))
     graph.sort()  # a replaced value may be read before the node that now makes it
     _check_replaced(graph, sites)
+    fill_types(model)
     if any(node.domain == MS_DOMAIN for node in graph.all_nodes()):
         model.opset_imports[MS_DOMAIN] = 1
     return result
