@@ -15,7 +15,7 @@ from attnfuse.optimizer.errors import VerificationError
 from attnfuse.optimizer.inputs import make_inputs
 from attnfuse.optimizer.io import load_model
 from attnfuse.optimizer.probe import Probe
-from attnfuse.optimizer.verify import Verifier, check_inputs, compare, verify
+from attnfuse.optimizer.verify import Verifier, check_inputs, compare, vector_cosines, verify
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
 from attnfuse.passes.onnx import Fusion, PassResult
 
@@ -35,6 +35,18 @@ def test_compare_catches_a_difference_at_a_real_position():
     candidate = {"hidden": reference["hidden"].copy()}
     candidate["hidden"][1, 0, 2] += 0.5
     assert compare(reference, candidate, REAL) == (0.5, 0.5 / 4.0)
+
+
+def test_vector_cosines_count_two_zero_vectors_as_equal_and_one_as_apart():
+    """A pad id's zero embedding in both models is no disagreement; a vector zeroed in one of them is."""
+    reference = {"hidden": np.ones((2, 3, 4))}
+    reference["hidden"][0, 1] = 0.0
+    candidate = {"hidden": reference["hidden"].copy()}
+    (same,) = vector_cosines(reference, candidate, REAL)
+    assert np.allclose(same, 1.0)
+    candidate["hidden"][1, 0] = 0.0
+    (apart,) = vector_cosines(reference, candidate, REAL)
+    assert apart.min() == 0.0 and np.sum(apart < 1.0) == 1
 
 
 def test_compare_counts_every_position_of_outputs_not_shaped_like_the_mask():

@@ -64,6 +64,7 @@ class VerifyResult:
     mean_cosine: float = 1.0  # of the outputs' vectors at real tokens; reported for approximations
     precision: str = "f32"  # what the optimized model computed in (OpenVINO's precision hint)
     min_cosine: float | None = None  # below float32: of the outputs' vectors at real tokens, to the original's
+    original_error: float | None = None  # below float32: the original's own error computing so (in the tolerance)
     check: Check = Check.DIRECT
     against: list[Against] = field(default_factory=list)
 
@@ -77,6 +78,7 @@ class VerifyResult:
             "tolerance": self.tolerance,
             "mean_cosine": _finite_or_none(self.mean_cosine),
             "min_cosine": None if self.min_cosine is None else _finite_or_none(self.min_cosine),
+            "original_error": None if self.original_error is None else _finite_or_none(self.original_error),
             "against": [other.to_dict() for other in self.against],
             "inputs": self.inputs,
             "message": self.message,
