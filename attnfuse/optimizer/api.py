@@ -22,7 +22,7 @@ from attnfuse.optimizer.config import OptimizeConfig
 from attnfuse.optimizer.errors import UserError, VerificationError
 from attnfuse.optimizer.inputs import InputPlan
 from attnfuse.optimizer.probe import Probe
-from attnfuse.optimizer.quantize import check_float, padded_path_matmuls, quantize, weights_int8
+from attnfuse.optimizer.quantize import after_rewrites, check_float, padded_path_matmuls, quantize
 from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops_on_one_path
 from attnfuse.optimizer.rollback import mark_rolled_back, rewrites, roll_back
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
@@ -80,15 +80,14 @@ def optimize_onnx(
     stage("load")
     original = io.load_model(model)
     reference = io.load_model(config.reference) if config.reference is not None else None
-    finish = None  # what each rewritten model gets last
+    finish = None  # what each rewritten model gets last: its weights quantized, where that comes after the rewrites
     if config.quantize is not None:
         stage("quantize")
         reference = reference or original
-        if config.int8_activations:  # OpenVINO: int8 weights written after the rewrites, where they are used
-            finish = weights_int8
-            original = check_float(original)
-        else:  # the quantized model is the original the rewrites are verified against
-            original = quantize(prepare(original), config.quantize)
+        finish = after_rewrites(config.quantize, openvino=config.target == Target.OPENVINO)
+        # Quantized first, the export is the original the rewrites are verified against; quantized after
+        # them, the same quantizer makes that original from the model the rewrites start from (below).
+        original = check_float(original) if finish is not None else quantize(prepare(original), config.quantize)
     stage("probe")
     prepared = prepared_for(original, options)  # rewrites start from this; verification compares with the original
     probe = capture(prepared, config)

@@ -1,34 +1,31 @@
-"""`--quantize int8|int4`: the model quantized by ONNX Runtime's own quantizers, then optimized.
+"""`--quantize int8|int4`: the model's MatMul weights quantized, then verified against the quantized original.
 
-The export is quantized first and attnfuse then rewrites the quantized model, which is the original
-it verifies against (by the twins, optimizer/twin.py) and rolls rewrites back against, the fp32
-input being the reference whose error is reported. Quantizing attnfuse's output instead (with
-quantize_dynamic's EnableSubgraph, which finds the MatMuls inside its If branches) writes the
-same graph, as fast and as accurate (measured on all-MiniLM-L6-v2; README "Quantized models"),
-but needs a second verification after the first and cannot roll back one rewrite.
-
-- int8: quantize_dynamic, int8 weights per output channel (per tensor: sentence cosine 0.922
-  against 0.988 on MiniLM), activations quantized per tensor at run time; MatMuls only, so that
-  embedding tables stay float and still fuse into EmbedLayerNormalization.
-- int4: MatMulNBitsQuantizer, 4-bit weights in blocks of 32 along K, symmetric; activations stay float.
-
-For OpenVINO (`--target openvino --quantize int8`) the weights alone are quantized, int8, symmetric,
-one scale per block of 32 along K in each output channel, each written as a blocked DequantizeLinear
-before its MatMul inside the graph that uses it (an If branch's weights must be its own constants:
-read from the outer graph they are inputs of the branch to OpenVINO, which then runs them in float).
-OpenVINO quantizes the activations itself, per group of 32 along K (its CPU default). Measured on
-MiniLM (docs/quantized.md): as fast as one scale per output channel (what OpenVINO's own int8 weight
-compression writes), with sentence cosines 0.9994-0.9997 against 0.9990-0.9993, where
-quantize_dynamic's one scale per tensor gives 0.988. The scales of a joined q/k/v or gate/up weight
-are those of its parts (blocks lie within a column), so quantizing after the rewrites writes the
-weights quantizing before them would: the quantized original the output is verified against.
+When to quantize: before the rewrites, or after them on the rewritten model (`after_rewrites`).
+- int8 for ONNX Runtime: before. quantize_dynamic takes one scale per activation tensor, padded rows
+  included, so the quantized export is the original the rewrites are verified against (by the twins,
+  optimizer/twin.py) and rolled back against one by one. int8 weights per output channel (per tensor:
+  sentence cosine 0.922 against 0.988 on MiniLM); MatMuls only, so that embedding tables stay float and
+  still fuse into EmbedLayerNormalization. Quantizing attnfuse's output instead (quantize_dynamic's
+  EnableSubgraph finds the MatMuls in its If branches) computes the same products as fast and as
+  accurately (docs/quantized.md) but could only be verified, or undone, as a whole.
+- Weights quantized in blocks along K within each output column: after. Then a joined q/k/v or gate/up
+  weight quantizes exactly as its parts would (its columns are theirs), so the output quantized after
+  the rewrites has the weights the export quantized before them has, which is the original it is verified
+  against; and the joins, which a weight already dequantized would block, are kept.
+  - int4: MatMulNBitsQuantizer, 4-bit weights in blocks of 32, symmetric, accuracy_level 4 (INT4_ACCURACY).
+  - int8 for OpenVINO (`--target openvino`): int8, symmetric, one scale per block of 32, each written as
+    a blocked DequantizeLinear before its MatMul inside the graph that uses it (an If branch's weights
+    must be its own constants: read from the outer graph they are inputs of the branch to OpenVINO, which
+    then runs them in float). OpenVINO quantizes the activations itself, per group of 32 along K (its CPU
+    default). Measured on MiniLM (docs/quantized.md): as fast as one scale per output channel (what
+    OpenVINO's own int8 weight compression writes), sentence cosines 0.9994-0.9997 against 0.9990-0.9993.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +51,7 @@ SUBGRAPH_OPTION = 'extra_options={"EnableSubgraph": True}'
 
 class Quantization(TextEnum):
     INT8 = "int8"  # quantize_dynamic: int8 weights per channel, activations quantized per tensor at run time
-    INT4 = "int4"  # MatMulNBitsQuantizer: 4-bit weights in blocks of 32, symmetric; activations stay float
+    INT4 = "int4"  # MatMulNBitsQuantizer: 4-bit weights in blocks of 32, symmetric, int8 activations inside
 
 
 def parse_quantization(value: Quantization | str | None) -> Quantization | None:
@@ -81,6 +78,14 @@ def quantize(model: ir.Model, how: Quantization) -> ir.Model:
     except Exception as e:
         raise UserError(f"--quantize {how}: ONNX Runtime's quantizer failed: {type(e).__name__}: {first_line(e)}") from None
     return io.load_model(quantized)
+
+
+def after_rewrites(how: Quantization, openvino: bool) -> Callable[[ir.Model], ir.Model] | None:
+    """The quantizer to apply to each rewritten model, where `how` quantizes after the rewrites (module
+    docstring); None where it quantizes the export before them."""
+    if how is Quantization.INT4:
+        return lambda model: quantize(model, how)
+    return weights_int8 if openvino else None
 
 
 def check_float(model: ir.Model) -> ir.Model:
