@@ -225,3 +225,30 @@ def test_registry_and_quantized_ops_do_not_overlap():
     """A quantized op is ONNX Runtime's, never one of attnfuse's fused ops."""
     for op in quantized.QUANTIZED_OPS:
         assert registry.of_onnx(op.form.domain, op.op_type) is None
+
+
+def test_gemms_of_constant_weights_become_matmuls_for_the_weight_quantizers():
+    """Conv1D exports (GPT-2 through Optimum) spell projections as Gemm, which the weight-only quantizers skip:
+    Gemm(transB) + bias and plain Gemm become MatMul (+ Add) computing the same; a scaling Gemm stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from attnfuse.optimizer.io import load_model, to_proto
+    from attnfuse.optimizer.quantize import gemms_as_matmuls
+
+    rng = np.random.default_rng(0)
+    weights = {"w_t": rng.standard_normal((6, 4)), "b": rng.standard_normal(6), "w": rng.standard_normal((6, 5)),
+               "w2": rng.standard_normal((5, 3))}
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w_t", "b"], ["h"], transB=1),
+         helper.make_node("Gemm", ["h", "w"], ["y"]),
+         helper.make_node("Gemm", ["y", "w2"], ["z"], alpha=2.0)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 3])],
+        [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feeds = {"x": rng.standard_normal((3, 4)).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, feeds)[0]
+    rewritten = gemms_as_matmuls(load_model(model))
+    assert [node.op_type for node in rewritten.graph] == ["MatMul", "Add", "MatMul", "Gemm"]
+    got = ort.InferenceSession(to_proto(rewritten).SerializeToString()).run(None, feeds)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

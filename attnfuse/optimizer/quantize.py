@@ -84,8 +84,41 @@ def after_rewrites(how: Quantization, openvino: bool) -> Callable[[ir.Model], ir
     """The quantizer to apply to each rewritten model, where `how` quantizes after the rewrites (module
     docstring); None where it quantizes the export before them."""
     if how is Quantization.INT4:
-        return lambda model: quantize(model, how)
-    return weights_int8 if openvino else None
+        return lambda model: quantize(gemms_as_matmuls(model), how)
+    return (lambda model: weights_int8(gemms_as_matmuls(model))) if openvino else None
+
+
+def gemms_as_matmuls(model: ir.Model) -> ir.Model:
+    """`model` (changed in place, and returned) with each Gemm of a constant 2-D weight written as MatMul
+    (then Add of its bias): the weight-only quantizers take MatMuls only, and exports of Conv1D layers
+    (GPT-2) spell their projections as Gemm. Gemms that scale (alpha, beta) or transpose A stay."""
+    for graph in model.graphs():
+        for node in list(graph):
+            if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+                continue
+            a, weight, bias = (list(node.inputs) + [None])[:3]
+            tensor = weight.const_value if weight is not None and weight.is_initializer() else None
+            if (tensor is None or len(tensor.shape) != 2 or _attribute(node, "transA", 0)
+                    or _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "beta", 1.0) != 1.0):
+                continue
+            if _attribute(node, "transB", 0):
+                transposed = ir.tensor(np.ascontiguousarray(tensor.numpy().T), name=f"{weight.name}.transposed")
+                weight = ir.Value(name=transposed.name, const_value=transposed)
+                graph.register_initializer(weight)
+            made = [ir.node("MatMul", [a, weight], name=f"{node.name}.matmul")]
+            if bias is not None:
+                made.append(ir.node("Add", [made[0].outputs[0], bias], name=f"{node.name}.bias"))
+            graph.insert_after(node, made)
+            made[-1].outputs[0].name = node.outputs[0].name
+            node.outputs[0].replace_all_uses_with(made[-1].outputs[0])
+            if node.outputs[0].is_graph_output():
+                graph.outputs[list(graph.outputs).index(node.outputs[0])] = made[-1].outputs[0]
+            graph.remove(node, safe=True)
+    return model
+
+
+def _attribute(node: ir.Node, name: str, default):
+    return node.attributes[name].value if name in node.attributes else default
 
 
 def check_float(model: ir.Model) -> ir.Model:
