@@ -88,11 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help=f"{USAGE}; anything but exact is an opt-in approximation whose error is measured and reported")
     optimize.add_argument("--no-padding-free", action="store_true", help="keep padded tokens in the computation")
     optimize.add_argument("--quantize", metavar="int8|int4",
-                          help="quantize the MatMuls' weights with ONNX Runtime's quantizers first (int8: "
-                               "quantize_dynamic, per channel; int4: MatMulNBits, blocks of 32), then optimize and "
-                               "verify the quantized model, reporting its error against IN; with --target openvino, "
-                               "int8 only: int8 weights in blocks of 32, OpenVINO quantizing the activations, "
-                               "verified there")
+                          help="quantize the MatMuls' weights with ONNX Runtime's quantizers (int8: "
+                               "quantize_dynamic, per channel, before the rewrites; int4: MatMulNBits, blocks of 32, "
+                               "after them) and verify against IN quantized the same way, reporting the error against "
+                               "IN; with --target openvino, int8 only: int8 weights in blocks of 32, OpenVINO "
+                               "quantizing the activations, verified there")
     optimize.add_argument("--reference", metavar="FP32.onnx",
                           help="the fp32 model a quantized IN was made from: the report gives the errors against it too")
     _input_shape_option(optimize)
