@@ -197,7 +197,8 @@ def test_int8_weights_are_within_half_a_step_of_each_block():
         model = weights_int8(load_model(builder.make_model(graph, opset_imports=[builder.make_opsetid("", OPSET)])))
         assert [node.op_type for node in model.graph] == ["DequantizeLinear", "MatMul"]
         assert "w" not in model.graph.initializers
-        got = ort.InferenceSession(to_proto(model).SerializeToString()).run(None, {"x": np.eye(rows, dtype=np.float32)})[0]
+        session = ort.InferenceSession(to_proto(model).SerializeToString())
+        got = session.run(None, {"x": np.eye(rows, dtype=np.float32)})[0]
         block = INT8_BLOCK if rows % INT8_BLOCK == 0 else rows
         step = np.abs(weight.reshape(rows // block, block, 6)).max(axis=1) / 127
         assert np.all(np.abs(got - weight).reshape(rows // block, block, 6) <= step[:, None, :] / 2 + 1e-7)

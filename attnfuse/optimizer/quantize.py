@@ -36,7 +36,7 @@ from attnfuse.core.text_enum import TextEnum
 from attnfuse.optimizer import io
 from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.kernels import onnx_forms as forms
-from attnfuse.passes.onnx.graph import nodes_on_one_path
+from attnfuse.passes.onnx.graph import attr, nodes_on_one_path, replace_uses
 from attnfuse.passes.onnx.quantized import MatMulCount, count_matmuls
 
 INT4_BLOCK = 32
@@ -97,28 +97,28 @@ def gemms_as_matmuls(model: ir.Model) -> ir.Model:
             if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
                 continue
             a, weight, bias = (list(node.inputs) + [None])[:3]
-            tensor = weight.const_value if weight is not None and weight.is_initializer() else None
-            if (tensor is None or len(tensor.shape) != 2 or _attribute(node, "transA", 0)
-                    or _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "beta", 1.0) != 1.0):
+            tensor = _stored_matrix(weight)
+            if tensor is None or attr(node, "transA", 0) or attr(node, "alpha", 1.0) != 1.0 \
+                    or attr(node, "beta", 1.0) != 1.0:
                 continue
-            if _attribute(node, "transB", 0):
+            if attr(node, "transB", 0):
                 transposed = ir.tensor(np.ascontiguousarray(tensor.numpy().T), name=f"{weight.name}.transposed")
                 weight = ir.Value(name=transposed.name, const_value=transposed)
                 graph.register_initializer(weight)
-            made = [ir.node("MatMul", [a, weight], name=f"{node.name}.matmul")]
+            out = node.outputs[0]
+            made = [ir.node("MatMul", [a, weight], outputs=[ir.Value(name=f"{out.name}.product")])]
             if bias is not None:
-                made.append(ir.node("Add", [made[0].outputs[0], bias], name=f"{node.name}.bias"))
+                made.append(ir.node("Add", [made[0].outputs[0], bias], outputs=[ir.Value(name=f"{out.name}.biased")]))
             graph.insert_after(node, made)
-            made[-1].outputs[0].name = node.outputs[0].name
-            node.outputs[0].replace_all_uses_with(made[-1].outputs[0])
-            if node.outputs[0].is_graph_output():
-                graph.outputs[list(graph.outputs).index(node.outputs[0])] = made[-1].outputs[0]
+            replace_uses(out, made[-1].outputs[0])
             graph.remove(node, safe=True)
     return model
 
 
-def _attribute(node: ir.Node, name: str, default):
-    return node.attributes[name].value if name in node.attributes else default
+def _stored_matrix(value: ir.Value | None) -> ir.TensorProtocol | None:
+    """The 2-D tensor of an initializer, or None."""
+    tensor = value.const_value if value is not None and value.is_initializer() else None
+    return tensor if tensor is not None and len(tensor.shape) == 2 else None
 
 
 def check_float(model: ir.Model) -> ir.Model:
@@ -179,8 +179,8 @@ def weights_int8(model: ir.Model, block: int | None = INT8_BLOCK) -> ir.Model:
             if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
                 continue
             weight = node.inputs[1]
-            tensor = weight.const_value if weight is not None and weight.is_initializer() else None
-            if tensor is None or tensor.dtype != ir.DataType.FLOAT or len(tensor.shape) != 2:
+            tensor = _stored_matrix(weight)
+            if tensor is None or tensor.dtype != ir.DataType.FLOAT:
                 continue
             if weight not in local:
                 local[weight] = _dequantized(graph, node, weight.name, tensor.numpy(), block)

@@ -123,7 +123,7 @@ def check_inputs(model: ir.Model, probe: Any, seed: int = 0, target: Target = Ta
 def model_tolerance(model: ir.Model) -> float:
     """The default tolerance (core/tolerance.py) of the model's least precise float output."""
     return precision_tolerance.least_precise(out.dtype.numpy() for out in model.graph.outputs
-                                   if out.dtype is not None and out.dtype.is_floating_point())
+                                             if out.dtype is not None and out.dtype.is_floating_point())
 
 
 def judge(max_abs: float, max_rel: float, tolerance: float, inputs: list[dict[str, Any]], message: str = "",
@@ -211,8 +211,9 @@ class Verifier:
         if key not in self._own_errors:
             try:
                 outputs = self._outputs(self.original, precision, int8_activations)
+                sets = zip(self.inputs_list, self.references, outputs)
                 self._own_errors[key] = max(self._compare(reference, result, inputs)[1]
-                                            for inputs, reference, result in zip(self.inputs_list, self.references, outputs))
+                                            for inputs, reference, result in sets)
             except Exception:  # not ours to verify: the check keeps the precision's tolerance alone
                 self._own_errors[key] = 0.0
         return self._own_errors[key]

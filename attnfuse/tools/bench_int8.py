@@ -133,8 +133,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
             continue
         mine = min(correct, key=lambda r: r["median_ms"])
         best, matched = fastest(same), fastest(same, mine.get("min_cosine"))
-        rows.append(dict(model=model, workload=workload, form=_named(mine), padding=mine["padding"], ms=mine["median_ms"],
-                         cosine=mine.get("min_cosine"), correct=mine["correct"],
+        rows.append(dict(model=model, workload=workload, form=_named(mine), padding=mine["padding"],
+                         ms=mine["median_ms"], cosine=mine.get("min_cosine"), correct=mine["correct"],
                          fastest=_versus(mine, best), fastest_matched=_versus(mine, matched)))
     return rows
 
@@ -142,7 +142,8 @@ def summary_rows(records: list[dict]) -> list[dict]:
 def _versus(mine: dict, peer: dict | None) -> dict | None:
     if peer is None:
         return None
-    return dict(contender=_named(peer), ms=peer["median_ms"], cosine=peer.get("min_cosine"), speedup=peer["median_ms"] / mine["median_ms"],
+    return dict(contender=_named(peer), ms=peer["median_ms"], cosine=peer.get("min_cosine"),
+                speedup=peer["median_ms"] / mine["median_ms"],
                 cosine_no_worse=(mine.get("min_cosine") or -1.0) >= (peer.get("min_cosine") or -1.0))
 
 
@@ -159,7 +160,8 @@ def summary_table(records: list[dict]) -> str:
     rows = [[r["model"], r["workload"], f"{r['padding']:.0%}", r["form"], f"{r['ms']:.1f}", cosine_cell(r["cosine"]),
              *cells(r["fastest"]), "yes" if r["fastest"] and r["fastest"]["cosine_no_worse"] else "no",
              *cells(r["fastest_matched"])] for r in summary_rows(records)]
-    return table(["model", "workload", "pad", "attnfuse's fastest int8", "ms", "its min cos", "fastest int8 peer", "ms", "min cos",
+    return table(["model", "workload", "pad", "attnfuse's fastest int8", "ms", "its min cos", "fastest int8 peer", "ms",
+                  "min cos",
                   "speedup", "cos no worse", "fastest int8 peer attnfuse's cos matches", "ms", "min cos", "speedup"],
                  rows)
 

@@ -241,14 +241,12 @@ def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None]
     as the OpenVINO peer is."""
     import attnfuse
 
-    names = [attnfuse_on_openvino(precision, quantize) for precision in _openvino_precisions()]
-
-    def build():
+    def build(precision: str):
         result = attnfuse.optimize_onnx(str(spec.exported(dynamo=True, attention="sdpa")), target="openvino",
-                                        precision=_openvino_precisions()[-1], quantize=quantize)
+                                        precision=precision, quantize=quantize)
         return result.proto, f"{result.report.attention_fused}/{result.report.attention_total}"
     step(f"{spec.name}: attnfuse{' ' + quantize if quantize else ''} for OpenVINO")
-    return _on_openvino(names, build, threads, quantize)
+    return _on_openvino(lambda precision: attnfuse_on_openvino(precision, quantize), build, threads, quantize)
 
 
 def openvino_int8(spec: ModelSpec, threads: int, step: Callable[[str], None]) -> list[Contender]:
@@ -257,47 +255,39 @@ def openvino_int8(spec: ModelSpec, threads: int, step: Callable[[str], None]) ->
     from attnfuse.optimizer.quantize import weights_int8
     from attnfuse.passes.onnx import standard
 
-    names = [openvino_int8_name(precision) for precision in _openvino_precisions()]
-
-    def build():
+    def build(_precision: str):
         export = io.load_model(str(spec.exported(dynamo=True, attention="sdpa")))
         return io.to_proto(weights_int8(io.with_opset(export, standard.OPSET), block=None)), None
     step(f"{spec.name}: OpenVINO int8")
-    return _on_openvino(names, build, threads, "int8", peer=True)
+    return _on_openvino(openvino_int8_name, build, threads, "int8", peer=True)
 
 
 def openvino_int8_name(precision: str) -> str:
     return f"OpenVINO int8 {'f32' if precision == 'f32' else f'default ({precision})'}"
 
 
-def _openvino_precisions() -> tuple[str, ...]:
-    """f32, and bf16 where this CPU computes it natively."""
-    from attnfuse.optimizer import openvino_run
-
-    return ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
-
-
-def _on_openvino(names: list[str], build: Callable, threads: int, quantize: str | None, peer: bool = False
-                 ) -> list[Contender]:
-    """A contender per name (one per precision of _openvino_precisions) and performance hint, running the ONNX
-    model `build()` gives (with its attention count) in OpenVINO; the reason in each where it cannot."""
+def _on_openvino(name_of: Callable[[str], str], build: Callable, threads: int, quantize: str | None,
+                 peer: bool = False) -> list[Contender]:
+    """A contender per precision this CPU computes in (f32, and bf16 where it is native) and performance hint,
+    named `name_of(precision)`, running in OpenVINO the ONNX model `build(the highest precision)` gives (with its
+    attention count); the reason in each where it cannot."""
     from attnfuse.models._export import quiet
     from attnfuse.models.peers import describe_error
     from attnfuse.optimizer import openvino_run
 
+    precisions = ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
     if not openvino_run.installed():
-        return [Contender(name, error=NOT_INSTALLED, precision=quantize, peer=peer) for name in names]
+        return [Contender(name_of(p), error=NOT_INSTALLED, precision=quantize, peer=peer) for p in precisions]
     try:
         with quiet():
-            proto, fused = build()
+            proto, fused = build(precisions[-1])
             import openvino as ov
 
             model = ov.Core().read_model(proto.SerializeToString(), b"")
-            runners = openvino_runners(model, threads, _openvino_precisions())
+            runners = openvino_runners(model, threads, precisions)
     except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
-        return [Contender(name, error=describe_error(error), precision=quantize, peer=peer) for name in names]
-    named = dict(zip(_openvino_precisions(), names))
-    return [Contender(named[forced], run, attention=fused, precision=quantize or precision, setting=hint, peer=peer)
+        return [Contender(name_of(p), error=describe_error(error), precision=quantize, peer=peer) for p in precisions]
+    return [Contender(name_of(forced), run, attention=fused, precision=quantize or precision, setting=hint, peer=peer)
             for forced, precision, hint, run in runners]
 
 

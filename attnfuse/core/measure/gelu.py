@@ -10,8 +10,8 @@ import math
 
 import numpy as np
 
+from attnfuse.core.measure.activation import POINTS, closeness
 from attnfuse.core.text_enum import TextEnum
-from attnfuse.core import tolerance
 
 
 class Approximation(TextEnum):
@@ -21,7 +21,6 @@ class Approximation(TextEnum):
     TANH = "tanh"  # 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
 
 
-POINTS = np.linspace(-6.0, 6.0, 97)
 _REFERENCE = {
     Approximation.EXACT: np.array([0.5 * x * (1 + math.erf(x / math.sqrt(2))) for x in POINTS]),
     Approximation.TANH: np.array([0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
@@ -29,19 +28,13 @@ _REFERENCE = {
 }
 
 
-def points(dtype) -> np.ndarray:
-    """Where to evaluate a candidate region, in the dtype of its input."""
-    return POINTS.astype(dtype)
-
-
 def which(got: np.ndarray | None, dtype) -> Approximation | None:
     """The gelu whose values on `points(dtype)` are `got`, to the precision of `dtype`; None for none."""
     if got is None or got.shape != POINTS.shape:
         return None
-    dtype = np.dtype(dtype)
-    closeness = 1e-5 if dtype.itemsize >= 4 else tolerance.tolerance(dtype)
     values = got.astype(np.float64)
     # In float16 the two gelus differ by less than a rounding step at some points: the one the
     # region is closest to on average is the one it computes.
     kind = min(_REFERENCE, key=lambda k: np.mean(np.abs(values - _REFERENCE[k])))
-    return kind if np.allclose(values, _REFERENCE[kind], rtol=closeness, atol=closeness) else None
+    close = closeness(dtype)
+    return kind if np.allclose(values, _REFERENCE[kind], rtol=close, atol=close) else None

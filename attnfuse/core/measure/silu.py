@@ -9,15 +9,10 @@ from __future__ import annotations
 import numpy as np
 
 from attnfuse.core import tolerance
+from attnfuse.core.measure.activation import POINTS, closeness, points
 from attnfuse.core.measure.norms import floating
 
-POINTS = np.linspace(-6.0, 6.0, 97)
 _READ = (np.abs(POINTS) >= 0.5) & (np.abs(POINTS) <= 2.0)  # where y / x is far from 0 and 1 for alpha near 1
-
-
-def points(dtype) -> np.ndarray:
-    """Where to evaluate a candidate region, in the dtype of its input."""
-    return POINTS.astype(dtype)
 
 
 def alpha(got: np.ndarray | None, dtype) -> float | None:
@@ -32,8 +27,8 @@ def alpha(got: np.ndarray | None, dtype) -> float | None:
             return None
         measured = float(np.median(np.log(ratio / (1 - ratio)) / x[_READ]))
         expected = x / (1 + np.exp(-measured * x))
-    closeness = 1e-5 if np.dtype(dtype).itemsize >= 4 else tolerance.tolerance(dtype)
-    return measured if np.allclose(y, expected, rtol=closeness, atol=closeness) else None
+    close = closeness(dtype)
+    return measured if np.allclose(y, expected, rtol=close, atol=close) else None
 
 
 def own_alpha(measured: float, constants: list[np.ndarray], dtype) -> float:

@@ -128,6 +128,12 @@ class Builder:
         self.nodes.append(node)
         return outputs[0] if num_outputs == 1 else outputs
 
+    def ops(self, op_type: str, inputs: Sequence[ir.Value | None], attributes: dict | None = None,
+            *, domain: str = "", num_outputs: int = 1, name: str | None = None) -> list[ir.Value]:
+        """`op`'s outputs as a list, however many there are."""
+        made = self.op(op_type, inputs, attributes, domain=domain, num_outputs=num_outputs, name=name)
+        return made if isinstance(made, list) else [made]
+
     def _for_opset(self, op_type: str, inputs: list, attributes: dict, version: int):
         """Rewrite the op's arguments in place for an older opset; or build it another way and
         return its output (None: build it as it is)."""

@@ -595,8 +595,8 @@ def _attend_packed(node: ir.Node, packer: Packer) -> None:
     packed = registry.PACKED_MULTI_HEAD_ATTENTION
     arguments = packed.arguments(query=q, key=k, value=v, bias=inputs.get("bias"), token_offset=packer.token_offsets,
                                  cumulative_sequence_length=packer.cumulative_lengths)
-    attributes = {name: a.value for name, a in node.attributes.items() if name in ("num_heads", "scale")}
-    out = b.op(packed.op_type, arguments, attributes, domain=packed.domain, name=f"{node.name}/packed")
+    heads_and_scale = {name: a for name, a in node.attributes.items() if name in ("num_heads", "scale")}
+    out = b.op(packed.op_type, arguments, heads_and_scale, domain=packed.domain, name=f"{node.name}/packed")
     _replace_attention(node, MHA, b, {"output": b.op("Unsqueeze", [out, token_dim])}, packer)
 
 
@@ -612,10 +612,10 @@ def _attend_cpu(node: ir.Node, packer: Packer) -> None:
     alternatives = {"then_branch": _per_sequence(node, form, packer, (q, k, v), outputs),
                     "else_branch": _on_padded_layout(node, form, packer, (q, k, v), outputs)}
     b = Builder(f"{NAME}/attention")
-    made = b.op("If", [_runs_per_sequence(b, packer, inputs.get("past_key"))],
-                {name: ir.AttrGraph(name, graph) for name, graph in alternatives.items()},
-                num_outputs=len(outputs), name=f"{node.name}/If")
-    _replace_attention(node, form, b, dict(zip(outputs, made if isinstance(made, list) else [made])), packer)
+    made = b.ops("If", [_runs_per_sequence(b, packer, inputs.get("past_key"))],
+                 {name: ir.AttrGraph(name, graph) for name, graph in alternatives.items()},
+                 num_outputs=len(outputs), name=f"{node.name}/If")
+    _replace_attention(node, form, b, dict(zip(outputs, made)), packer)
 
 
 def _read_outputs(node: ir.Node, form: registry.OnnxForm) -> list[str]:
@@ -676,14 +676,13 @@ def _per_sequence(node: ir.Node, form: registry.OnnxForm, packer: Packer, qkv: t
 def _one_sequence(b: Builder, node: ir.Node, form: registry.OnnxForm, q: ir.Value, k: ir.Value, v: ir.Value,
                   length: ir.Value) -> ir.Value:
     """The attention op on one sequence's rows (`length`: int64 [1]), without a mask or cache."""
-    attributes = {name: a.value for name, a in node.attributes.items()}
     if form is MHA:
         inputs = dict(query=q, key=k, value=v, bias=named_inputs(node, MHA).get("bias"))
     else:
         length = b.op("Cast", [length], {"to": ir.DataType.INT32})
         inputs = dict(query=q, key=k, value=v, seqlens_k=b.op("Sub", [length, b.const([1], np.int32)]),
                       total_sequence_length=b.op("Squeeze", [length, b.const([0], np.int64)]))
-    return b.op(form.op_type, form.arguments(**inputs), attributes, domain=form.domain,
+    return b.op(form.op_type, form.arguments(**inputs), dict(node.attributes), domain=form.domain,
                 name=f"{node.name}/one_sequence")
 
 
@@ -693,9 +692,8 @@ def _on_padded_layout(node: ir.Node, form: registry.OnnxForm, packer: Packer, qk
     b = Builder(f"{NAME}/attention")
     padded = {name: packer.restore(b, x, Form(TOKENS, 3)) for name, x in zip(_QKV, qkv)}
     arguments = form.arguments(**{**named_inputs(node, form), **padded})
-    made = b.op(form.op_type, arguments, {name: a.value for name, a in node.attributes.items()}, domain=form.domain,
-                num_outputs=max(form.output(name) for name in outputs) + 1, name=node.name)
-    made = made if isinstance(made, list) else [made]
+    made = b.ops(form.op_type, arguments, dict(node.attributes), domain=form.domain,
+                 num_outputs=max(form.output(name) for name in outputs) + 1, name=node.name)
     results = {name: made[form.output(name)] for name in outputs}
     results["output"] = packer.pack(b, results["output"], Form(TOKENS, 3))
     return ir.Graph([], [results[name] for name in outputs], nodes=_own(b.nodes), name=f"{node.name}/padded_layout")

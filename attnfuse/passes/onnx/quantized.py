@@ -107,5 +107,5 @@ def count_matmuls(nodes: list[ir.Node]) -> MatMulCount:
 
 def _dequantized_constant(value: ir.Value) -> bool:
     producer = value.producer()
-    return (producer is not None and is_qdq(quantized(producer)) and producer.op_type == DEQUANTIZE_LINEAR.op_type
+    return (producer is not None and producer.op_type == DEQUANTIZE_LINEAR.op_type and quantized(producer) is not None
             and producer.inputs[0] is not None and producer.inputs[0].const_value is not None)

@@ -50,9 +50,8 @@ class OnnxBuilder(Builder):
                 raise NoMatch(f"{form.op_type}'s {', '.join(n for n in wanted if n not in made)}: no standard spelling")
             return [made[name] for name in wanted] if outputs else made[wanted[0]]
         count = max(form.output(name) for name in wanted) + 1
-        made = self.op(form.op_type, form.arguments(**inputs), attributes, domain=form.domain,
-                       num_outputs=count, name=f"{self.prefix}/{form.op_type}")
-        made = made if isinstance(made, list) else [made]
+        made = self.ops(form.op_type, form.arguments(**inputs), attributes, domain=form.domain,
+                        num_outputs=count, name=f"{self.prefix}/{form.op_type}")
         picked = [made[form.output(name)] for name in wanted]
         return picked if outputs else picked[0]
 

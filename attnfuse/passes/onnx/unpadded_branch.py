@@ -54,10 +54,9 @@ def add(graph: ir.Graph, fused: ir.Graph, mask: ir.Value, read_positions: list[i
     if read_positions:
         read = b.op("Gather", [real, b.const(list(read_positions), np.int64)], {"axis": 1})
         fused_runs = b.op("Or", [fused_runs, b.op("Not", [_all(b, read)])])
-    outputs = b.op("If", [fused_runs], {"then_branch": ir.AttrGraph("then_branch", then_branch),
-                                  "else_branch": ir.AttrGraph("else_branch", else_branch)},
-                   num_outputs=len(names), name=f"{NAME}/If")
-    outputs = outputs if isinstance(outputs, list) else [outputs]
+    outputs = b.ops("If", [fused_runs], {"then_branch": ir.AttrGraph("then_branch", then_branch),
+                                   "else_branch": ir.AttrGraph("else_branch", else_branch)},
+                    num_outputs=len(names), name=f"{NAME}/If")
     for out, (name, dtype, shape) in zip(outputs, names):
         out.name, out.type, out.shape = name, dtype, shape
         graph.outputs.append(out)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from attnfuse.core import regions, registry
 from attnfuse.core.graph import Graph, Node, Op, Value, nodes_of
 from attnfuse.core.measure import gelu as measure
+from attnfuse.core.measure.activation import points
 from attnfuse.core.measure.gelu import Approximation
 from attnfuse.core.outcome import Fusion
 from attnfuse.core.rule import NoMatch, Replacement
@@ -83,7 +84,7 @@ def _which(region: list[Node], x: Value, y: Value, view: View) -> Approximation 
     """The region evaluated alone on points of x's dtype: which gelu it computes."""
     dtype = dtype_of(view, x)
     try:
-        (got,) = view.evaluate(region, [y], {x: measure.points(dtype)}, view.runs(x)[0])
+        (got,) = view.evaluate(region, [y], {x: points(dtype)}, view.runs(x)[0])
     except NoMatch:
         return None
     return measure.which(got, dtype)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from attnfuse.core import regions, registry
 from attnfuse.core.graph import Graph, Node, Op, Value, nodes_of
 from attnfuse.core.measure import silu as measure
+from attnfuse.core.measure.activation import points
 from attnfuse.core.outcome import Fusion
 from attnfuse.core.rule import NoMatch, Replacement
 from attnfuse.core.view import View, dtype_of
@@ -60,7 +61,7 @@ def _alpha(region: list[Node], x: Value, y: Value, graph: Graph, view: View) -> 
     computes, None if it computes none."""
     dtype = dtype_of(view, x)
     try:
-        (got,) = view.evaluate(region, [y], {x: measure.points(dtype)}, view.runs(x)[0])
+        (got,) = view.evaluate(region, [y], {x: points(dtype)}, view.runs(x)[0])
     except NoMatch:
         return None
     measured = measure.alpha(got, dtype)
