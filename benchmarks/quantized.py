@@ -15,8 +15,13 @@ quantized model from a wrong one. The figures of README "Quantized models".
    K, each run by OpenVINO at f32 and bf16 with its int8 activations (its default), and per channel with float
    activations (DYNAMIC_QUANTIZATION_GROUP_SIZE 0): median ms on the varlen and full batches (interleaved) and min
    cosine against torch's fp32. Needs OpenVINO (skipped without it, or with --no-openvino).
+4. A statically quantized model: S = quantize_static(export) as users call it (QDQ, int8 weights per channel,
+   uint8 activations, calibrated on 4 batches of the real text cut at other places than the measured batch),
+   and attnfuse's output for S (activation quantization kept only before the int8 MatMuls,
+   passes/onnx/activation_qdq.py): attention fused, median ms on the varlen and full batches (interleaved, ONNX
+   Runtime) and min cosine against torch's fp32.
 
-    python -m benchmarks.quantized [--repeats N] [--no-openvino]   (from the repository root)
+    python -m benchmarks.quantized [--repeats N] [--no-openvino] [--parts 1,2,3,4]   (from the repository root)
 """
 from __future__ import annotations
 
@@ -53,6 +58,21 @@ def per_graph(model: onnx.ModelProto) -> list[int]:
     return [count for count in counts if count]
 
 
+def on_the_bench_batches(runners: dict, repeats: int, label: str) -> None:
+    """Each runner's median ms on the bench's varlen and full batches (interleaved) and min sentence cosine
+    against torch's fp32, one line per batch."""
+    torch_model = minilm.load_torch("sdpa")
+    varlen = minilm.padded_batch(32, 128, seed=0)
+    for load, feeds in {"varlen": varlen, "full": with_lengths(varlen, np.full(32, 128), 128)}.items():
+        cosine = sentence_cosine(feeds["attention_mask"])
+        expected = torch_runner(torch_model)(feeds)
+        cosines = {name: cosine(run(feeds), expected) for name, run in runners.items()}
+        medians = interleaved_medians({name: (lambda run=run: run(feeds)) for name, run in runners.items()}, repeats,
+                                      warmup=2, desc=f"{label}, {load}")
+        print(f"{label}, {load}: " + "; ".join(
+            f"{name} {medians[name] * 1e3:.0f} ms, min cosine {cosines[name]:.5f}" for name in runners))
+
+
 def quantize_point(export: str, repeats: int) -> None:
     a, a_seconds = timed(lambda: attnfuse.optimize_onnx(export, quantize="int8").proto)
     fp32, fp32_seconds = timed(lambda: attnfuse.optimize_onnx(export).proto)
@@ -66,18 +86,7 @@ def quantize_point(export: str, repeats: int) -> None:
           f"{b_seconds:.1f} s, and {original_seconds:.1f} s more to quantize the original its check would compare with")
     print(f"A and B write the same ops: {sorted(op_types(a)) == sorted(op_types(b))}")
     models = {"A": a, "B": b, "A per tensor": per_tensor}
-    torch_model = minilm.load_torch("sdpa")
-    varlen = minilm.padded_batch(32, 128, seed=0)
-    loads = {"varlen": varlen, "full": with_lengths(varlen, np.full(32, 128), 128)}
-    runners = {name: ort_runner(model, 2) for name, model in models.items()}
-    for load, feeds in loads.items():
-        cosine = sentence_cosine(feeds["attention_mask"])
-        expected = torch_runner(torch_model)(feeds)
-        cosines = {name: cosine(run(feeds), expected) for name, run in runners.items()}
-        medians = interleaved_medians({name: (lambda run=run: run(feeds)) for name, run in runners.items()}, repeats,
-                                      warmup=2, desc=load)
-        print(f"{load}: " + "; ".join(f"{name} {medians[name] * 1e3:.0f} ms, min cosine {cosines[name]:.5f}"
-                                      for name in models))
+    on_the_bench_batches({name: ort_runner(model, 2) for name, model in models.items()}, repeats, "quantize point")
 
 
 def openvino_blocks(export: str, repeats: int) -> None:
@@ -99,16 +108,34 @@ def openvino_blocks(export: str, repeats: int) -> None:
     compiled = core.compile_model(core.read_model(models["per channel"], b""), "CPU", {
         "INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})
     runners["per channel, f32, float activations"] = openvino_latency_runner(compiled)
-    torch_model = minilm.load_torch("sdpa")
-    varlen = minilm.padded_batch(32, 128, seed=0)
-    for load, feeds in {"varlen": varlen, "full": with_lengths(varlen, np.full(32, 128), 128)}.items():
-        cosine = sentence_cosine(feeds["attention_mask"])
-        expected = torch_runner(torch_model)(feeds)
-        cosines = {name: cosine(run(feeds), expected) for name, run in runners.items()}
-        medians = interleaved_medians({name: (lambda run=run: run(feeds)) for name, run in runners.items()}, repeats,
-                                      warmup=2, desc=f"OpenVINO int8, {load}")
-        print(f"OpenVINO int8 weights, {load}: " + "; ".join(
-            f"{name} {medians[name] * 1e3:.0f} ms, min cosine {cosines[name]:.5f}" for name in runners))
+    on_the_bench_batches(runners, repeats, "OpenVINO int8 weights")
+
+
+def static_qdq(export: str, repeats: int) -> None:
+    import logging
+    import tempfile
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Text(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([minilm.padded_batch(16, 128, seed=seed) for seed in range(1, 5)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "static.onnx")
+        logging.disable(logging.WARNING)  # its advice to pre-process
+        quantize_static(export, path, Text(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        logging.disable(logging.NOTSET)
+        result = attnfuse.optimize_onnx(path, reference=export)
+        models = {"quantize_static": onnx.load(path), "attnfuse": result.proto}
+    report = result.report
+    print(f"static QDQ: attention fused {report.attention_fused}/{report.attention_total}, fused ops "
+          f"{report.fused_ops}, quantized MatMuls {report.quantized_matmuls}; {report.verify.message}")
+    on_the_bench_batches({name: ort_runner(model, 2) for name, model in models.items()}, repeats, "static QDQ")
 
 
 def op_types(model: onnx.ModelProto) -> list[str]:
@@ -158,16 +185,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--no-openvino", action="store_true", help="skip part 3")
+    parser.add_argument("--parts", default="1,2,3,4", help="the parts to run, e.g. 4")
     args = parser.parse_args()
+    parts = {int(part) for part in args.parts.split(",")}
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     export = str(minilm.exported(dynamo=True, attention="sdpa"))
     print(os.popen("uptime").read().strip())
-    quantize_point(export, args.repeats)
-    verification(export)
+    if 1 in parts:
+        quantize_point(export, args.repeats)
+    if 2 in parts:
+        verification(export)
     from attnfuse.optimizer import openvino_run
 
-    if openvino_run.installed() and not args.no_openvino:
+    if 3 in parts and openvino_run.installed() and not args.no_openvino:
         openvino_blocks(export, args.repeats)
+    if 4 in parts:
+        static_qdq(export, args.repeats)
     print(os.popen("uptime").read().strip())
 
 

@@ -501,13 +501,14 @@ def make_model(g: GraphBuilder, name: str, inputs: list, outputs: list, domains:
     return helper.make_model(graph, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets[:1]))
 
 
-def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model in float16, inputs and outputs included, converted the way users convert."""
+def to_float16(model: onnx.ModelProto, keep_io_types: bool = False) -> onnx.ModelProto:
+    """The model in float16, inputs and outputs included (float32 with `keep_io_types`), converted the way
+    users convert."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with warnings.catch_warnings():  # it warns of every constant it clips to float16's range (-inf, finfo.min)
         warnings.simplefilter("ignore")
-        return convert_float_to_float16(model, keep_io_types=False)
+        return convert_float_to_float16(model, keep_io_types=keep_io_types)
 
 
 # The spelling the negative graphs start from: several heads (with one head, merging

@@ -403,3 +403,11 @@ def test_float16_conversions_of_the_zoo_are_fused_and_equal(case):
         assert_same_outputs(run(model, batch.feeds), got, batch, TOLERANCE["float16"])
     assert TOLERANCE["float32"] < report.verify.tolerance <= TOLERANCE["float16"]
     assert report.to_dict()["status"] == "ok"
+
+
+def test_a_float16_model_with_float32_inputs_and_outputs_is_verified_at_float16s_tolerance():
+    """keep_io_types: float32 in and out, float16 inside: the model computes in float16, and is judged so."""
+    model = to_float16(onnx.load(zoo.exported(zoo.ZooCase("bert", "dynamo", "eager"))), keep_io_types=True)
+    report = attnfuse.optimize_onnx(model).report
+    assert report.attention_fused == report.attention_total == 2
+    assert report.verify.ok and TOLERANCE["float32"] < report.verify.tolerance <= TOLERANCE["float16"]

@@ -150,3 +150,57 @@ def test_row_lengths_pad_a_batch_of_one():
     assert row_lengths(3, 12, rng)[:2] == [12, 1]
     assert all(0 < length < 7 for length in (row_lengths(1, 7, rng)[0] for _ in range(20)))
     assert min(row_lengths(4, 9, rng, at_least=5)) >= 5
+
+
+def genai_style_decoder():
+    """onnxruntime-genai's builder's shape of a decoder: q, k and v packed into one MatMul feeding
+    GroupQueryAttention with its cache; the caches' head size left open ("kv_cache_dim")."""
+    rng = np.random.default_rng(0)
+    heads, kv_heads, head = 2, 1, 8
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name) for name, shape in
+               (("table", (VOCAB, HIDDEN)), ("qkv", (HIDDEN, (heads + 2 * kv_heads) * head)), ("head", (HIDDEN, VOCAB)))]
+    weights += [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in (("one", [1]), ("axis", [1]))]
+    cache = ["batch_size", kv_heads, "past_sequence_length", "kv_cache_dim"]
+    present = ["batch_size", kv_heads, "total_sequence_length", "kv_cache_dim"]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["x"]),
+        helper.make_node("MatMul", ["x", "qkv"], ["packed"]),
+        helper.make_node("ReduceSum", ["attention_mask", "axis"], ["lengths"], keepdims=0),
+        helper.make_node("Sub", ["lengths", "one"], ["last"]),
+        helper.make_node("Cast", ["last"], ["seqlens_k"], to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["mask_shape"]),
+        helper.make_node("Gather", ["mask_shape", "one"], ["total"], axis=0),
+        helper.make_node("Squeeze", ["total"], ["total_scalar"]),
+        helper.make_node("Cast", ["total_scalar"], ["total_sequence_length"], to=TensorProto.INT32),
+        helper.make_node("GroupQueryAttention", ["packed", "", "", "past_key_values.0.key", "past_key_values.0.value",
+                                                 "seqlens_k", "total_sequence_length"],
+                         ["attended", "present.0.key", "present.0.value"], domain="com.microsoft",
+                         num_heads=heads, kv_num_heads=kv_heads),
+        helper.make_node("MatMul", ["attended", "head"], ["logits"]),
+    ]
+    inputs = [tensor("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              tensor("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+              tensor("past_key_values.0.key", TensorProto.FLOAT, cache),
+              tensor("past_key_values.0.value", TensorProto.FLOAT, cache)]
+    outputs = [tensor("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", VOCAB]),
+               tensor("present.0.key", TensorProto.FLOAT, present), tensor("present.0.value", TensorProto.FLOAT, present)]
+    model = helper.make_model(helper.make_graph(nodes, "genai", inputs, outputs, weights),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return load_model(model)
+
+
+def test_an_open_cache_head_size_is_read_from_the_attention_that_reads_the_cache():
+    roles = {role.name: role for role in read_roles(genai_style_decoder())}
+    assert roles["past_key_values.0.key"].dims[3].size == 8  # 32 packed columns over 2 + 2 x 1 heads
+
+
+def test_a_decoder_that_continues_prompts_one_row_at_a_time_is_probed_and_verified():
+    """GroupQueryAttention takes several new tokens after a past only for a batch of one: the probe
+    continues a prompt so, and the model is optimized and verified."""
+    import attnfuse
+
+    from attnfuse.optimizer.io import to_proto
+
+    report = attnfuse.optimize_onnx(to_proto(genai_style_decoder())).report
+    assert report.attention_total == report.attention_fused == 1
+    assert report.verify.ok and report.verify.max_rel_error == 0

@@ -3,6 +3,7 @@ quantizers here, then fused, run padding-free and verified by their twins (optim
 `--quantize` quantizing as the export quantizes; a wrong rewrite of a quantized model rolled back."""
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -47,6 +48,33 @@ def quantize_dynamic(source: str, target: Path, **options) -> str:
     logging.disable(logging.WARNING)  # its advice to pre-process, at every call
     try:
         ort_quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True, **options)
+    finally:
+        logging.disable(logging.NOTSET)
+    return str(target)
+
+
+def quantize_static(source: str, target: Path, quant_format: str) -> str:
+    """quantize_static as its users call it (QDQ or QOperator; int8 weights per channel for QDQ),
+    calibrated on the zoo model's own check-like inputs."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType
+    from onnxruntime.quantization import quantize_static as ort_quantize_static
+
+    from attnfuse.optimizer.inputs import make_inputs
+
+    model = ir.load(source)
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([make_inputs(model, 4, 16, seed).feeds for seed in range(2)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    logging.disable(logging.WARNING)
+    try:
+        ort_quantize_static(source, target, Batches(), quant_format=QuantFormat[quant_format],
+                            per_channel=quant_format == "QDQ", activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QInt8)
     finally:
         logging.disable(logging.NOTSET)
     return str(target)
@@ -102,6 +130,40 @@ def test_int8_bert_is_fused_run_padding_free_and_verified_by_its_twin(bert, tmp_
     assert len(readers) == 8 and not any(node.inputs[0].name.startswith(f"{padding_free.NAME}/restore")
                                          for node in readers)
     assert ops_per_graph(result.model)[2]["MatMulInteger"] == 12
+
+
+def test_a_statically_quantized_bert_keeps_activation_quantization_only_before_its_int8_matmuls(bert, tmp_path):
+    """quantize_static (QDQ) quantizes nearly every activation: attention's scores and probabilities, the
+    residual sums. attnfuse reads those in float (passes/onnx/activation_qdq.py), fuses as in the float
+    model, and the twins prove the rest: 12 int8 MatMuls, each its activation's only QuantizeLinear."""
+    qdq = quantize_static(bert, tmp_path / "qdq.onnx", "QDQ")
+    result = optimize_onnx(qdq, reference=bert)
+    report, plain = result.report, optimize_onnx(bert).report
+    assert report.attention_fused == report.attention_total == 2
+    assert report.fused_ops == plain.fused_ops
+    assert fused(report)[padding_free.NAME] and fused(report)[unpadded_branch.NAME]
+    verify = report.verify
+    assert verify.ok and verify.check is Check.TWIN and verify.max_rel_error <= 1e-4
+    quantized_original, fp32 = verify.against
+    assert quantized_original.max_rel_error <= quantized_original.bound
+    assert report.quantized_matmuls == 12 and report.float_matmuls == 0
+    for branch in the_branches(result.model).values():
+        ops = Counter(node.op_type for node in branch)
+        assert ops["QuantizeLinear"] <= 12 and ops["MatMul"] == 12
+        weights = [node.inputs[1].producer() for node in branch if node.op_type == "MatMul"]
+        assert all(node.op_type == "DequantizeLinear" and node.inputs[0].graph is branch  # ORT needs them local
+                   for node in weights)
+    outputs = ort.InferenceSession(result.proto.SerializeToString(), providers=["CPUExecutionProvider"]).get_outputs()
+    assert [o.name for o in outputs] == [o.name for o in ir.load(qdq).graph.outputs]
+
+
+def test_a_qoperator_model_runs_padding_free_and_is_verified_exactly(bert, tmp_path):
+    """quantize_static's QOperator format (QLinearMatMul, QLinearAdd, ...): nothing to fuse in float, and the
+    QLinear ops' int8 outputs keep the types ONNX Runtime infers for them."""
+    qop = quantize_static(bert, tmp_path / "qop.onnx", "QOperator")
+    assert main(["optimize", qop, "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verify"]["ok"] and report["verify"]["max_rel_error"] <= 1e-4
 
 
 @pytest.mark.parametrize("bits", ["int8", "int4"])

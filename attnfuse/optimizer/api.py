@@ -27,6 +27,7 @@ from attnfuse.optimizer.report import Report, VerifyResult, count_fused_ops, ops
 from attnfuse.optimizer.rollback import mark_rolled_back, rewrites, roll_back
 from attnfuse.optimizer.verify import Verifier, check_inputs, providers
 from attnfuse.passes.onnx import PassResult, prepare, run_passes, standard
+from attnfuse.passes.onnx.activation_qdq import float_reads
 
 ModelSource = str | os.PathLike | onnx.ModelProto
 Progress = Callable[[str], None]
@@ -114,6 +115,7 @@ def optimize_onnx(
         attempt.verify_precision = verifier.check(attempt.model, config.precision, config.int8_activations)
     rolled_back = mark_rolled_back(attempt.passes.applied, culprits, first.passes.applied)
     report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
+    report.float_activation_reads = len(float_reads(original))
     for check in (report.verify, report.verify_precision):
         if check is not None and not check.ok and not config.force:
             raise VerificationError(f"verification failed: {check.message}", report)
@@ -125,9 +127,12 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     config = make_config(config, overrides)
     start = time.perf_counter()
     options = config.pass_options()
-    prepared = prepared_for(io.load_model(model), options)
+    original = io.load_model(model)
+    prepared = prepared_for(original, options)
     attempt = _Rewriter(prepared, capture(prepared, config))(options)
-    return _report(model, config, attempt, [], time.perf_counter() - start)
+    report = _report(model, config, attempt, [], time.perf_counter() - start)
+    report.float_activation_reads = len(float_reads(original))
+    return report
 
 
 def prepared_for(original: ir.Model, options: PassOptions) -> ir.Model:

@@ -155,7 +155,47 @@ def _role(model: ir.Model, value: ir.Value, has_cache: bool) -> InputRole:
     dims = None if shape is None else tuple(_dim(d, axis, shape, role, name, has_cache) for axis, d in enumerate(shape))
     if role == PIXELS and dims is not None:
         dims = _image_dims(value, dims)
+    if role == CACHE and dims is not None and len(dims) == 4 and dims[3].size is None and dims[3].quantity is None:
+        head = _head_size(value)
+        dims = dims if head is None else (*dims[:3], Dim(size=head, symbol=dims[3].symbol))
     return InputRole(value.name, role, dtype, dims, rows, width)
+
+
+def _head_size(cache: ir.Value) -> int | None:
+    """The head size of a [B, H, P, D] cache whose D the graph leaves open (onnxruntime-genai's
+    "kv_cache_dim"), from the fused attention that reads it: its query's width over its heads, the
+    query packed with the keys and values (no key input) counting kv_num_heads twice more."""
+    for node, _ in cache.uses():
+        heads = node.attributes.get("num_heads")
+        if heads is None or node.op_type not in ("GroupQueryAttention", "MultiHeadAttention") or not node.inputs:
+            continue
+        kv_heads = node.attributes.get("kv_num_heads")
+        packed = len(node.inputs) < 2 or node.inputs[1] is None
+        parts = heads.value + (2 * (kv_heads.value if kv_heads is not None else heads.value) if packed else 0)
+        width = _width(node.inputs[0])
+        if width is not None and width % parts == 0:
+            return width // parts
+    return None
+
+
+def _width(value: ir.Value | None, depth: int = 3) -> int | None:
+    """The static last dim of a projection's output: its recorded shape, its MatMul weight's columns,
+    MatMulNBits' N; through a bias Add."""
+    if value is None:
+        return None
+    if value.shape is not None and len(value.shape) and isinstance(value.shape[-1], int):
+        return value.shape[-1]
+    node = value.producer()
+    if node is None or depth == 0:
+        return None
+    if node.op_type == "MatMulNBits" and "N" in node.attributes:
+        return node.attributes["N"].value
+    if node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None \
+            and node.inputs[1].shape is not None and isinstance(node.inputs[1].shape[-1], int):
+        return node.inputs[1].shape[-1]
+    if node.op_type == "Add":
+        return next((w for w in (_width(x, depth - 1) for x in node.inputs) if w is not None), None)
+    return None
 
 
 def _cache_kind(value: ir.Value) -> str | None:

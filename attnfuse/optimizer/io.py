@@ -15,7 +15,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -365,11 +365,12 @@ def session(
     providers: Sequence[str] = ("CPUExecutionProvider",),
     extra_outputs: Iterable[str] | None = None,
     optimize: bool = True,
+    config: Mapping[str, str] | None = None,
 ) -> ort.InferenceSession:
     """An ONNX Runtime session for `model`, which is left unchanged.
 
     `extra_outputs` names values of the main graph to return besides the outputs;
-    `optimize=False` turns ONNX Runtime's own graph optimizations off.
+    `optimize=False` turns ONNX Runtime's own graph optimizations off; `config`: session config entries.
 
     A model with external data, or a large one, is never written anywhere: see `_session_in_place`.
     """
@@ -378,6 +379,9 @@ def session(
     options = ort.SessionOptions()
     # Threads that spin after a run take the cores the next session (or the next evaluation) needs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 4  # what ONNX Runtime logs of a run attnfuse checks, it reports itself, in one line
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not needs_external_data(model):

@@ -101,6 +101,9 @@ class Report:
     # MatMuls with a constant weight on the path a padded batch runs: quantized ones, and those left in float
     quantized_matmuls: int = 0
     float_matmuls: int = 0
+    # Reads of a statically quantized activation that read it in float, where no int8 MatMul uses it
+    # (passes/onnx/activation_qdq.py)
+    float_activation_reads: int = 0
     verify: VerifyResult | None = None
     verify_precision: VerifyResult | None = None  # the check at the user's precision, where it is not float32
     rolled_back: list[str] = field(default_factory=list)
@@ -130,6 +133,7 @@ class Report:
             "quantize": self.quantize,
             "quantized_matmuls": self.quantized_matmuls,
             "float_matmuls": self.float_matmuls,
+            "float_activation_reads": self.float_activation_reads,
             "fusions": [f.summary() for f in self.fusions],
             "verify": self.verify.to_dict() if self.verify else None,
             "verify_precision": self.verify_precision.to_dict() if self.verify_precision else None,

@@ -24,6 +24,9 @@ from attnfuse.passes.onnx.graph import Builder, constant, named_inputs, replace_
 
 NAME = "twin"
 FLOAT = ir.DataType.FLOAT
+# ONNX Runtime runs DequantizeLinear(int8 weight) -> MatMul as MatMulNBits, by default at accuracy_level 4:
+# activations quantized inside. A twin's session keeps them float.
+SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
 def twin(model: ir.Model) -> ir.Model | None:

@@ -18,6 +18,7 @@ from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.report import Against, Baseline, Check, VerifyResult
+from attnfuse.optimizer import twin as twins
 from attnfuse.optimizer.twin import twin
 from attnfuse.core import tolerance as precision_tolerance
 from attnfuse.core.options import PassOptions, Target
@@ -121,9 +122,22 @@ def check_inputs(model: ir.Model, probe: Any, seed: int = 0, target: Target = Ta
 
 
 def model_tolerance(model: ir.Model) -> float:
-    """The default tolerance (core/tolerance.py) of the model's least precise float output."""
-    return precision_tolerance.least_precise(out.dtype.numpy() for out in model.graph.outputs
-                                             if out.dtype is not None and out.dtype.is_floating_point())
+    """The default tolerance (core/tolerance.py) of the least precise float the model computes in: its
+    outputs', its weights', and what it casts to (a float16 model with float32 inputs and outputs, as
+    onnxconverter's keep_io_types writes it, computes in float16)."""
+    return precision_tolerance.least_precise(dtype.numpy() for dtype in _float_dtypes(model))
+
+
+def _float_dtypes(model: ir.Model):
+    for graph in model.graphs():
+        for value in (*graph.outputs, *graph.initializers.values()):
+            if value.dtype is not None and value.dtype.is_floating_point():
+                yield value.dtype
+        for node in graph:
+            if node.op_type == "Cast" and node.domain in ("", "ai.onnx") and "to" in node.attributes:
+                dtype = ir.DataType(node.attributes["to"].value)
+                if dtype.is_floating_point():
+                    yield dtype
 
 
 def judge(max_abs: float, max_rel: float, tolerance: float, inputs: list[dict[str, Any]], message: str = "",
@@ -184,7 +198,7 @@ class Verifier:
             self.cases.append(self._case(inputs, {**inputs.feeds, **values}))
             self.inputs_list.append(inputs)
         self.twin = twin(original)
-        self.twin_references = self._ort_outputs(self.twin) if self.twin is not None else None
+        self.twin_references = self._ort_outputs(self.twin, twins.SESSION_CONFIG) if self.twin is not None else None
         self.fp32 = self._reference_outputs(reference) if reference is not None else None
 
     def _case(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> str:
@@ -193,14 +207,14 @@ class Verifier:
                  for node, cond in self.branches.items() if cond in values]
         return "; ".join([inputs.case, *taken])
 
-    def _outputs(self, candidate: ir.Model, precision: str = "f32", int8_activations: bool = False
-                 ) -> list[dict[str, np.ndarray]]:
+    def _outputs(self, candidate: ir.Model, precision: str = "f32", int8_activations: bool = False,
+                 is_twin: bool = False) -> list[dict[str, np.ndarray]]:
         """The candidate's outputs on every check set, run where the target runs it (OpenVINO: at `precision`,
         quantizing activations with `int8_activations`)."""
         if self.target == Target.OPENVINO:
             return openvino_run.run(candidate, [inputs.feeds for inputs in self.inputs_list], precision,
                                     int8_activations)
-        return self._ort_outputs(candidate)
+        return self._ort_outputs(candidate, twins.SESSION_CONFIG if is_twin else None)
 
     def _own_error(self, precision: str, int8_activations: bool) -> float:
         """The original's own largest relative error when the target's runtime computes it below float32 (at
@@ -218,9 +232,9 @@ class Verifier:
                 self._own_errors[key] = 0.0
         return self._own_errors[key]
 
-    def _ort_outputs(self, model: ir.Model) -> list[dict[str, np.ndarray]]:
+    def _ort_outputs(self, model: ir.Model, config: dict[str, str] | None = None) -> list[dict[str, np.ndarray]]:
         """The model's outputs on every check set, in ONNX Runtime (where the original runs)."""
-        runner = session(model, self.providers)
+        runner = session(model, self.providers, config=config)
         return [dict(zip(self.output_names, runner.run(self.output_names, inputs.feeds)))
                 for inputs in self.inputs_list]
 
@@ -247,7 +261,7 @@ class Verifier:
         weights), at their tolerance."""
         try:
             results = self._outputs(candidate, precision, int8_activations)
-            twins = self._outputs(twin(candidate) or candidate, precision) if self.twin is not None else None
+            twins = self._outputs(twin(candidate) or candidate, precision, is_twin=True) if self.twin is not None else None
         except Exception as e:  # a rewrite that does not even run fails verification
             return self._result([], message=f"the optimized model does not run: {first_line(e)}")
         judged, references = (twins, self.twin_references) if twins is not None else (results, self.references)

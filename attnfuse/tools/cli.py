@@ -223,6 +223,9 @@ def _summary(report: Report, output: str) -> str:
         checked += "".join(f"; {other.describe()}" for other in verify.against)
     quantized = [f"quantized MatMuls: {report.quantized_matmuls} ({report.quantize or 'as given'}), "
                  f"{report.float_matmuls} with float weights"] if report.quantized_matmuls else []
+    if report.float_activation_reads:
+        quantized.append(f"static quantization: kept on the int8 MatMuls' activations; "
+                         f"{report.float_activation_reads} other reads of a quantized activation read it in float")
     lines = [
         f"attention fused: {report.attention_fused}/{report.attention_total}",
         f"fused ops: {ops}",

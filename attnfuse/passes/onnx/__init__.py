@@ -15,6 +15,7 @@ from attnfuse.core.driver import Applied, Candidate
 from attnfuse.core.options import PassOptions, Target
 from attnfuse.core.outcome import AttentionSite, CacheKind, Fusion
 from attnfuse.passes.onnx import padding_free, unpadded_branch
+from attnfuse.passes.onnx.activation_qdq import float_outside_quantized_matmuls
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.graph import (
@@ -53,10 +54,13 @@ class InputNames(Protocol):
 
 
 def prepare(model: ir.Model) -> ir.Model:
-    """The model in the spellings the matchers know (Einsum as MatMul), before it is probed; the
-    model itself when nothing changes. A copy shares the weights."""
+    """The model in the spellings the matchers know (Einsum as MatMul; static activation quantization
+    only where an int8 MatMul reads it), before it is probed; the model itself when nothing changes.
+    A copy shares the weights."""
     copy = model.clone()
-    return copy if lower_einsums(copy) else model
+    changed = lower_einsums(copy)
+    changed += float_outside_quantized_matmuls(copy)
+    return copy if changed else model
 
 
 def run_passes(model: ir.Model, probe: Probe, options: PassOptions, excluded: Collection[Candidate] = ()) -> PassResult:

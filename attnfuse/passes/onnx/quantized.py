@@ -100,12 +100,12 @@ def count_matmuls(nodes: list[ir.Node]) -> MatMulCount:
     float_matmuls = [node for node in nodes if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm")
                      and len(node.inputs) > 1 and node.inputs[1] is not None]
     # A weight dequantized from a constant (QDQ, or attnfuse's int8 weights for OpenVINO) is a quantized weight.
-    quantized_ops.update(node.op_type for node in float_matmuls if _dequantized_constant(node.inputs[1]))
+    quantized_ops.update(node.op_type for node in float_matmuls if dequantized_constant(node.inputs[1]))
     left = sum(1 for node in float_matmuls if node.inputs[1].is_initializer())
     return MatMulCount(dict(quantized_ops), left)
 
 
-def _dequantized_constant(value: ir.Value) -> bool:
+def dequantized_constant(value: ir.Value) -> bool:
     producer = value.producer()
     return (producer is not None and producer.op_type == DEQUANTIZE_LINEAR.op_type and quantized(producer) is not None
             and producer.inputs[0] is not None and producer.inputs[0].const_value is not None)

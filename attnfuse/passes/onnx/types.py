@@ -4,8 +4,8 @@ ONNX Runtime infers what a file leaves out, but tools that read the file do not:
 writes the Cast after each MatMulInteger with the MatMul output's recorded type, and inside If
 branches (where padding-free puts every MatMul) an untyped output gave `Cast(to=0)`, a model that
 does not load. So every value gets its element type before the model leaves the passes: standard
-ops by ONNX's own inference from their inputs' types, contrib ops (whose schemas ONNX does not
-have) the type of their first floating-point input for their first output, an If the types of
+ops by ONNX's own inference from their inputs' types, attnfuse's fused ops and quantized MatMuls (contrib
+ops, whose schemas ONNX does not have) the type of their first floating-point input for their first output, an If the types of
 its branch's outputs. Shapes are left as they are.
 """
 from __future__ import annotations
@@ -14,6 +14,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper, shape_inference
 
+from attnfuse.core import registry
+from attnfuse.passes.onnx import quantized
 from attnfuse.passes.onnx.graph import opset
 
 _CONTROL_FLOW = ("If", "Loop", "Scan")
@@ -36,6 +38,8 @@ def _output_types(node: ir.Node, version: int) -> list[ir.DataType | None]:
         branch = node.attributes["then_branch"].value
         return [value.dtype for value in branch.outputs]
     if node.domain not in ("", "ai.onnx"):
+        if not _float_in_float_out(node):  # QLinearAdd and the like: the type is the runtime's to infer
+            return []
         floats = [value.dtype for value in node.inputs if value is not None and value.dtype is not None
                   and value.dtype.is_floating_point()]
         return floats[:1]
@@ -51,3 +55,9 @@ def _output_types(node: ir.Node, version: int) -> list[ir.DataType | None]:
         return []
     elements = [inferred[value.name].tensor_type.elem_type if value.name in inferred else 0 for value in node.outputs]
     return [ir.DataType(element) if element else None for element in elements]  # 0: ONNX could not tell
+
+
+def _float_in_float_out(node: ir.Node) -> bool:
+    """A fused op of attnfuse's, or a quantized MatMul: its first output has its first float input's type."""
+    found = quantized.quantized(node)
+    return registry.of_onnx(node.domain, node.op_type) is not None or (found is not None and found.matmul)

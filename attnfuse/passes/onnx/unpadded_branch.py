@@ -29,6 +29,7 @@ from attnfuse.core import registry
 from attnfuse.core.facts import attention_facts
 from attnfuse.passes.onnx.graph import Builder
 from attnfuse.passes.onnx.padding_free import real_tokens
+from attnfuse.passes.onnx import quantized
 
 NAME = "unpadded-branch"
 UNPADDED, PADDED = "unpadded", "padding_free"  # the branches' graph names
@@ -108,5 +109,25 @@ def _branch(graph: ir.Graph, name: str) -> ir.Graph:
         out.name = f"{out.name}/{name}"
         outputs.append(out)
     graph.outputs.clear()
-    return ir.Graph([], outputs, nodes=nodes, name=name)
+    branch = ir.Graph([], outputs, nodes=nodes, name=name)
+    _own_quantized_weights(branch)
+    return branch
+
+
+def _own_quantized_weights(branch: ir.Graph) -> None:
+    """The branch's DequantizeLinear of an outer weight reads copies of them (the same tensors) held by the
+    branch: ONNX Runtime fuses DequantizeLinear into the int8 MatMul that reads it only when its weight is
+    an initializer of its own graph, and fails to load the model otherwise."""
+    own: dict[ir.Value, ir.Value] = {}
+    for node in branch:
+        if node.op_type != quantized.DEQUANTIZE_LINEAR.op_type or quantized.quantized(node) is None \
+                or node.inputs[0] is None or not node.inputs[0].is_initializer():
+            continue
+        for i, x in enumerate(node.inputs):
+            if x is None or not x.is_initializer() or x.graph is branch:
+                continue
+            if x not in own:
+                own[x] = ir.Value(name=f"{x.name}/{branch.name}", type=x.type, shape=x.shape, const_value=x.const_value)
+                branch.register_initializer(own[x])
+            node.replace_input_with(i, own[x])
 

@@ -1,0 +1,62 @@
+"""A statically quantized model (QDQ) keeps its activation quantization where an int8 kernel uses it:
+on the activation of a MatMul or Gemm whose weight is dequantized from int8 constants. Elsewhere (the
+attention's scores and probabilities, residual Adds, layer-norm inputs) the float value is read instead.
+
+ONNX Runtime's quantize_static puts a QuantizeLinear -> DequantizeLinear pair on nearly every activation.
+Those between a projection and the next are what keeps the matchers from seeing attention, layer norms
+and GELU: the region computes attention of rounded values. Reading the float value moves each by at most
+half a quantization step, which verification bounds: the rewritten model's twin (activation quantization
+removed, optimizer/twin.py) must equal the original's to the float tolerance, and its outputs stay within
+the bound the twins derive against the quantized original. Static scales are constants, so the pairs left
+run on packed tokens exactly as on padded ones.
+"""
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from attnfuse.passes.onnx import quantized as q
+from attnfuse.passes.onnx.graph import constant, remove_unused
+
+MATMULS = ("MatMul", "Gemm")
+
+
+def float_outside_quantized_matmuls(model: ir.Model) -> int:
+    """Every read of a dequantized activation that is not a quantized MatMul's activation reads the
+    float value instead (in place); returns how many reads changed."""
+    reads = float_reads(model)
+    for node, slot, x in reads:
+        node.replace_input_with(slot, x)
+    if reads:
+        remove_unused(model)
+    return len(reads)
+
+
+def float_reads(model: ir.Model) -> list[tuple[ir.Node, int, ir.Value]]:
+    """(reader, input slot, the float activation) of each read float_outside_quantized_matmuls changes."""
+    reads = []
+    for graph in model.graphs():
+        for node in graph:
+            x = _quantized_activation(node)
+            if x is not None:
+                reads += [(use.node, use.idx, x) for use in node.outputs[0].uses()
+                          if not _int8_matmul_activation(use.node, use.idx)]
+    return reads
+
+
+def _quantized_activation(node: ir.Node) -> ir.Value | None:
+    """x, where `node` is DequantizeLinear(QuantizeLinear(x)) of an activation x; None otherwise."""
+    if not q.is_qdq(q.quantized(node)) or node.op_type != q.DEQUANTIZE_LINEAR.op_type or node.inputs[0] is None:
+        return None
+    quantize = node.inputs[0].producer()
+    if quantize is None or quantize.op_type != q.QUANTIZE_LINEAR.op_type or not q.is_qdq(q.quantized(quantize)):
+        return None
+    x = quantize.inputs[0]
+    if x is None or constant(x) is not None or None not in (x.dtype, node.outputs[0].dtype) \
+            and x.dtype != node.outputs[0].dtype:
+        return None
+    return x
+
+
+def _int8_matmul_activation(node: ir.Node, slot: int) -> bool:
+    return (node.op_type in MATMULS and node.domain in ("", "ai.onnx") and slot == 0 and len(node.inputs) > 1
+            and node.inputs[1] is not None and q.dequantized_constant(node.inputs[1]))
