@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from foreign_graphs import (
     FOREIGN_GRAPHS,
     UNDEFINED_TENSOR,
@@ -411,3 +412,63 @@ def test_a_float16_model_with_float32_inputs_and_outputs_is_verified_at_float16s
     report = attnfuse.optimize_onnx(model).report
     assert report.attention_fused == report.attention_total == 2
     assert report.verify.ok and TOLERANCE["float32"] < report.verify.tolerance <= TOLERANCE["float16"]
+
+
+def test_onnx_attention_of_opset_23_runs_as_onnx_runtimes_attention(tmp_path):
+    """torch.onnx at opset 23 writes scaled_dot_product_attention as ONNX's own Attention: matched like any
+    attention and written as MultiHeadAttention (ONNX Runtime's is faster), run padding-free, verified."""
+    from attnfuse.models._export import export_onnx
+
+    path = export_onnx(zoo.build_torch("bert", "sdpa"), zoo.example_inputs("bert"), tmp_path / "bert23.onnx",
+                       dynamo=True, dynamic_dims=zoo.dynamic_dims("bert"), opset=23)
+    assert ops(onnx.load(path))[("", "Attention")] == 2
+    result = attnfuse.optimize_onnx(str(path))
+    report = result.report
+    assert report.attention_fused == report.attention_total == 2 and not any(s.already_fused for s in report.sites)
+    assert report.fused_ops["MultiHeadAttention"] == 2 and ops(result.proto)[("", "Attention")] == 0
+    assert report.verify.ok and report.verify.max_rel_error <= 1e-4
+
+
+class CausalSelfAttention(torch.nn.Module):
+    """q, k, v projections and scaled_dot_product_attention(is_causal=True), as a hand-written decoder block has it."""
+
+    def __init__(self, hidden: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(hidden, hidden) for _ in range(3))
+        self.out = torch.nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        batch, seq, hidden = x.shape
+        q, k, v = (p(x).view(batch, seq, self.heads, -1).transpose(1, 2) for p in self.qkv)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(attended.transpose(1, 2).reshape(batch, seq, hidden))
+
+
+def test_a_causal_onnx_attention_keeps_its_triangle(tmp_path):
+    from attnfuse.models._export import export_onnx
+
+    torch.manual_seed(0)
+    path = export_onnx(CausalSelfAttention().eval(), {"x": torch.randn(2, 5, 16)}, tmp_path / "causal.onnx",
+                       dynamo=True, dynamic_dims={"x": {0: "batch", 1: "sequence"}}, output_names=("y",), opset=23)
+    (attention,) = [node for node in onnx.load(path).graph.node if node.op_type == "Attention"]
+    assert onnx.helper.get_node_attr_value(attention, "is_causal") == 1
+    result = attnfuse.optimize_onnx(str(path))
+    assert result.report.attention_fused == 1 and result.report.verify.ok
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, 7, 16)).astype(np.float32)}
+    expected, got = run(str(path), feeds)["y"], run(result.proto, feeds)["y"]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_decoder_of_opset_23_fuses_its_rms_norms_with_their_residuals(tmp_path):
+    """torch.onnx at opset 23 writes RMSNormalization: expanded into ONNX's definition of it, it fuses with the
+    residual sum before it as any export's norm does (passes/onnx/functions.py)."""
+    from attnfuse.models.decoders import cases
+
+    case = cases.find("llama-dynamo-sdpa-past")
+    path = cases.export(case, tmp_path / "llama23.onnx", opset=23)
+    assert ops(onnx.load(path))[("", "RMSNormalization")] == 5
+    report = attnfuse.optimize_onnx(str(path)).report
+    assert report.attention_fused == report.attention_total == 2
+    assert report.fused_ops["SkipSimplifiedLayerNormalization"] == 4 and report.fused_ops["SimplifiedLayerNormalization"] == 1
+    assert report.verify.ok and report.verify.max_rel_error <= 1e-4

@@ -53,17 +53,19 @@ def export_onnx(
     dynamo: bool,
     dynamic_dims: Mapping[str, Mapping[int, str]],
     output_names: Sequence[str] = ("last_hidden_state",),
+    opset: int = 18,
 ) -> pathlib.Path:
     """Export `module(*inputs.values())` as one self-contained .onnx file.
 
     `dynamic_dims` maps input names, and the output names, to {axis: dim name}. The inputs
-    after the forward's named parameters go to its *args (a decoder's flat past k/v).
+    after the forward's named parameters go to its *args (a decoder's flat past k/v). From opset 23
+    the dynamo exporter writes ONNX's own Attention, RMSNormalization and RotaryEmbedding.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = list(inputs)
     args = tuple(inputs[name] for name in names)
-    common = dict(input_names=names, output_names=list(output_names), opset_version=18)
+    common = dict(input_names=names, output_names=list(output_names), opset_version=opset)
     with quiet(), torch.no_grad():
         if dynamo:
             program = torch.onnx.export(

@@ -144,12 +144,12 @@ def dynamic_dims(family: str) -> dict[str, dict[int, str]]:
     return {"input_ids": text, "attention_mask": text, "last_hidden_state": text}
 
 
-def export(case: ZooCase, path: str | os.PathLike) -> pathlib.Path:
+def export(case: ZooCase, path: str | os.PathLike, opset: int = 18) -> pathlib.Path:
     """Export the case's model to `path` (.onnx, weights inside) and return the path."""
     module = build_torch(case.family, case.attention)
     return export_onnx(
         module, example_inputs(case.family), path,
-        dynamo=case.exporter == "dynamo", dynamic_dims=dynamic_dims(case.family),
+        dynamo=case.exporter == "dynamo", dynamic_dims=dynamic_dims(case.family), opset=opset,
     )
 
 

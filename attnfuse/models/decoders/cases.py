@@ -112,18 +112,19 @@ def example(case: DecoderCase, step: inputs.Step, seed: int = 0) -> dict[str, to
     return inputs.make(signature(case), config(case), step, seed)
 
 
-def export(case: DecoderCase, path: str | os.PathLike) -> pathlib.Path:
+def export(case: DecoderCase, path: str | os.PathLike, opset: int = 18) -> pathlib.Path:
     """Export the case to `path` (.onnx, weights inside) with the wrapper's names and dynamic dims."""
-    return export_wrapped(build_torch(case), case.cache, path, dynamo=case.exporter == "dynamo")
+    return export_wrapped(build_torch(case), case.cache, path, dynamo=case.exporter == "dynamo", opset=opset)
 
 
-def export_wrapped(module: torch.nn.Module, cache: str, path: str | os.PathLike, dynamo: bool) -> pathlib.Path:
+def export_wrapped(module: torch.nn.Module, cache: str, path: str | os.PathLike, dynamo: bool,
+                   opset: int = 18) -> pathlib.Path:
     """Export a decoder in its flat-tensor wrapper (`wrappers.wrap`, cache mode `cache`) with its
     names and dynamic dims, from an example step of that mode."""
     step = inputs.EXPORT_STEPS[cache == wrappers.PAST_MODE]
     example = inputs.make(module.signature, module.model.config, step)
     return export_onnx(module, example, path, dynamo=dynamo, dynamic_dims=module.signature.dynamic_dims,
-                       output_names=module.signature.output_names)
+                       output_names=module.signature.output_names, opset=opset)
 
 
 def exported(case: DecoderCase, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:

@@ -18,6 +18,7 @@ from attnfuse.passes.onnx import padding_free, unpadded_branch
 from attnfuse.passes.onnx.activation_qdq import float_outside_quantized_matmuls
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
+from attnfuse.passes.onnx.functions import expand_functions
 from attnfuse.passes.onnx.graph import (
     MS_DOMAIN, NoMatch, graphs_in_order, nodes_on_one_path, opset, remove_unused, speaking_opset,
 )
@@ -54,11 +55,13 @@ class InputNames(Protocol):
 
 
 def prepare(model: ir.Model) -> ir.Model:
-    """The model in the spellings the matchers know (Einsum as MatMul; static activation quantization
+    """The model in the spellings the matchers know (Einsum as MatMul, opset 23's RMSNormalization as
+    the ops ONNX defines it by; static activation quantization
     only where an int8 MatMul reads it), before it is probed; the model itself when nothing changes.
     A copy shares the weights."""
     copy = model.clone()
     changed = lower_einsums(copy)
+    changed += expand_functions(copy)
     changed += float_outside_quantized_matmuls(copy)
     return copy if changed else model
 

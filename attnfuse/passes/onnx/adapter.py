@@ -13,7 +13,7 @@ from attnfuse.core.facts import spelled_op
 from attnfuse.core.graph import Op
 from attnfuse.core.outcome import Rotary, RotaryKind
 from attnfuse.core.rule import Replacement
-from attnfuse.kernels.onnx_forms import ROTARY_EMBEDDING
+from attnfuse.kernels.onnx_forms import ROTARY_EMBEDDING, STANDARD_ATTENTION
 from attnfuse.passes.onnx import attention_lowering
 from attnfuse.passes.onnx.graph import attr, constant, replace_uses
 from attnfuse.passes.onnx.spelling import OnnxBuilder
@@ -47,6 +47,8 @@ class OnnxGraph:
     def op(self, node: ir.Node) -> Op | None:
         if spelled_op(node) is not None:
             return Op.FUSED
+        if _is_sdpa(node):
+            return Op.SDPA
         if node.domain in ("", "ai.onnx"):
             found = _OPS.get(node.op_type)
             if found is not None:
@@ -54,6 +56,8 @@ class OnnxGraph:
         return Op.FUSED if registry.of_onnx(node.domain, node.op_type) is not None else None
 
     def operands(self, node: ir.Node) -> list[ir.Value | None]:
+        if _is_sdpa(node):  # (q, k, v, mask)
+            return [*node.inputs, None, None, None, None][:4]
         return list(node.inputs)
 
     def outputs(self, node: ir.Node) -> list[ir.Value]:
@@ -105,7 +109,9 @@ class OnnxGraph:
             return spelled_op(node) or (found[0] if found else default)
         if name == "fused_attention":  # fused attention the model came with: its domain and type
             return f"{node.domain}.{node.op_type}" if registry.is_fused_attention(node.domain, node.op_type) \
-                else default
+                and not _is_sdpa(node) else default
+        if name == "causal" and _is_sdpa(node):
+            return bool(attr(node, "is_causal", 0))
         if name == "rotary" and (node.domain, node.op_type) == (ROTARY_EMBEDDING.domain, ROTARY_EMBEDDING.op_type):
             kind = RotaryKind.INTERLEAVED if attr(node, "interleaved", 0) else RotaryKind.HALF
             return Rotary(kind, attr(node, "rotary_embedding_dim", 0))  # 0: every dim of each head
@@ -144,3 +150,16 @@ class OnnxGraph:
 
     def _opset(self) -> int:
         return self.view.opset
+
+
+def _is_sdpa(node: ir.Node) -> bool:
+    """ONNX's own Attention (opset 23; torch.onnx writes it for scaled_dot_product_attention) as plain
+    SDPA(q, k, v, mask): q, k and v with their heads first (no q_num_heads: 3-D inputs), no cache, no
+    soft cap, and only its output read. The rules match it like any attention and write the target's op
+    (ONNX Runtime runs its MultiHeadAttention faster than this op; padding-free packs it)."""
+    if (node.domain, node.op_type) != (STANDARD_ATTENTION.domain, STANDARD_ATTENTION.op_type):
+        return False
+    extra_inputs = [x for x in node.inputs[4:] if x is not None]
+    extra_outputs = [out for out in node.outputs[1:] if out.uses() or out.is_graph_output()]
+    return not extra_inputs and not extra_outputs and not attr(node, "softcap", 0.0) \
+        and attr(node, "q_num_heads") is None and attr(node, "kv_num_heads") is None

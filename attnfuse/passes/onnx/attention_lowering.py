@@ -235,6 +235,8 @@ class _Site:
         Two masks of finfo.min add up to -inf, which weighs a key less than one of finfo.min in a row
         that hides every key, as in the original. None when f(0) is zero."""
         m, graph, view = self.match, self.graph, self.view
+        if m.product is None:
+            return self.sdpa_bias(b, lengths)
         bias, path = None, graph.outputs(m.product)[0]
         for node in m.chain:
             operands, out = graph.operands(node), graph.outputs(node)[0]
@@ -255,6 +257,25 @@ class _Site:
         dtype = dtype_of(view, m.q.value)
         if dtype_of(view, path) != dtype:
             bias = b.op("Cast", [bias], {"to": ir.DataType.from_numpy(dtype)})
+        return b.op("Expand", [bias, b.op("Concat", [b.const([1, 1], np.int64), lengths], {"axis": 0})])
+
+    def sdpa_bias(self, b: OnnxBuilder, lengths: ir.Value) -> ir.Value | None:
+        """SDPA's mask as the bias it adds (a boolean mask: 0 where a key is seen, the dtype's lowest number
+        where not), with its causal triangle; None for neither."""
+        m = self.match
+        dtype = dtype_of(self.view, m.q.value)
+        lowest = b.const(np.array(np.finfo(dtype).min, dtype))
+        bias = m.sdpa_mask
+        if bias is not None and self.view.value(bias).dtype == np.bool_:
+            bias = b.op("Where", [bias, b.const(np.zeros((), dtype)), lowest])
+        elif bias is not None and dtype_of(self.view, bias) != dtype:
+            bias = b.op("Cast", [bias], {"to": ir.DataType.from_numpy(dtype)})
+        if m.sdpa_causal:
+            # the lowest number at every key after its query, 0 elsewhere
+            later = b.op("Trilu", [b.op("Expand", [lowest, lengths]), b.const(np.array(1, np.int64))], {"upper": 1})
+            bias = later if bias is None else b.op("Add", [bias, later])
+        if bias is None:
+            return None
         return b.op("Expand", [bias, b.op("Concat", [b.const([1, 1], np.int64), lengths], {"axis": 0})])
 
     def padding_and_causal_only(self) -> bool:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import Builder, NoMatch, attr, constant
+from attnfuse.passes.onnx.graph import Builder, NoMatch, attr, constant, replace_uses
 
 
 def lower_einsums(model: ir.Model) -> int:
@@ -29,12 +29,7 @@ def lower_einsums(model: ir.Model) -> int:
             except NoMatch:
                 continue
             graph.insert_before(node, builder.nodes)
-            out = node.outputs[0]
-            name, out.name = out.name, f"{out.name}__einsum"
-            result.name, result.type, result.shape = name, out.type, out.shape
-            if out.is_graph_output():
-                graph.outputs[[o is out for o in graph.outputs].index(True)] = result
-            out.replace_all_uses_with(result)
+            replace_uses(node.outputs[0], result, take_name=True)
             graph.remove(node, safe=True)
             count += 1
     return count

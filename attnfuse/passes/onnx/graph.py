@@ -193,15 +193,17 @@ def _attributes(attributes: dict) -> list[ir.Attr]:
     return out
 
 
-def replace_uses(old: ir.Value, new: ir.Value) -> None:
-    """Point every reader of `old`, graph outputs included, at `new`."""
+def replace_uses(old: ir.Value, new: ir.Value, take_name: bool = False) -> None:
+    """Point every reader of `old`, graph outputs included, at `new`; a graph output's (or with
+    `take_name`, any) name, type and shape go to `new`."""
+    if old.is_graph_output() or take_name:
+        new.name, old.name = old.name, f"{old.name}__replaced"
+        new.shape, new.type = old.shape, old.type
     if old.is_graph_output():
         graph = old.graph
-        new.name, old.name = old.name, f"{old.name}__replaced"
         for i, output in enumerate(graph.outputs):
             if output is old:
                 graph.outputs[i] = new
-        new.shape, new.type = old.shape, old.type
     old.replace_all_uses_with(new)
 
 
