@@ -460,15 +460,18 @@ def test_a_causal_onnx_attention_keeps_its_triangle(tmp_path):
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
-def test_a_decoder_of_opset_23_fuses_its_rms_norms_with_their_residuals(tmp_path):
-    """torch.onnx at opset 23 writes RMSNormalization: expanded into ONNX's definition of it, it fuses with the
-    residual sum before it as any export's norm does (passes/onnx/functions.py)."""
+def test_a_decoder_of_opset_23_fuses_its_norms_and_rotaries_as_at_opset_18(tmp_path):
+    """torch.onnx at opset 23 writes RMSNormalization and RotaryEmbedding: written out as ONNX defines them
+    (passes/onnx/functions.py), the norms fuse with the residual sums before them and the rotaries into ONNX
+    Runtime's RotaryEmbedding, as any export's do."""
     from attnfuse.models.decoders import cases
 
     case = cases.find("llama-dynamo-sdpa-past")
     path = cases.export(case, tmp_path / "llama23.onnx", opset=23)
-    assert ops(onnx.load(path))[("", "RMSNormalization")] == 5
+    came_with = ops(onnx.load(path))
+    assert came_with[("", "RMSNormalization")] == 5 and came_with[("", "RotaryEmbedding")] == 4
     report = attnfuse.optimize_onnx(str(path)).report
     assert report.attention_fused == report.attention_total == 2
-    assert report.fused_ops["SkipSimplifiedLayerNormalization"] == 4 and report.fused_ops["SimplifiedLayerNormalization"] == 1
+    assert report.fused_ops == attnfuse.optimize_onnx(str(cases.exported(case))).report.fused_ops
+    assert report.fused_ops["SkipSimplifiedLayerNormalization"] == 4 and report.fused_ops["RotaryEmbedding"] == 4
     assert report.verify.ok and report.verify.max_rel_error <= 1e-4

@@ -55,8 +55,8 @@ class InputNames(Protocol):
 
 
 def prepare(model: ir.Model) -> ir.Model:
-    """The model in the spellings the matchers know (Einsum as MatMul, opset 23's RMSNormalization as
-    the ops ONNX defines it by; static activation quantization
+    """The model in the spellings the matchers know (Einsum as MatMul, opset 23's RMSNormalization and
+    RotaryEmbedding as the ops ONNX defines them by; static activation quantization
     only where an int8 MatMul reads it), before it is probed; the model itself when nothing changes.
     A copy shares the weights."""
     copy = model.clone()

@@ -1,38 +1,73 @@
 """ONNX ops that ONNX defines as functions of other ops, written out as those ops: opset 23's
-RMSNormalization (torch.onnx writes it from opset 23).
+RMSNormalization and RotaryEmbedding (torch.onnx writes them from opset 23).
 
-The rules recognise a norm by evaluating the ops that compute it, whoever wrote them; a single
-RMSNormalization node hides that, and ONNX Runtime then runs it apart from the residual sum before it.
-Expanded into ONNX's own definition of it (the schema's function body for the node's attributes and
-input types), it is one more spelling the normalization rule reads: fused with its residual into ONNX
-Runtime's SkipSimplifiedLayerNormalization, or written back as RMSNormalization for OpenVINO.
-(RotaryEmbedding's body computes its halves' sizes from Shape, which the rotary rule's regions do not
-take: it stays, and ONNX Runtime runs ONNX's op.) A node whose inputs' types the graph does not record
-stays as it is.
+The rules recognise a norm or a rotary by evaluating the ops that compute it, whoever wrote them; a
+single RMSNormalization or RotaryEmbedding node hides that, and ONNX Runtime then runs it apart from the
+residual sum before it, or on q and k in their [B, H, S, D] layout between transposes. Written out, each
+is one more spelling the rules read: fused with its residual into SkipSimplifiedLayerNormalization, or
+into ONNX Runtime's RotaryEmbedding on the packed tokens; written back as the standard op for OpenVINO.
+RMSNormalization becomes the schema's own function body for the node's attributes and input types;
+RotaryEmbedding is spelled here as that body computes it (x1 * cos - x2 * sin, x2 * cos + x1 * sin on the
+rotated halves, the rest passed), with the halves' sizes read from the head size the graph records (the
+body reads them with Shape, which the rotary rule's regions do not take). A node whose input types the graph
+does not record, or an interleaved or 3-D rotary, stays as it is.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from attnfuse.passes.onnx.graph import opset, replace_uses
-
-EXPANDED = ("RMSNormalization",)
-
+from attnfuse.passes.onnx.graph import Builder, attr, opset, replace_uses, speaking_opset
 
 def expand_functions(model: ir.Model) -> int:
-    """Replace each of the EXPANDED ops by its function body, in place; returns how many."""
+    """Replace each RMSNormalization and RotaryEmbedding that can be by the ops it is, in place; returns how many."""
     count = 0
     for graph in model.graphs():
         version = opset(graph)
-        for node in list(graph):
-            if node.domain in ("", "ai.onnx") and node.op_type in EXPANDED:
-                body = _function_body(node, version)
-                if body is not None:
-                    _inline(graph, node, body)
-                    count += 1
+        with speaking_opset(version):
+            for node in list(graph):
+                if node.domain not in ("", "ai.onnx"):
+                    continue
+                if node.op_type == "RMSNormalization":
+                    body = _function_body(node, version)
+                    if body is not None:
+                        _inline(graph, node, body)
+                        count += 1
+                elif node.op_type == "RotaryEmbedding":
+                    count += _rotate_halves(graph, node)
     return count
+
+
+def _rotate_halves(graph: ir.Graph, node: ir.Node) -> bool:
+    """A RotaryEmbedding on [B, H, S, D] (not interleaved) written out; whether it was."""
+    x, cos, sin, positions = [*node.inputs, None][:4]
+    if x is None or x.shape is None or len(x.shape) != 4 or not isinstance(x.shape[-1], int) \
+            or attr(node, "interleaved", 0):
+        return False
+    head = x.shape[-1]
+    rotated = attr(node, "rotary_embedding_dim", 0) or head
+    half = rotated // 2
+    b = Builder(node.name)
+
+    def part(start: int, end: int) -> ir.Value:
+        return b.op("Slice", [x, b.const([start], np.int64), b.const([end], np.int64), b.const([-1], np.int64)])
+
+    def per_token(table: ir.Value) -> ir.Value:  # [B, S, half] (gathered by position where given) -> [B, 1, S, half]
+        rows = b.op("Gather", [table, positions]) if positions is not None else table
+        return b.op("Unsqueeze", [rows, b.const([1], np.int64)])
+
+    x1, x2, c, s = part(0, half), part(half, rotated), per_token(cos), per_token(sin)
+    pieces = [b.op("Sub", [b.op("Mul", [x1, c]), b.op("Mul", [x2, s])]),
+              b.op("Add", [b.op("Mul", [x2, c]), b.op("Mul", [x1, s])])]
+    if rotated < head:
+        pieces.append(part(rotated, head))
+    y = b.op("Concat", pieces, {"axis": -1})
+    graph.insert_before(node, b.nodes)
+    replace_uses(node.outputs[0], y, take_name=True)
+    graph.remove(node, safe=True)
+    return True
 
 
 def _function_body(node: ir.Node, version: int) -> ir.Function | None:
