@@ -166,6 +166,25 @@ def test_a_qoperator_model_runs_padding_free_and_is_verified_exactly(bert, tmp_p
     assert report["verify"]["ok"] and report["verify"]["max_rel_error"] <= 1e-4
 
 
+def test_weights_dequantized_from_int4_are_judged_by_their_twin(llama, tmp_path):
+    """MatMulNBitsQuantizer's QDQ format: DequantizeLinear(int4 blocks) -> MatMul, weights only. ONNX Runtime runs
+    each as MatMulNBits with int8 activations inside, so a rewrite that moves an activation by one unit in the
+    last place moves the outputs by a quantization step: the twins (sessions without those int8 activations)
+    judge the rewrites, and the outputs stay within the bound they give against the quantized original."""
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, quant_format=QuantFormat.QDQ)
+    quantizer = MatMulNBitsQuantizer(onnx.load(llama), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(tmp_path / "w4.onnx"))
+    report = optimize_onnx(str(tmp_path / "w4.onnx")).report
+    assert report.attention_fused == report.attention_total == 2 and report.quantized_matmuls == 15
+    verify = report.verify
+    assert verify.ok and verify.check is Check.TWIN and verify.max_rel_error <= 1e-4
+    assert verify.against[0].max_rel_error <= verify.against[0].bound
+
+
 @pytest.mark.parametrize("bits", ["int8", "int4"])
 def test_quantized_llama_keeps_its_attention_rotary_and_norms_fused(llama, tmp_path, bits):
     source = quantize_dynamic(llama, tmp_path / "q.onnx") if bits == "int8" else quantize_int4(llama, tmp_path / "q.onnx")

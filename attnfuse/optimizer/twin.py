@@ -29,14 +29,22 @@ FLOAT = ir.DataType.FLOAT
 SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 
 
-def twin(model: ir.Model) -> ir.Model | None:
-    """The model's twin (a copy; weights shared), or None when it quantizes no activation."""
+def twin(model: ir.Model, onnx_runtime: bool = True) -> ir.Model | None:
+    """The model's twin (a copy; weights shared), or None when it quantizes no activation. In ONNX Runtime
+    (`onnx_runtime`) a MatMul of a weight dequantized from int8 or int4 quantizes its activation too: ONNX
+    Runtime runs it as MatMulNBits, int8 activations inside (unless its session says otherwise:
+    SESSION_CONFIG); its twin is then the model itself."""
     copy = model.clone()
     changed = False
     for graph in list(copy.graphs()):
         for node in list(graph):
             changed |= _in_float(node)
-    return copy if changed else None
+    return copy if changed or (onnx_runtime and _runs_int8_activations(copy)) else None
+
+
+def _runs_int8_activations(model: ir.Model) -> bool:
+    return any(node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None
+               and q.dequantized_constant(node.inputs[1]) for graph in model.graphs() for node in graph)
 
 
 def _in_float(node: ir.Node) -> bool:

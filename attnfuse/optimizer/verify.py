@@ -197,7 +197,8 @@ class Verifier:
             self.references.append({name: values[name] for name in self.output_names})
             self.cases.append(self._case(inputs, {**inputs.feeds, **values}))
             self.inputs_list.append(inputs)
-        self.twin = twin(original)
+        self.onnx_runtime = self.target != Target.OPENVINO  # where DequantizeLinear -> MatMul quantizes activations
+        self.twin = twin(original, self.onnx_runtime)
         self.twin_references = self._ort_outputs(self.twin, twins.SESSION_CONFIG) if self.twin is not None else None
         self.fp32 = self._reference_outputs(reference) if reference is not None else None
 
@@ -261,7 +262,8 @@ class Verifier:
         weights), at their tolerance."""
         try:
             results = self._outputs(candidate, precision, int8_activations)
-            twins = self._outputs(twin(candidate) or candidate, precision, is_twin=True) if self.twin is not None else None
+            twins = None if self.twin is None else \
+                self._outputs(twin(candidate, self.onnx_runtime) or candidate, precision, is_twin=True)
         except Exception as e:  # a rewrite that does not even run fails verification
             return self._result([], message=f"the optimized model does not run: {first_line(e)}")
         judged, references = (twins, self.twin_references) if twins is not None else (results, self.references)

@@ -5,8 +5,9 @@ writes the Cast after each MatMulInteger with the MatMul output's recorded type,
 branches (where padding-free puts every MatMul) an untyped output gave `Cast(to=0)`, a model that
 does not load. So every value gets its element type before the model leaves the passes: standard
 ops by ONNX's own inference from their inputs' types, attnfuse's fused ops and quantized MatMuls (contrib
-ops, whose schemas ONNX does not have) the type of their first floating-point input for their first output, an If the types of
-its branch's outputs. Shapes are left as they are.
+ops, whose schemas ONNX does not have) the type of their first floating-point input for their first
+output, an If the types of its branch's outputs. Other contrib ops (QLinearAdd: int8 out) stay untyped
+for the runtime to infer. Shapes are left as they are.
 """
 from __future__ import annotations
 
