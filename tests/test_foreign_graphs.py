@@ -30,6 +30,7 @@ from test_verify import _fake_passes
 
 import attnfuse
 from attnfuse.models import zoo
+from attnfuse.models.decoders import cases as decoder_cases
 from attnfuse.optimizer import api
 from attnfuse.tools.cli import main
 
@@ -406,9 +407,13 @@ def test_float16_conversions_of_the_zoo_are_fused_and_equal(case):
     assert report.to_dict()["status"] == "ok"
 
 
-def test_a_float16_model_with_float32_inputs_and_outputs_is_verified_at_float16s_tolerance():
-    """keep_io_types: float32 in and out, float16 inside: the model computes in float16, and is judged so."""
-    model = to_float16(onnx.load(zoo.exported(zoo.ZooCase("bert", "dynamo", "eager"))), keep_io_types=True)
+@pytest.mark.parametrize("exported", [lambda: zoo.exported(zoo.ZooCase("bert", "dynamo", "eager")),
+                                      lambda: decoder_cases.exported(decoder_cases.find("llama-dynamo-sdpa-past"))],
+                         ids=["bert", "llama-with-cache"])
+def test_a_float16_model_with_float32_inputs_and_outputs_is_verified_at_float16s_tolerance(exported):
+    """keep_io_types: float32 in and out, float16 inside: the model computes in float16, and is judged so. The
+    converter appends its casts of the inputs after the nodes that read them: attnfuse reads the graph in order."""
+    model = to_float16(onnx.load(exported()), keep_io_types=True)
     report = attnfuse.optimize_onnx(model).report
     assert report.attention_fused == report.attention_total == 2
     assert report.verify.ok and TOLERANCE["float32"] < report.verify.tolerance <= TOLERANCE["float16"]

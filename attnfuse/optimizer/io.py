@@ -46,7 +46,7 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> ir.Model:
         _check_structure(src, "the given ModelProto")
         model = ir.serde.deserialize_model(src)
         _check_external_data(model, "the given ModelProto (its external data is read from the current directory)")
-        return _named(model)
+        return _named(_sorted(model))
     if not isinstance(src, (str, os.PathLike)):
         raise UserError(f"expected a path or an onnx.ModelProto, got {type(src).__name__}")
     path = Path(src)
@@ -66,7 +66,7 @@ def load_model(src: str | os.PathLike | onnx.ModelProto) -> ir.Model:
     for tensor in external_tensors(model):  # functions' tensors too, which ir.external_data.set_base_dir skips
         tensor.base_dir = path.parent
     _check_external_data(model, str(path))
-    return _named(model)
+    return _named(_sorted(model))
 
 
 # Ops whose meaning changed after opset 18 (GroupNormalization 21, GridSample 20, DFT 20): a model with one
@@ -115,6 +115,15 @@ def _check_defined(graph: onnx.GraphProto, outer: set[str], name: str) -> None:
     for output in graph.output:
         if output.name not in known:
             raise UserError(f"{name}: graph output {output.name!r} is not computed by any node")
+
+
+def _sorted(model: ir.Model) -> ir.Model:
+    """Every graph's nodes in an order where each reads only values made before it. ONNX Runtime sorts a
+    graph itself, so files come out of order (onnxconverter's float16 conversion with keep_io_types appends
+    its casts of the inputs last); the passes and copies of the model need the order."""
+    for graph in model.graphs():
+        graph.sort()
+    return model
 
 
 def _named(model: ir.Model) -> ir.Model:
