@@ -1,5 +1,5 @@
 """A statically quantized model (QDQ) keeps its activation quantization where an int8 kernel uses it:
-on the activation of a MatMul or Gemm whose weight is dequantized from int8 constants. Elsewhere (the
+on the activation of a MatMul, Gemm or Conv whose weight is dequantized from int8 constants. Elsewhere (the
 attention's scores and probabilities, residual Adds, layer-norm inputs) the float value is read instead.
 
 ONNX Runtime's quantize_static puts a QuantizeLinear -> DequantizeLinear pair on nearly every activation.
@@ -17,7 +17,7 @@ import onnx_ir as ir
 from attnfuse.passes.onnx import quantized as q
 from attnfuse.passes.onnx.graph import constant, remove_unused
 
-MATMULS = ("MatMul", "Gemm")
+INT8_KERNELS = ("MatMul", "Gemm", "Conv")  # what ONNX Runtime runs in int8 on a quantized activation and weight
 
 
 def float_outside_quantized_matmuls(model: ir.Model) -> int:
@@ -58,5 +58,5 @@ def _quantized_activation(node: ir.Node) -> ir.Value | None:
 
 
 def _int8_matmul_activation(node: ir.Node, slot: int) -> bool:
-    return (node.op_type in MATMULS and node.domain in ("", "ai.onnx") and slot == 0 and len(node.inputs) > 1
+    return (node.op_type in INT8_KERNELS and node.domain in ("", "ai.onnx") and slot == 0 and len(node.inputs) > 1
             and node.inputs[1] is not None and q.dequantized_constant(node.inputs[1]))
