@@ -10,3 +10,5 @@ except ImportError:  # pragma: no cover
     _has_cuda = False
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A rule's defect fails the test that meets it, where it happens, not as a site left unfused (core/driver.py).
+os.environ.setdefault("ATTNFUSE_DEBUG", "1")

@@ -204,6 +204,30 @@ def test_internal_error_exits_3_with_a_hint(tmp_path, toy, capsys, monkeypatch):
         main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx")])
 
 
+def test_a_rule_that_fails_on_one_site_leaves_it_and_fuses_the_rest(tmp_path, monkeypatch):
+    """A defect a rule hits on a spelling it did not foresee costs that site, not the run: the site is
+    reported with the error, everything else is fused and verified, the file is written."""
+    from attnfuse.models import zoo
+    from attnfuse.passes.rules import gelu
+
+    toy = zoo.exported(zoo.ZooCase("bert", "dynamo", "sdpa"))
+
+    def broken(self, anchor, graph, view):
+        raise AttributeError("'NoneType' object has no attribute 'outputs'")
+
+    monkeypatch.setattr(gelu.Gelu, "match", broken)
+    monkeypatch.delenv("ATTNFUSE_DEBUG", raising=False)
+    assert main(["optimize", str(toy), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["attention"]["fused"] == report["attention"]["total"] > 0 and report["verify"]["ok"]
+    reasons = [f["reason"] for f in report["fusions"] if f.get("reason") and "AttributeError" in f["reason"]]
+    assert reasons and all("left as it is" in reason for reason in reasons)
+    assert "BiasGelu" not in report["fused_ops"] and report["fused_ops"]["MultiHeadAttention"] == 2
+    monkeypatch.setenv("ATTNFUSE_DEBUG", "1")
+    with pytest.raises(AttributeError):
+        main(["optimize", str(toy), "-o", str(tmp_path / "out2.onnx")])
+
+
 # --- the real process -------------------------------------------------------------
 
 

@@ -5,10 +5,13 @@ build the replacements the rule offers, prove each on the probe's runs (every cl
 value must come out equal, to the tolerance of its dtype, at real tokens) and commit the
 first that proves; report every anchor with what happened to it. Nothing is committed
 unproven (but an opt-in approximation, whose error its rule measures and reports), and
-every failure is a reason in the report.
+every failure is a reason in the report. A rule that fails on a spelling it did not foresee
+(any error but NoMatch, before it committed) leaves that site as it is, with the error as
+its reason, and the run goes on (with ATTNFUSE_DEBUG set, the error is raised).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -60,33 +63,48 @@ def _at(rule: Rule, anchor, graph: Graph, view: View, excluded: Collection[Candi
         match = rule.match(anchor, graph, view)
     except NoMatch as why:
         return Applied(candidate, _refused(rule.report(anchor, None, graph), str(why)))
+    except Exception as error:  # a spelling the rule did not foresee: this site stays, the others go on
+        return Applied(candidate, _refused(rule.report(anchor, None, graph), _defect(error)))
     if match is None:
         return None
     outcome = rule.report(anchor, match, graph)
     if candidate in excluded:
         return Applied(candidate, _refused(outcome, EXCLUDED))
     failed: list[tuple[str, str]] = []
-    try:
-        for replacement in rule.lower(match, graph, view):
-            try:
-                if replacement.why_not is not None:
-                    raise NoMatch(replacement.why_not)
-                if replacement.exact:
-                    prove(replacement, view)
-            except NoMatch as why:
-                failed.append((replacement.label, str(why)))
-                continue
-            graph.commit(replacement)
-            view.committed(replacement)
-            outcome = rule.report(anchor, match, graph)
-            for name, value in replacement.facts.items():  # what lowering learned (an approximation's error)
-                setattr(outcome, name, value)
-            outcome.fused, outcome.reason = True, None
-            _note(outcome, replacement.label, failed)
-            return Applied(candidate, outcome)
-    except NoMatch as why:
-        failed.append(("", str(why)))
+    replacements = iter(rule.lower(match, graph, view))
+    while True:
+        replacement = None
+        try:
+            replacement = next(replacements, None)  # a NoMatch raised here ends the rule's offers
+            if replacement is None:
+                break
+            if replacement.why_not is not None:
+                raise NoMatch(replacement.why_not)
+            if replacement.exact:
+                prove(replacement, view)
+        except NoMatch as why:
+            failed.append((replacement.label if replacement is not None else "", str(why)))
+            continue
+        except Exception as error:  # nothing is committed yet: the site stays as it is
+            failed.append(("", _defect(error)))
+            break
+        graph.commit(replacement)
+        view.committed(replacement)
+        outcome = rule.report(anchor, match, graph)
+        for name, value in replacement.facts.items():  # what lowering learned (an approximation's error)
+            setattr(outcome, name, value)
+        outcome.fused, outcome.reason = True, None
+        _note(outcome, replacement.label, failed)
+        return Applied(candidate, outcome)
     return Applied(candidate, _refused(outcome, failed[-1][1] if failed else "no replacement to build"))
+
+
+def _defect(error: Exception) -> str:
+    """The reason for a site a rule failed on; the error itself with ATTNFUSE_DEBUG set."""
+    if os.environ.get("ATTNFUSE_DEBUG"):
+        raise error
+    first = str(error).splitlines()[0] if str(error) else ""
+    return f"attnfuse failed on this site ({type(error).__name__}: {first}); it is left as it is (please report it)"
 
 
 def prove(replacement: Replacement, view: View) -> None:
