@@ -18,8 +18,7 @@ from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.optimizer.inputs import Case, CheckInputs, InputPlan
 from attnfuse.optimizer.io import session
 from attnfuse.optimizer.report import Against, Baseline, Check, VerifyResult
-from attnfuse.optimizer import twin as twins
-from attnfuse.optimizer.twin import twin
+from attnfuse.optimizer.twin import SESSION_CONFIG as TWIN_SESSION, twin
 from attnfuse.core import tolerance as precision_tolerance
 from attnfuse.core.options import PassOptions, Target
 from attnfuse.passes.onnx.padding_free import PER_SEQUENCE_WIDTH
@@ -199,7 +198,7 @@ class Verifier:
             self.inputs_list.append(inputs)
         self.onnx_runtime = self.target != Target.OPENVINO  # where DequantizeLinear -> MatMul quantizes activations
         self.twin = twin(original, self.onnx_runtime)
-        self.twin_references = self._ort_outputs(self.twin, twins.SESSION_CONFIG) if self.twin is not None else None
+        self.twin_references = self._ort_outputs(self.twin, TWIN_SESSION) if self.twin is not None else None
         self.fp32 = self._reference_outputs(reference) if reference is not None else None
 
     def _case(self, inputs: CheckInputs, values: dict[str, np.ndarray]) -> str:
@@ -215,7 +214,7 @@ class Verifier:
         if self.target == Target.OPENVINO:
             return openvino_run.run(candidate, [inputs.feeds for inputs in self.inputs_list], precision,
                                     int8_activations)
-        return self._ort_outputs(candidate, twins.SESSION_CONFIG if is_twin else None)
+        return self._ort_outputs(candidate, TWIN_SESSION if is_twin else None)
 
     def _own_error(self, precision: str, int8_activations: bool) -> float:
         """The original's own largest relative error when the target's runtime computes it below float32 (at

@@ -15,7 +15,7 @@ from attnfuse.core.driver import Applied, Candidate
 from attnfuse.core.options import PassOptions, Target
 from attnfuse.core.outcome import AttentionSite, CacheKind, Fusion
 from attnfuse.passes.onnx import padding_free, unpadded_branch
-from attnfuse.passes.onnx.activation_qdq import float_outside_quantized_matmuls
+from attnfuse.passes.onnx.activation_qdq import float_outside_int8_kernels
 from attnfuse.passes.onnx.canonicalize import canonicalize
 from attnfuse.passes.onnx.einsum import lower_einsums
 from attnfuse.passes.onnx.functions import expand_functions
@@ -62,7 +62,7 @@ def prepare(model: ir.Model) -> ir.Model:
     copy = model.clone()
     changed = lower_einsums(copy)
     changed += expand_functions(copy)
-    changed += float_outside_quantized_matmuls(copy)
+    changed += float_outside_int8_kernels(copy)
     return copy if changed else model
 
 

@@ -20,9 +20,9 @@ from attnfuse.passes.onnx.graph import constant, remove_unused
 INT8_KERNELS = ("MatMul", "Gemm", "Conv")  # what ONNX Runtime runs in int8 on a quantized activation and weight
 
 
-def float_outside_quantized_matmuls(model: ir.Model) -> int:
-    """Every read of a dequantized activation that is not a quantized MatMul's activation reads the
-    float value instead (in place); returns how many reads changed."""
+def float_outside_int8_kernels(model: ir.Model) -> int:
+    """Every read of a dequantized activation but an int8 kernel's (INT8_KERNELS with a dequantized weight)
+    reads the float value instead (in place); returns how many reads changed."""
     reads = float_reads(model)
     for node, slot, x in reads:
         node.replace_input_with(slot, x)
@@ -32,14 +32,14 @@ def float_outside_quantized_matmuls(model: ir.Model) -> int:
 
 
 def float_reads(model: ir.Model) -> list[tuple[ir.Node, int, ir.Value]]:
-    """(reader, input slot, the float activation) of each read float_outside_quantized_matmuls changes."""
+    """(reader, input slot, the float activation) of each read that float_outside_int8_kernels changes."""
     reads = []
     for graph in model.graphs():
         for node in graph:
             x = _quantized_activation(node)
             if x is not None:
                 reads += [(use.node, use.idx, x) for use in node.outputs[0].uses()
-                          if not _int8_matmul_activation(use.node, use.idx)]
+                          if not _int8_kernel_activation(use.node, use.idx)]
     return reads
 
 
@@ -57,6 +57,6 @@ def _quantized_activation(node: ir.Node) -> ir.Value | None:
     return x
 
 
-def _int8_matmul_activation(node: ir.Node, slot: int) -> bool:
+def _int8_kernel_activation(node: ir.Node, slot: int) -> bool:
     return (node.op_type in INT8_KERNELS and node.domain in ("", "ai.onnx") and slot == 0 and len(node.inputs) > 1
             and node.inputs[1] is not None and q.dequantized_constant(node.inputs[1]))

@@ -21,6 +21,7 @@ from onnx import helper
 
 from attnfuse.passes.onnx.graph import Builder, attr, opset, replace_uses, speaking_opset
 
+
 def expand_functions(model: ir.Model) -> int:
     """Replace each RMSNormalization and RotaryEmbedding that can be by the ops it is, in place; returns how many."""
     count = 0
