@@ -480,3 +480,24 @@ def test_a_decoder_of_opset_23_fuses_its_norms_and_rotaries_as_at_opset_18(tmp_p
     assert report.fused_ops == attnfuse.optimize_onnx(str(cases.exported(case))).report.fused_ops
     assert report.fused_ops["SkipSimplifiedLayerNormalization"] == 4 and report.fused_ops["RotaryEmbedding"] == 4
     assert report.verify.ok and report.verify.max_rel_error <= 1e-4
+
+
+def test_an_onnx_attention_on_three_dimensional_q_k_v_is_fused_like_the_four_dimensional_one():
+    """Attention-23 with q_num_heads and kv_num_heads on [B, S, heads * size] q, k and v (grouped: 4 query heads,
+    2 kv heads): split into heads first (passes/onnx/functions.py), matched as SDPA, written as ONNX Runtime's op."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.3, name)
+               for name, shape in (("wq", (16, 16)), ("wk", (16, 8)), ("wv", (16, 8)), ("wo", (16, 16)))]
+    nodes = [helper.make_node("MatMul", ["x", f"w{p}"], [p]) for p in "qkv"]
+    nodes += [helper.make_node("Attention", ["q", "k", "v"], ["attended"], q_num_heads=4, kv_num_heads=2),
+              helper.make_node("MatMul", ["attended", "wo"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])], weights)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    result = attnfuse.optimize_onnx(model)
+    assert result.report.attention_fused == result.report.attention_total == 1
+    assert not any(site.already_fused for site in result.report.sites) and ops(result.proto)[("", "Attention")] == 0
+    feeds = {"x": rng.standard_normal((3, 7, 16)).astype(np.float32)}
+    np.testing.assert_allclose(run(result.proto, feeds)["y"], run(model, feeds)["y"], atol=1e-5)

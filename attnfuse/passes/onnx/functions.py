@@ -10,7 +10,8 @@ RMSNormalization becomes the schema's own function body for the node's attribute
 RotaryEmbedding is spelled here as that body computes it (x1 * cos - x2 * sin, x2 * cos + x1 * sin on the
 rotated halves, the rest passed), with the halves' sizes read from the head size the graph records (the
 body reads them with Shape, which the rotary rule's regions do not take). A node whose input types the graph
-does not record, or an interleaved or 3-D rotary, stays as it is.
+does not record, or an interleaved or 3-D rotary, stays as it is. An Attention on 3-D q, k and v is
+written with its heads split first, the form the ONNX adapter reads as SDPA.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from attnfuse.passes.onnx.graph import Builder, attr, opset, replace_uses, speak
 
 
 def expand_functions(model: ir.Model) -> int:
-    """Replace each RMSNormalization and RotaryEmbedding that can be by the ops it is, in place; returns how many."""
+    """Replace each RMSNormalization and RotaryEmbedding that can be by the ops it is, and each 3-D
+    Attention by its heads-first form, in place; returns how many."""
     count = 0
     for graph in model.graphs():
         version = opset(graph)
@@ -38,7 +40,35 @@ def expand_functions(model: ir.Model) -> int:
                         count += 1
                 elif node.op_type == "RotaryEmbedding":
                     count += _rotate_halves(graph, node)
+                elif node.op_type == "Attention":
+                    count += _heads_first(graph, node)
     return count
+
+
+def _heads_first(graph: ir.Graph, node: ir.Node) -> bool:
+    """An Attention on 3-D q, k, v ([B, S, heads * size], q_num_heads and kv_num_heads given) as the same op on
+    q, k and v split into heads first, which the ONNX adapter reads as SDPA; whether it was. Not with a cache,
+    or with its other outputs read."""
+    heads, kv_heads = attr(node, "q_num_heads"), attr(node, "kv_num_heads")
+    if heads is None or kv_heads is None or len(node.inputs) < 3 or any(x is not None for x in node.inputs[4:]) \
+            or any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
+        return False
+    b = Builder(node.name)
+
+    def split(x: ir.Value, count: int) -> ir.Value:  # [B, S, count * size] -> [B, count, S, size]
+        shaped = b.op("Reshape", [x, b.const([0, 0, count, -1], np.int64)])
+        return b.op("Transpose", [shaped], {"perm": [0, 2, 1, 3]})
+
+    q, k, v = split(node.inputs[0], heads), split(node.inputs[1], kv_heads), split(node.inputs[2], kv_heads)
+    kept = {name: attribute for name, attribute in node.attributes.items()
+            if name not in ("q_num_heads", "kv_num_heads")}
+    mask = node.inputs[3] if len(node.inputs) > 3 else None
+    attended = b.op("Attention", [q, k, v, *([mask] if mask is not None else [])], kept)
+    y = b.op("Reshape", [b.op("Transpose", [attended], {"perm": [0, 2, 1, 3]}), b.const([0, 0, -1], np.int64)])
+    graph.insert_before(node, b.nodes)
+    replace_uses(node.outputs[0], y, take_name=True)
+    graph.remove(node, safe=True)
+    return True
 
 
 def _rotate_halves(graph: ir.Graph, node: ir.Node) -> bool:
