@@ -61,8 +61,8 @@ def prepare(model: ir.Model) -> ir.Model:
     A copy shares the weights."""
     copy = model.clone()
     changed = lower_einsums(copy)
+    changed += float_outside_int8_kernels(copy)  # first: the ops expanded next then read typed float values
     changed += expand_functions(copy)
-    changed += float_outside_int8_kernels(copy)
     return copy if changed else model
 
 
