@@ -114,8 +114,7 @@ def optimize_onnx(
         stage(f"verify {config.precision}{' int8' if config.int8_activations else ''}")
         attempt.verify_precision = verifier.check(attempt.model, config.precision, config.int8_activations)
     rolled_back = mark_rolled_back(attempt.passes.applied, culprits, first.passes.applied)
-    report = _report(model, config, attempt, rolled_back, time.perf_counter() - start)
-    report.float_activation_reads = len(float_reads(original))
+    report = _report(model, original, config, attempt, rolled_back, time.perf_counter() - start)
     for check in (report.verify, report.verify_precision):
         if check is not None and not check.ok and not config.force:
             raise VerificationError(f"verification failed: {check.message}", report)
@@ -130,9 +129,7 @@ def inspect_onnx(model: ModelSource, config: OptimizeConfig | None = None, **ove
     original = io.load_model(model)
     prepared = prepared_for(original, options)
     attempt = _Rewriter(prepared, capture(prepared, config))(options)
-    report = _report(model, config, attempt, [], time.perf_counter() - start)
-    report.float_activation_reads = len(float_reads(original))
-    return report
+    return _report(model, original, config, attempt, [], time.perf_counter() - start)
 
 
 def prepared_for(original: ir.Model, options: PassOptions) -> ir.Model:
@@ -211,9 +208,9 @@ def _verified(
     return roll_back(first, rewrites(first.passes.applied), attempt, stage)
 
 
-def _report(
-    source: ModelSource, config: OptimizeConfig, attempt: _Attempt, rolled_back: list[str], seconds: float
-) -> Report:
+def _report(source: ModelSource, original: ir.Model, config: OptimizeConfig, attempt: _Attempt,
+            rolled_back: list[str], seconds: float) -> Report:
+    """The report of `attempt`, the rewrite of `original` (read from `source`)."""
     matmuls = padded_path_matmuls(attempt.model)
     return Report(
         model=_source_name(source),
@@ -225,6 +222,7 @@ def _report(
         quantize=str(config.quantize) if config.quantize is not None else None,
         quantized_matmuls=matmuls.total_quantized,
         float_matmuls=matmuls.float_weights,
+        float_activation_reads=len(float_reads(original)),
         verify=attempt.verify,
         verify_precision=attempt.verify_precision,
         rolled_back=rolled_back,

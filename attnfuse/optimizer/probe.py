@@ -19,9 +19,10 @@ from attnfuse.optimizer.observe import CannotLoad, Observer
 # more with cached tokens (a prompt continued, and one decode step).
 PROBE_CASES = (Case(3, 12), Case(2, 9))
 CACHE_CASES = (Case(3, 4, "left", past=5), Case(2, 1, "left", past=7))
-# A prompt continued over a cache, for a model that takes several new tokens after a past only one row at a
-# time, unpadded (ONNX Runtime's GroupQueryAttention, as onnxruntime-genai's builder writes it).
-CONTINUED_ALONE = Case(1, 4, "none", past=5)
+# The case a model gets where it refuses one: a prompt continued over a cache one row at a time, unpadded,
+# for a model that takes several new tokens after a past only so (ONNX Runtime's GroupQueryAttention, as
+# onnxruntime-genai's builder writes it).
+FALLBACKS = {CACHE_CASES[0]: Case(1, 4, "none", past=5)}
 IMAGE_SIDES = (224, 384, 256, 512, 32, 64, 128)  # tried in turn when the graph does not say
 
 
@@ -51,9 +52,9 @@ class Probe:
             try:
                 run = _run(observe, check)
             except UserError:
-                if case is not CACHE_CASES[0]:
+                if case not in FALLBACKS:
                     raise
-                check = plan.make(CONTINUED_ALONE, seed + i)
+                check = plan.make(FALLBACKS[case], seed + i)
                 run = _run(observe, check)
             inputs.append(check)
             runs.append(run)

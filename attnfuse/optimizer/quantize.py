@@ -36,7 +36,7 @@ from attnfuse.core.text_enum import TextEnum
 from attnfuse.optimizer import io
 from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.kernels import onnx_forms as forms
-from attnfuse.passes.onnx.graph import attr, nodes_on_one_path, replace_uses
+from attnfuse.passes.onnx.graph import attr, nodes_on_one_path, remove_unused, replace_uses
 from attnfuse.passes.onnx.quantized import MatMulCount, count_matmuls
 
 INT4_BLOCK = 32
@@ -185,10 +185,7 @@ def weights_int8(model: ir.Model, block: int | None = INT8_BLOCK) -> ir.Model:
             if weight not in local:
                 local[weight] = _dequantized(graph, node, weight.name, tensor.numpy(), block)
             node.replace_input_with(1, local[weight])
-    for graph in model.graphs():  # the float weights no MatMul reads any more
-        for name, value in list(graph.initializers.items()):
-            if not value.uses() and not value.is_graph_output():
-                del graph.initializers[name]
+    remove_unused(model)  # the float weights no MatMul reads any more
     return model
 
 

@@ -39,12 +39,9 @@ def twin(model: ir.Model, onnx_runtime: bool = True) -> ir.Model | None:
     for graph in list(copy.graphs()):
         for node in list(graph):
             changed |= _in_float(node)
-    return copy if changed or (onnx_runtime and _runs_int8_activations(copy)) else None
-
-
-def _runs_int8_activations(model: ir.Model) -> bool:
-    return any(node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None
-               and q.dequantized_constant(node.inputs[1]) for graph in model.graphs() for node in graph)
+    runs_int8_activations = onnx_runtime and any(q.reads_dequantized_weight(node, ("MatMul",))
+                                                 for graph in copy.graphs() for node in graph)
+    return copy if changed or runs_int8_activations else None
 
 
 def _in_float(node: ir.Node) -> bool:

@@ -17,12 +17,9 @@ import onnx_ir as ir
 from attnfuse.passes.onnx import quantized as q
 from attnfuse.passes.onnx.graph import constant, remove_unused
 
-INT8_KERNELS = ("MatMul", "Gemm", "Conv")  # what ONNX Runtime runs in int8 on a quantized activation and weight
-
-
 def float_outside_int8_kernels(model: ir.Model) -> int:
-    """Every read of a dequantized activation but an int8 kernel's (INT8_KERNELS with a dequantized weight)
-    reads the float value instead (in place); returns how many reads changed."""
+    """Every read of a dequantized activation but an int8 kernel's (quantized.reads_dequantized_weight, its
+    activation) reads the float value instead (in place); returns how many reads changed."""
     reads = float_reads(model)
     for node, slot, x in reads:
         node.replace_input_with(slot, x)
@@ -39,7 +36,7 @@ def float_reads(model: ir.Model) -> list[tuple[ir.Node, int, ir.Value]]:
             x = _quantized_activation(node)
             if x is not None:
                 reads += [(use.node, use.idx, x) for use in node.outputs[0].uses()
-                          if not _int8_kernel_activation(use.node, use.idx)]
+                          if not (use.idx == 0 and q.reads_dequantized_weight(use.node))]
     return reads
 
 
@@ -56,7 +53,3 @@ def _quantized_activation(node: ir.Node) -> ir.Value | None:
         return None
     return x
 
-
-def _int8_kernel_activation(node: ir.Node, slot: int) -> bool:
-    return (node.op_type in INT8_KERNELS and node.domain in ("", "ai.onnx") and slot == 0 and len(node.inputs) > 1
-            and node.inputs[1] is not None and q.dequantized_constant(node.inputs[1]))

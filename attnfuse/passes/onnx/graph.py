@@ -208,11 +208,16 @@ def replace_uses(old: ir.Value, new: ir.Value, take_name: bool = False) -> None:
 
 
 def remove_unused(model: ir.Model) -> None:
+    """Drop the nodes and weights nothing reads (the subgraphs' own weights too: onnx_ir's pass keeps them)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     for graph in model.graphs():
         _forget_abandoned_readers(graph)
     RemoveUnusedNodesPass()(model)
+    for graph in model.graphs():
+        for name, value in list(graph.initializers.items()):
+            if graph is not model.graph and not value.uses() and not value.is_graph_output():
+                del graph.initializers[name]
 
 
 def _forget_abandoned_readers(graph: ir.Graph) -> None:

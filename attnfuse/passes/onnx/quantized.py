@@ -105,6 +105,14 @@ def count_matmuls(nodes: list[ir.Node]) -> MatMulCount:
     return MatMulCount(dict(quantized_ops), left)
 
 
+def reads_dequantized_weight(node: ir.Node, op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")) -> bool:
+    """Whether `node` is one of `op_types` (ONNX's) whose weight (input 1) is dequantized from constants:
+    ONNX Runtime runs it in int8 on a quantized activation, and as MatMulNBits with int8 activations inside
+    on a float one."""
+    return (node.op_type in op_types and node.domain in ("", "ai.onnx") and len(node.inputs) > 1
+            and node.inputs[1] is not None and dequantized_constant(node.inputs[1]))
+
+
 def dequantized_constant(value: ir.Value) -> bool:
     producer = value.producer()
     return (producer is not None and producer.op_type == DEQUANTIZE_LINEAR.op_type and quantized(producer) is not None
