@@ -13,8 +13,10 @@ quantized model from a wrong one. The figures of README "Quantized models".
 3. For OpenVINO (`--target openvino --quantize int8`): attnfuse's f32 file for OpenVINO with its weights in int8
    per output channel (what OpenVINO's own int8 weight compression writes) and in blocks of 128, 64 and 32 along
    K, each run by OpenVINO at f32 and bf16 with its int8 activations (its default), and per channel with float
-   activations (DYNAMIC_QUANTIZATION_GROUP_SIZE 0): median ms on the varlen and full batches (interleaved) and min
-   cosine against torch's fp32. Needs OpenVINO (skipped without it, or with --no-openvino).
+   activations (DYNAMIC_QUANTIZATION_GROUP_SIZE 0); per channel widened by a Cast and scaled after the product
+   (`weights_int8_widened`, what attnfuse writes for bf16) and the float file, at bf16: median ms on the varlen
+   and full batches (interleaved) and min cosine against torch's fp32. Needs OpenVINO (skipped without it, or
+   with --no-openvino).
 4. A statically quantized model: S = quantize_static(export) as users call it (QDQ, int8 weights per channel,
    uint8 activations, calibrated on 4 batches of the real text cut at other places than the measured batch),
    and attnfuse's output for S (activation quantization kept only before the int8 MatMuls,
@@ -93,7 +95,7 @@ def openvino_blocks(export: str, repeats: int) -> None:
     import openvino as ov
 
     from attnfuse.optimizer.io import to_proto
-    from attnfuse.optimizer.quantize import weights_int8
+    from attnfuse.optimizer.quantize import weights_int8, weights_int8_widened
     from attnfuse.tools.encoder_peers import openvino_latency_runner
 
     fp32 = attnfuse.optimize_onnx(export, target="openvino", verify=False).model
@@ -108,6 +110,11 @@ def openvino_blocks(export: str, repeats: int) -> None:
     compiled = core.compile_model(core.read_model(models["per channel"], b""), "CPU", {
         "INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "f32", "DYNAMIC_QUANTIZATION_GROUP_SIZE": 0})
     runners["per channel, f32, float activations"] = openvino_latency_runner(compiled)
+    at_bf16 = {"per channel widened": weights_int8_widened(fp32.clone()), "float weights": fp32}
+    for name, model in at_bf16.items():
+        compiled = core.compile_model(core.read_model(to_proto(model).SerializeToString(), b""), "CPU", {
+            "INFERENCE_NUM_THREADS": 2, "INFERENCE_PRECISION_HINT": "bf16"})
+        runners[f"{name}, bf16"] = openvino_latency_runner(compiled)
     on_the_bench_batches(runners, repeats, "OpenVINO int8 weights")
 
 

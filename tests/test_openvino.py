@@ -181,27 +181,55 @@ def test_int4_is_for_the_onnx_runtime_targets():
         attnfuse.optimize_onnx(str(zoo.exported(BERT)), target="openvino", quantize="int4")
 
 
+def _through_int8_weights(quantizer, weight: np.ndarray, readers: int = 1):
+    """`quantizer` on `readers` MatMuls x @ W of one weight, the first product the graph's output: the model,
+    and each product read back through ONNX Runtime with x the identity (the weights as the file computes them)."""
+    from attnfuse.optimizer.io import load_model, to_proto
+
+    rows, columns = weight.shape
+    builder = onnx.helper
+    nodes = [builder.make_node("MatMul", ["x", "w"], [f"y{i}"]) for i in range(readers)]
+    graph = builder.make_graph(nodes, "g", [builder.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [rows, rows])],
+                               [builder.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [rows, columns])
+                                for i in range(readers)],
+                               [onnx.numpy_helper.from_array(weight, "w")])
+    model = quantizer(load_model(builder.make_model(graph, opset_imports=[builder.make_opsetid("", OPSET)])))
+    session = ort.InferenceSession(to_proto(model).SerializeToString())
+    return model, session.run(None, {"x": np.eye(rows, dtype=np.float32)})
+
+
 def test_int8_weights_are_within_half_a_step_of_each_block():
     """weights_int8 on x @ W (K = 64: two blocks of 32 per column; K = 48: one scale per column), read back
     through ONNX Runtime with x the identity: each weight within half its block's step, the steps per block."""
-    from attnfuse.optimizer.io import load_model, to_proto
     from attnfuse.optimizer.quantize import INT8_BLOCK, weights_int8
 
     for rows in (2 * INT8_BLOCK, 48):
         weight = floats(rows, 6) * np.linspace(0.1, 10, rows, dtype=np.float32)[:, None]  # blocks of other ranges
-        builder = onnx.helper
-        graph = builder.make_graph([builder.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                                   [builder.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [rows, rows])],
-                                   [builder.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [rows, 6])],
-                                   [onnx.numpy_helper.from_array(weight, "w")])
-        model = weights_int8(load_model(builder.make_model(graph, opset_imports=[builder.make_opsetid("", OPSET)])))
+        model, (got,) = _through_int8_weights(weights_int8, weight)
         assert [node.op_type for node in model.graph] == ["DequantizeLinear", "MatMul"]
         assert "w" not in model.graph.initializers
-        session = ort.InferenceSession(to_proto(model).SerializeToString())
-        got = session.run(None, {"x": np.eye(rows, dtype=np.float32)})[0]
         block = INT8_BLOCK if rows % INT8_BLOCK == 0 else rows
         step = np.abs(weight.reshape(rows // block, block, 6)).max(axis=1) / 127
         assert np.all(np.abs(got - weight).reshape(rows // block, block, 6) <= step[:, None, :] / 2 + 1e-7)
+
+
+def test_widened_int8_weights_are_within_half_a_step_of_each_column():
+    """weights_int8_widened (OpenVINO at bf16): x @ Cast(int8 W) then each column's scale; two MatMuls of one
+    weight share its int8 constant and Cast, the graph's outputs keep their names; each weight within half its
+    column's step; counted as quantized MatMuls."""
+    from attnfuse.optimizer.quantize import weights_int8_widened
+    from attnfuse.passes.onnx.quantized import count_matmuls
+
+    weight = floats(48, 6) * np.linspace(0.1, 10, 6, dtype=np.float32)[None, :]  # columns of other ranges
+    model, outputs = _through_int8_weights(weights_int8_widened, weight, readers=2)
+    assert sorted(node.op_type for node in model.graph) == ["Cast", "MatMul", "MatMul", "Mul", "Mul"]
+    assert [value.name for value in model.graph.outputs] == ["y0", "y1"]
+    assert list(model.graph.initializers) == ["w.int8", "w.scale"]
+    assert count_matmuls(list(model.graph)).total_quantized == 2
+    step = np.abs(weight).max(axis=0) / 127
+    for got in outputs:
+        assert np.all(np.abs(got - weight) <= step / 2 + 1e-6)
+        assert not np.array_equal(got, weight)  # quantized, not the float weight
 
 
 def test_bf16_needs_a_cpu_that_has_it(monkeypatch):
@@ -268,26 +296,30 @@ def test_the_bf16_check_still_catches_a_wrong_model():
 
 
 @needs_openvino
-def test_int8_weights_verified_in_openvino():
+@pytest.mark.parametrize("precision", ["f32", "bf16"])
+def test_int8_weights_verified_in_openvino(precision):
     """--quantize int8 for OpenVINO: int8 weights in each If branch's own constants (else OpenVINO runs them in
-    float), proved against the weight-quantized original exactly, then with OpenVINO's int8 activations at their
-    tolerance; the error against the fp32 model is reported."""
-    result = attnfuse.optimize_onnx(str(zoo.exported(BERT)), target="openvino", quantize="int8")
+    float), proved against the weight-quantized original exactly, then as OpenVINO runs them at their
+    tolerance: at f32 as DequantizeLinear before each MatMul, OpenVINO quantizing the activations; at bf16
+    widened by a Cast and scaled after the product; the error against the fp32 model is reported."""
+    if precision == "bf16" and not openvino_run.has_bf16():
+        pytest.skip("no bf16 on this CPU")
+    result = attnfuse.optimize_onnx(str(zoo.exported(BERT)), target="openvino", quantize="int8", precision=precision)
     report = result.report
     assert report.verify.ok and report.verify.max_rel_error <= 1e-4
     check = report.verify_precision
-    assert check.ok and check.precision == "f32, int8 activations" and 0 < check.original_error < 5e-2
-    assert check.tolerance == pytest.approx(5e-2 + check.original_error)
+    assert check.ok and check.precision == {"f32": "f32, int8 activations", "bf16": "bf16"}[precision]
+    assert 0 < check.original_error < 5e-2 and check.tolerance == pytest.approx(5e-2 + check.original_error)
     assert 0.99 < check.min_cosine < 1.0
     assert report.quantized_matmuls > 0 and report.float_matmuls == 0
     assert [str(against.model) for against in report.verify.against] == ["fp32 reference"]
     branches = [graph for graph in result.model.graphs() if graph is not result.model.graph]
     assert branches
+    weight_op = {"f32": "DequantizeLinear", "bf16": "Cast"}[precision]
     for graph in branches:
-        dequantized = [node for node in graph if node.op_type == "DequantizeLinear"]
-        assert dequantized and all(node.inputs[0] in graph.initializers.values() for node in dequantized)
-        assert all(node.inputs[1].producer() in dequantized for node in graph if node.op_type == "MatMul"
-                   and node.inputs[1].producer() is not None)
+        weights = [node for node in graph if node.op_type == weight_op and node.inputs[0] in graph.initializers.values()]
+        assert weights and all(node.inputs[1].producer() in weights for node in graph if node.op_type == "MatMul"
+                               and node.inputs[1].producer() is not None)
 
 
 @needs_openvino

@@ -85,7 +85,7 @@ def optimize_onnx(
     if config.quantize is not None:
         stage("quantize")
         reference = reference or original
-        finish = after_rewrites(config.quantize, openvino=config.target == Target.OPENVINO)
+        finish = after_rewrites(config.quantize, config.target == Target.OPENVINO, config.precision)
         # Quantized first, the export is the original the rewrites are verified against; quantized after
         # them, the same quantizer makes that original from the model the rewrites start from (below).
         original = check_float(original) if finish is not None else quantize(prepare(original), config.quantize)

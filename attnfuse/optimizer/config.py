@@ -46,8 +46,9 @@ class OptimizeConfig:
 
     @property
     def int8_activations(self) -> bool:
-        """Whether the runtime quantizes activations itself: OpenVINO does, for the int8 weights it is given."""
-        return self.quantize == Quantization.INT8 and self.target == Target.OPENVINO
+        """Whether the runtime quantizes activations itself: OpenVINO does at f32, for the int8 weights it is
+        given (at bf16 they are widened: optimizer/quantize.py)."""
+        return self.quantize == Quantization.INT8 and self.target == Target.OPENVINO and self.precision == "f32"
 
     def pass_options(self) -> PassOptions:
         """What the passes are asked to do."""

@@ -13,12 +13,19 @@ When to quantize: before the rewrites, or after them on the rewritten model (`af
   the rewrites has the weights the export quantized before them has, which is the original it is verified
   against; and the joins, which a weight already dequantized would block, are kept.
   - int4: MatMulNBitsQuantizer, 4-bit weights in blocks of 32, symmetric, accuracy_level 4 (INT4_ACCURACY).
-  - int8 for OpenVINO (`--target openvino`): int8, symmetric, one scale per block of 32, each written as
-    a blocked DequantizeLinear before its MatMul inside the graph that uses it (an If branch's weights
-    must be its own constants: read from the outer graph they are inputs of the branch to OpenVINO, which
-    then runs them in float). OpenVINO quantizes the activations itself, per group of 32 along K (its CPU
-    default). Measured on MiniLM (docs/quantized.md): as fast as one scale per output channel (what
-    OpenVINO's own int8 weight compression writes), sentence cosines 0.9994-0.9997 against 0.9990-0.9993.
+  - int8 for OpenVINO (`--target openvino`), symmetric, inside the graph that uses them (an If branch's
+    weights must be its own constants: read from the outer graph they are inputs of the branch to
+    OpenVINO, which then runs them in float). Its form follows the precision it will run at:
+    - f32: one scale per block of 32, a blocked DequantizeLinear before each MatMul (`weights_int8`).
+      OpenVINO quantizes the activations of such a MatMul itself, per group of 32 along K (its CPU
+      default), and runs it in int8. Measured on MiniLM (docs/quantized.md): as fast as one scale per
+      output channel (what OpenVINO's own int8 weight compression writes), sentence cosines 0.9994-0.9997
+      against 0.9990-0.9993.
+    - bf16: one scale per output channel, applied after the product (`weights_int8_widened`). At bf16
+      OpenVINO does not quantize activations: a DequantizeLinear's weights were widened to bf16 at every
+      run, and the int8 file ran slower than the float one (96 against 73 ms on MiniLM's varlen batch); the
+      Cast of the int8 constant is folded when OpenVINO loads the model, and the file runs as the float
+      one does, at a quarter of its weights' size.
 """
 from __future__ import annotations
 
@@ -80,12 +87,16 @@ def quantize(model: ir.Model, how: Quantization) -> ir.Model:
     return io.load_model(quantized)
 
 
-def after_rewrites(how: Quantization, openvino: bool) -> Callable[[ir.Model], ir.Model] | None:
+def after_rewrites(how: Quantization, openvino: bool, precision: str = "f32") -> Callable[[ir.Model], ir.Model] | None:
     """The quantizer to apply to each rewritten model, where `how` quantizes after the rewrites (module
-    docstring); None where it quantizes the export before them."""
+    docstring); None where it quantizes the export before them. For OpenVINO the int8 form follows the
+    `precision` it will run at (module docstring)."""
     if how is Quantization.INT4:
         return lambda model: quantize(gemms_as_matmuls(model), how)
-    return (lambda model: weights_int8(gemms_as_matmuls(model))) if openvino else None
+    if not openvino:
+        return None
+    int8 = weights_int8 if precision == "f32" else weights_int8_widened
+    return lambda model: int8(gemms_as_matmuls(model))
 
 
 def gemms_as_matmuls(model: ir.Model) -> ir.Model:
@@ -173,41 +184,83 @@ def weights_int8(model: ir.Model, block: int | None = INT8_BLOCK) -> ir.Model:
     by DequantizeLinear(int8 W, a scale per `block` along K; None: one per output channel, as OpenVINO's
     own int8 weight compression has it) in the graph of the MatMul: what OpenVINO runs as an int8 MatMul,
     quantizing its activations at run time. Needs opset 21."""
-    for graph in model.graphs():
-        local: dict[ir.Value, ir.Value] = {}  # float weight -> its DequantizeLinear in this graph
-        for node in list(graph):
-            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
-                continue
-            weight = node.inputs[1]
-            tensor = _stored_matrix(weight)
-            if tensor is None or tensor.dtype != ir.DataType.FLOAT:
-                continue
-            if weight not in local:
-                local[weight] = _dequantized(graph, node, weight.name, tensor.numpy(), block)
-            node.replace_input_with(1, local[weight])
+    def dequantized(graph: ir.Graph, node: ir.Node, weight: ir.Value, tensor: ir.TensorProtocol) -> ir.Value:
+        quantized, scale, block_rows = _int8_blocks(tensor.numpy(), block)
+        dequantize = ir.node(forms.DEQUANTIZE_LINEAR.op_type, _constants(graph, weight.name, quantized, scale),
+                             {"axis": 0, "block_size": block_rows}, name=f"{weight.name}.dequantize")
+        dequantize.outputs[0].name = f"{weight.name}.dequantized"
+        graph.insert_before(node, dequantize)
+        return dequantize.outputs[0]
+
+    local: dict[tuple[ir.Graph, ir.Value], ir.Value] = {}  # (graph, float weight) -> its dequantized weight there
+    for graph, node, weight, tensor in _float_weight_matmuls(model):
+        if (graph, weight) not in local:
+            local[graph, weight] = dequantized(graph, node, weight, tensor)
+        node.replace_input_with(1, local[graph, weight])
     remove_unused(model)  # the float weights no MatMul reads any more
     return model
 
 
-def _dequantized(graph: ir.Graph, before: ir.Node, name: str, weight: np.ndarray, block: int | None) -> ir.Value:
-    """DequantizeLinear(round(W / s), s) with s = max |W| / 127 over each block of a column (the whole
-    column where K is no multiple of `block`, or `block` is None), inserted before `before`."""
+def weights_int8_widened(model: ir.Model) -> ir.Model:
+    """`model` (changed in place, and returned) with every MatMul x @ W of a constant 2-D float weight written
+    (x @ Cast(int8 W)) * s, one scale per output channel, the Cast in the graph of the MatMul: OpenVINO folds
+    that Cast of a constant when it loads the model, so the MatMul runs on widened weights like a float one
+    (at bf16, on AMX), where a DequantizeLinear before it is kept compressed and widened at every run (twice
+    the time on an encoder's batch of tokens, docs/quantized.md). The file holds int8 weights."""
+    local: dict[tuple[ir.Graph, ir.Value], tuple[ir.Value, ir.Value]] = {}  # -> (widened weight, its scales)
+    for graph, node, weight, tensor in _float_weight_matmuls(model):
+        if (graph, weight) not in local:
+            quantized, scale, _ = _int8_blocks(tensor.numpy(), None)
+            integers, scales = _constants(graph, weight.name, quantized, scale.reshape(-1))
+            widen = ir.node("Cast", [integers], {"to": ir.DataType.FLOAT}, name=f"{weight.name}.widen")
+            widen.outputs[0].name = f"{weight.name}.widened"
+            graph.insert_before(node, widen)
+            local[graph, weight] = (widen.outputs[0], scales)
+        widened, scales = local[graph, weight]
+        product = node.outputs[0]
+        made = [ir.node("MatMul", [node.inputs[0], widened], outputs=[ir.Value(name=f"{product.name}.int8")])]
+        made.append(ir.node("Mul", [made[0].outputs[0], scales], outputs=[ir.Value(name=f"{product.name}.scaled")]))
+        graph.insert_after(node, made)
+        replace_uses(product, made[-1].outputs[0])
+        graph.remove(node, safe=True)
+    remove_unused(model)
+    return model
+
+
+def _float_weight_matmuls(model: ir.Model) -> Iterator[tuple[ir.Graph, ir.Node, ir.Value, ir.TensorProtocol]]:
+    """(graph, MatMul, its weight, the weight's float 2-D tensor) for every standard MatMul of a stored float
+    matrix. The quantizers write each weight's int8 form in the graph that reads it: an If branch's weights
+    must be its own constants (read from the outer graph they are inputs of the branch to OpenVINO, which
+    then runs them in float)."""
+    for graph in model.graphs():
+        for node in list(graph):
+            if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+                continue
+            tensor = _stored_matrix(node.inputs[1])
+            if tensor is not None and tensor.dtype == ir.DataType.FLOAT:
+                yield graph, node, node.inputs[1], tensor
+
+
+def _int8_blocks(weight: np.ndarray, block: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(round(W / s) in int8, s [K / rows, N], rows) with s = max |W| / 127 over each block of `rows` = `block`
+    values of a column (the whole column where K is no multiple of `block`, or `block` is None)."""
     rows, columns = weight.shape
     block = block if block and rows % block == 0 else rows
     blocks = weight.reshape(rows // block, block, columns)
     scale = np.abs(blocks).max(axis=1) / 127.0  # [K / block, N]
     scale[scale == 0] = 1.0
     quantized = np.clip(np.rint(blocks / scale[:, None, :]), -127, 127).astype(np.int8).reshape(rows, columns)
+    return quantized, scale.astype(np.float32), block
+
+
+def _constants(graph: ir.Graph, name: str, quantized: np.ndarray, scale: np.ndarray) -> list[ir.Value]:
+    """The int8 weight and its scales as initializers of `graph`, named after the float weight `name`."""
     constants = []
-    for suffix, array in (("int8", quantized), ("scale", scale.astype(np.float32))):
+    for suffix, array in (("int8", quantized), ("scale", scale)):
         value = ir.Value(name=f"{name}.{suffix}", const_value=ir.tensor(array, name=f"{name}.{suffix}"))
         graph.register_initializer(value)
         constants.append(value)
-    dequantize = ir.node(forms.DEQUANTIZE_LINEAR.op_type, constants, {"axis": 0, "block_size": block},
-                         name=f"{name}.dequantize")
-    dequantize.outputs[0].name = f"{name}.dequantized"
-    graph.insert_before(before, dequantize)
-    return dequantize.outputs[0]
+    return constants
 
 
 def padded_path_matmuls(model: ir.Model) -> MatMulCount:

@@ -91,8 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="quantize the MatMuls' weights with ONNX Runtime's quantizers (int8: "
                                "quantize_dynamic, per channel, before the rewrites; int4: MatMulNBits, blocks of 32, "
                                "after them) and verify against IN quantized the same way, reporting the error against "
-                               "IN; with --target openvino, int8 only: int8 weights in blocks of 32, OpenVINO "
-                               "quantizing the activations, verified there")
+                               "IN; with --target openvino, int8 only, in the form --precision runs fastest (f32: "
+                               "blocks of 32, OpenVINO quantizing the activations; bf16: per channel, widened once "
+                               "when OpenVINO loads the file), verified there")
     optimize.add_argument("--reference", metavar="FP32.onnx",
                           help="the fp32 model a quantized IN was made from: the report gives the errors against it too")
     _input_shape_option(optimize)

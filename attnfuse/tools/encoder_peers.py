@@ -237,8 +237,8 @@ def with_peer(sentence_model, run: Runner):
 def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None], quantize: str | None = None
                       ) -> list[Contender]:
     """attnfuse's file for OpenVINO (`--target openvino`, verified there at f32 and at bf16 where the CPU has it;
-    `quantize="int8"`: with int8 weights), compiled at f32 and bf16 under both of OpenVINO's performance hints,
-    as the OpenVINO peer is."""
+    `quantize="int8"`: with int8 weights, a file for each precision, in its form), compiled at f32 and bf16 under
+    both of OpenVINO's performance hints, as the OpenVINO peer is."""
     import attnfuse
 
     def build(precision: str):
@@ -246,7 +246,9 @@ def attnfuse_openvino(spec: ModelSpec, threads: int, step: Callable[[str], None]
                                         precision=precision, quantize=quantize)
         return result.proto, f"{result.report.attention_fused}/{result.report.attention_total}"
     step(f"{spec.name}: attnfuse{' ' + quantize if quantize else ''} for OpenVINO")
-    return _on_openvino(lambda precision: attnfuse_on_openvino(precision, quantize), build, threads, quantize)
+    # int8 weights take a form per precision (optimizer/quantize.py): a file for each
+    return _on_openvino(lambda precision: attnfuse_on_openvino(precision, quantize), build, threads, quantize,
+                        per_precision=quantize is not None)
 
 
 def openvino_int8(spec: ModelSpec, threads: int, step: Callable[[str], None]) -> list[Contender]:
@@ -267,28 +269,41 @@ def openvino_int8_name(precision: str) -> str:
 
 
 def _on_openvino(name_of: Callable[[str], str], build: Callable, threads: int, quantize: str | None,
-                 peer: bool = False) -> list[Contender]:
+                 peer: bool = False, per_precision: bool = False) -> list[Contender]:
     """A contender per precision this CPU computes in (f32, and bf16 where it is native) and performance hint,
     named `name_of(precision)`, running in OpenVINO the ONNX model `build(the highest precision)` gives (with its
-    attention count); the reason in each where it cannot."""
-    from attnfuse.models._export import quiet
+    attention count), or with `per_precision`, the model `build(precision)` gives for each; the reason in each
+    where it cannot."""
     from attnfuse.models.peers import describe_error
     from attnfuse.optimizer import openvino_run
 
     precisions = ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
     if not openvino_run.installed():
         return [Contender(name_of(p), error=NOT_INSTALLED, precision=quantize, peer=peer) for p in precisions]
-    try:
-        with quiet():
-            proto, fused = build(precisions[-1])
-            import openvino as ov
+    contenders = []
+    for built_for in precisions if per_precision else precisions[-1:]:
+        runs_at = (built_for,) if per_precision else precisions
+        try:
+            runners, fused = _openvino_built(build, built_for, threads, runs_at)
+        except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
+            contenders += [Contender(name_of(p), error=describe_error(error), precision=quantize, peer=peer)
+                           for p in runs_at]
+            continue
+        contenders += [Contender(name_of(forced), run, attention=fused, precision=quantize or precision,
+                                 setting=hint, peer=peer) for forced, precision, hint, run in runners]
+    return contenders
 
-            model = ov.Core().read_model(proto.SerializeToString(), b"")
-            runners = openvino_runners(model, threads, precisions)
-    except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
-        return [Contender(name_of(p), error=describe_error(error), precision=quantize, peer=peer) for p in precisions]
-    return [Contender(name_of(forced), run, attention=fused, precision=quantize or precision, setting=hint, peer=peer)
-            for forced, precision, hint, run in runners]
+
+def _openvino_built(build: Callable, precision: str, threads: int, runs_at: tuple[str, ...]) -> tuple[list, str | None]:
+    """openvino_runners at `runs_at` of the model `build(precision)` gives, and its attention count."""
+    from attnfuse.models._export import quiet
+
+    with quiet():
+        proto, fused = build(precision)
+        import openvino as ov
+
+        model = ov.Core().read_model(proto.SerializeToString(), b"")
+        return openvino_runners(model, threads, runs_at), fused
 
 
 def attnfuse_on_openvino(precision: str, quantize: str | None = None) -> str:

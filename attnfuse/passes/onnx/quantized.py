@@ -99,8 +99,10 @@ def count_matmuls(nodes: list[ir.Node]) -> MatMulCount:
     quantized_ops = Counter(node.op_type for node in nodes if (found := quantized(node)) is not None and found.matmul)
     float_matmuls = [node for node in nodes if node.domain in ("", "ai.onnx") and node.op_type in ("MatMul", "Gemm")
                      and len(node.inputs) > 1 and node.inputs[1] is not None]
-    # A weight dequantized from a constant (QDQ, or attnfuse's int8 weights for OpenVINO) is a quantized weight.
-    quantized_ops.update(node.op_type for node in float_matmuls if dequantized_constant(node.inputs[1]))
+    # A weight dequantized or widened from an int8 constant (QDQ, or attnfuse's int8 weights for OpenVINO) is a
+    # quantized weight.
+    quantized_ops.update(node.op_type for node in float_matmuls
+                         if dequantized_constant(node.inputs[1]) or widened_int8_constant(node.inputs[1]))
     left = sum(1 for node in float_matmuls if node.inputs[1].is_initializer())
     return MatMulCount(dict(quantized_ops), left)
 
@@ -111,6 +113,14 @@ def reads_dequantized_weight(node: ir.Node, op_types: tuple[str, ...] = ("MatMul
     on a float one."""
     return (node.op_type in op_types and node.domain in ("", "ai.onnx") and len(node.inputs) > 1
             and node.inputs[1] is not None and dequantized_constant(node.inputs[1]))
+
+
+def widened_int8_constant(value: ir.Value) -> bool:
+    """Whether `value` is a Cast of an int8 constant (attnfuse's int8 weights for OpenVINO at bf16, scaled
+    after their product: optimizer/quantize.weights_int8_widened)."""
+    producer = value.producer()
+    return (producer is not None and producer.op_type == "Cast" and producer.inputs[0] is not None
+            and producer.inputs[0].const_value is not None and producer.inputs[0].const_value.dtype == ir.DataType.INT8)
 
 
 def dequantized_constant(value: ir.Value) -> bool:
