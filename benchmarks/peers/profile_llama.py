@@ -1,14 +1,15 @@
 """Where attnfuse's graph of the benchmark Llama spends its time, beside onnxruntime-genai's model of the same
 weights: ONNX Runtime's profiles of both, by op type, on the decoder benchmark's prefill and decode step.
 
-    python benchmarks/peers/profile_llama.py [--quick] [--runs 3] [--threads 2]
+    python benchmarks/peers/profile_llama.py [--quick] [--int4] [--runs 3] [--threads 2]
 
 attnfuse's graph is optimize_onnx's output for the bench's dynamo export (made here, default settings);
 genai's is its model builder's model.onnx (benchmarks/peers/install_decoder_peers.sh), run here as a plain
 ONNX Runtime session: prompts right padded, a decode step fed a past of 512 as a plain tensor (genai
 itself shares one buffer between past and present). Both sessions as the bench makes them (the threads,
 workers that stop spinning). Prints, per workload and op type, the kernel milliseconds per run and the
-number of nodes, for each graph side by side, and the wall time per run.
+number of nodes, for each graph side by side, and the wall time per run. --int4: attnfuse's `--quantize int4`
+output beside genai's `-p int4` build (both 4-bit weights in blocks of 32, int8 activations inside MatMulNBits).
 """
 from __future__ import annotations
 
@@ -86,6 +87,7 @@ def table(rows: dict[str, dict[str, tuple[float, int]]], walls: dict[str, float]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the decoder zoo's tiny Llama")
+    parser.add_argument("--int4", action="store_true", help="both models with 4-bit weights")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnfuse.tools.bench_decoder import decoder_bench, decoder_workloads, peer_prompts
     from attnfuse.tools.decoder_peers import peers
 
-    genai = next(peer for peer in peers.runtime_peers() if peer.name == "onnxruntime-genai")
+    genai = peers.GENAI_INT4 if args.int4 else next(p for p in peers.runtime_peers() if p.name == "onnxruntime-genai")
     if genai.missing():
         parser.error(f"onnxruntime-genai: {genai.missing()}")
     model = decoder_bench(args.quick)
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="attnfuse-profile-") as scratch:
         folder = Path(scratch)
         mine = folder / "attnfuse.onnx"
-        onnx.save(attnfuse.optimize_onnx(str(model.onnx_path())).proto, mine)
+        quantize = "int4" if args.int4 else None
+        onnx.save(attnfuse.optimize_onnx(str(model.onnx_path()), quantize=quantize).proto, mine)
         for workload in decoder_workloads(model)[:2]:  # prefill, decode
             prompts = peer_prompts(model, workload)
             feeds = genai_feeds(genai_inputs, prompts, workload.step.past, kv_heads, head_dim)
