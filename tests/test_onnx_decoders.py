@@ -112,3 +112,26 @@ def test_inspect_lists_heads_cache_window_and_softcap(capsys):
     assert " past " in f" {row} "
     report = attnfuse.inspect_onnx(str(decoders.exported(decoders.find("gemma2-dynamo-eager-past"))))
     assert all(site.softcap > 0 and site.kv_heads < site.num_heads for site in report.sites)
+
+
+@pytest.mark.parametrize("case", [c for c in CACHED if families.FAMILIES[c.family].kind == families.CAUSAL][:2],
+                         ids=case_id)
+def test_the_lm_head_takes_a_zero_row_only_where_a_new_token_is_padded(case):
+    """The logits are made from the packed rows, and one zero row that padded positions read: a step whose new
+    tokens are all real (a decode step) has none, and its LM head runs on the real tokens alone."""
+    model = optimized(case.id).proto
+    graph = model.graph
+    made_by = {out: node for node in graph.node for out in node.output}
+    heads = [node for node in graph.node if node.op_type == "MatMul" and node.name.startswith("padding-free/restore")
+             and made_by.get(node.input[0]) is not None and made_by[node.input[0]].op_type == "Pad"]
+    assert len(heads) == 1
+    rows_in = heads[0].input[0]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(rows_in))
+    session = generate.session(probe)
+    for step in (PREFILL, *DECODES):
+        feeds = {name: value.numpy() for name, value in decoders.example(case, step, seed=3).items()}
+        new = feeds["attention_mask"][:, -step.new:]
+        rows = session.run([rows_in], feeds)[0]
+        assert rows.shape[-2] == int(new.sum()) + int(not new.all()), (step, rows.shape)
