@@ -332,3 +332,20 @@ def test_a_model_openvino_cannot_run_fails_verification():
         opset_imports=[onnx.helper.make_opsetid("", OPSET), onnx.helper.make_opsetid("nowhere", 1)])
     with pytest.raises(RuntimeError, match="OpenVINO"):
         openvino_run.run(ir.serde.deserialize_model(bad), [{"x": np.ones(1, np.float32)}])
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision, has_bf16, noted", [("f32", True, True), ("f32", False, False),
+                                                         ("bf16", True, False)])
+def test_the_cli_notes_the_int8_form_for_a_cpu_that_runs_openvino_at_bf16(monkeypatch, tmp_path, capsys, precision,
+                                                                          has_bf16, noted):
+    """OpenVINO computes in bf16 by default on a CPU that has it, where the f32 int8 form's weights are widened at
+    every run: the summary says so, and which option writes the form for bf16."""
+    from attnfuse.tools.cli import main
+
+    monkeypatch.setattr(openvino_run, "has_bf16", lambda: has_bf16)
+    out = tmp_path / "int8.onnx"
+    assert main(["optimize", str(zoo.exported(BERT)), "-o", str(out), "--target", "openvino", "--quantize", "int8",
+                 "--precision", precision, "--no-verify"]) == 0
+    assert out.exists()
+    assert ("--precision bf16 writes the int8 file" in capsys.readouterr().out) == noted

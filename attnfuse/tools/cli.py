@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
-from attnfuse.optimizer import io
+from attnfuse.optimizer import io, openvino_run
 from attnfuse.optimizer.api import STAGES, inspect_onnx, make_config, optimize_onnx
 from attnfuse.optimizer.config import PRECISIONS, TARGETS
 from attnfuse.optimizer.errors import UserError, VerificationError, first_line
@@ -167,6 +167,10 @@ def _optimize(args: argparse.Namespace) -> int:
     if result.report.quantize is None and unquantized_in_subgraphs(result.model):
         print(f"attnfuse: note: to quantize {args.output}, use --quantize int8|int4, or ONNX Runtime's quantize_dynamic "
               f"with {SUBGRAPH_OPTION}: its MatMuls are inside If branches")
+    if config.int8_activations and openvino_run.has_bf16():
+        # OpenVINO runs at bf16 by default on such a CPU, where this file's weights are widened at every run
+        print(f"attnfuse: note: OpenVINO computes in bf16 by default on this CPU; --precision bf16 writes the int8 "
+              f"file that runs fastest there (the one written is for f32)")
     verify = result.report.verify
     if verify is not None and not verify.ok:  # only reached with --force
         print(f"attnfuse: warning: verification failed ({verify.message}); written anyway because of --force", file=sys.stderr)
