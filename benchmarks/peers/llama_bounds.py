@@ -5,8 +5,9 @@ products alone, timed in ONNX Runtime beside attnfuse's own file, against what e
 
 For the benchmark Llama (random weights of its shapes: per layer q, k, v, o, gate, up, down; the LM head) one
 ONNX graph applies every weight matrix to the rows a workload has: prefill its real tokens (padding-free
-already), decode one row a sequence. Every product is an output, so none is skipped. That graph is the least
-work of any graph of this model: attention, norms, rotary, the cache and all layout ops left out, the
+already), decode one row a sequence; and reads, once, the real cached keys and values a decode step attends
+to (a sum over them). Every product is an output, so none is skipped. That graph is the least work of any
+graph of this model: attention's arithmetic, norms, rotary, cache copies and all layout ops left out, the
 products at ONNX Runtime's own MatMul kernels (what attnfuse's files, and onnxruntime-genai's, run). It runs
 interleaved with attnfuse's file for the bench's export (optimize_onnx, default settings) on the bench's
 feeds, so their ratio is the most attnfuse's step can still gain, whatever the machine's speed that minute.
@@ -39,7 +40,8 @@ def weight_shapes(config) -> list[tuple[int, int]]:
 
 
 def products_model(shapes: list[tuple[int, int]], seed: int = 0):
-    """x_K @ W_i for every [K, N] in `shapes` (one input x_K [rows, K] per K, rows open), each an output."""
+    """x_K @ W_i for every [K, N] in `shapes` (one input x_K [rows, K] per K, rows open), each an output; and
+    the sum of an input `cache` [keys, width] (the cached keys and values a step must read once)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -50,14 +52,20 @@ def products_model(shapes: list[tuple[int, int]], seed: int = 0):
         nodes.append(helper.make_node("MatMul", [f"x{k}", f"w{i}"], [f"y{i}"]))
         outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, ["rows", n]))
     inputs = [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, ["rows", k]) for k in widths]
+    inputs.append(helper.make_tensor_value_info("cache", TensorProto.FLOAT, ["keys", "width"]))
+    nodes.append(helper.make_node("ReduceSum", ["cache", helper.make_tensor("axis", TensorProto.INT64, [1], [0]).name],
+                                  ["cache_read"]))
+    weights.append(helper.make_tensor("axis", TensorProto.INT64, [1], [0]))
+    outputs.append(helper.make_tensor_value_info("cache_read", TensorProto.FLOAT, None))
     graph = helper.make_graph(nodes, "weight_products", inputs, outputs, weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), widths
 
 
-def timed_beside(shapes: list[tuple[int, int]], mine: str, workloads: list, threads: int, repeats: int
-                 ) -> dict[str, tuple[float, float]]:
-    """{workload: (median ms of the weight products on its rows, of attnfuse's file `mine` on its feeds)},
-    interleaved, in ONNX Runtime as the bench runs it."""
+def timed_beside(shapes: list[tuple[int, int]], cache: tuple[int, int], mine: str, workloads: list, threads: int,
+                 repeats: int) -> dict[str, tuple[float, float]]:
+    """{workload: (median ms of the weight products on its rows and one read of its real cached keys and values
+    (`cache`: how many [keys, width] tensors, k and v of each layer, and their width), of attnfuse's file `mine`
+    on its feeds)}, interleaved, in ONNX Runtime as the bench runs it."""
     import onnx
     import onnxruntime as ort
 
@@ -75,7 +83,9 @@ def timed_beside(shapes: list[tuple[int, int]], mine: str, workloads: list, thre
     times = {}
     for workload in workloads:
         rows = int(workload.new_real.sum())
-        runs = {"products": (products, {f"x{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in widths}),
+        least = {f"x{k}": rng.standard_normal((rows, k)).astype(np.float32) for k in widths}
+        least["cache"] = rng.standard_normal((cache[0] * cached_keys(workload.step), cache[1])).astype(np.float32)
+        runs = {"products": (products, least),
                 "attnfuse": (attnfuse, {name: workload.feeds[name] for name in names})}
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         for round_ in range(repeats + 1):
@@ -86,6 +96,11 @@ def timed_beside(shapes: list[tuple[int, int]], mine: str, workloads: list, thre
                     seconds[name].append(time.perf_counter() - start)
         times[workload.name] = (statistics.median(seconds["products"]) * 1e3, statistics.median(seconds["attnfuse"]) * 1e3)
     return times
+
+
+def cached_keys(step) -> int:
+    """The real cached keys of a step's rows, together (each row's past, its padding left out)."""
+    return sum(min(length - step.new, step.past) for length in step.lengths) if step.past else 0
 
 
 def fastest(results: list[dict], workload: str) -> tuple[dict | None, dict | None]:
@@ -118,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="attnfuse-bounds-") as folder:
         mine = str(Path(folder) / "attnfuse.onnx")
         onnx.save(attnfuse.optimize_onnx(str(model.onnx_path())).proto, mine)
-        times = timed_beside(shapes, mine, workloads, args.threads, args.repeats)
+        config = model.config
+        cache = (2 * config.num_hidden_layers,
+                 config.num_key_value_heads * (config.hidden_size // config.num_attention_heads))
+        times = timed_beside(shapes, cache, mine, workloads, args.threads, args.repeats)
     import torch
 
     from attnfuse.tools.bench import gemm_gflops
@@ -126,11 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     weights = sum(k * n for k, n in shapes)
     tokens = int(workloads[0].new_real.sum())
+    decode_bytes = 4 * (weights + cache[0] * cache[1] * cached_keys(workloads[1].step))
     print(f"{model.name}, {args.threads} threads, median of {args.repeats} interleaved runs; peers from {args.results}")
     print(f"the weight products: prefill {2 * tokens * weights / times['prefill'][0] / 1e6:.0f} GFLOP/s on {tokens} "
           f"tokens (fp32 GEMM here: {gemm_gflops(args.threads, args.repeats):.0f}), decode "
-          f"{4 * weights / times['decode'][0] / 1e6:.1f} GB of weights read per second")
-    print("| workload | weight products alone | attnfuse here | most attnfuse can gain | attnfuse vs fastest f32 "
+          f"{decode_bytes / times['decode'][0] / 1e6:.1f} GB/s of weights and cache ({decode_bytes / 1e6:.0f} MB)")
+    print("| workload | weight products (and cache read) alone | attnfuse here | most attnfuse can gain | attnfuse vs fastest f32 "
           "peer (bench run) | floor | gain it asks |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for workload in workloads:
