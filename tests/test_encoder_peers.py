@@ -230,3 +230,40 @@ def test_quick_bench_with_the_peers_reports_their_precision(tmp_path):
     on_openvino = varlen[encoder_peers.attnfuse_on_openvino("f32")]  # attnfuse's file for OpenVINO, run there
     assert not on_openvino["peer"] and on_openvino["attention_fused"] == "6/6"
     assert set(on_openvino["setting_ms"]) == set(encoder_peers.OPENVINO_HINTS)
+
+
+@needs["openvino"]
+@pytest.mark.parametrize("per_precision", [False, True])
+def test_an_openvino_contender_runs_the_model_built_for_its_precision(monkeypatch, per_precision):
+    """One model built for the highest precision and run at each; or (per_precision: attnfuse's int8 file, whose
+    weights take a form per precision) a model built for each precision, run at that one only. (Latency runners
+    only: a throughput runner's request queue may not be freed by a test.)"""
+    import onnx
+    import openvino as ov
+
+    from attnfuse.optimizer import openvino_run
+
+    def latency_runners(model, threads, precisions):
+        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads})
+        return [(p, p, "LATENCY", encoder_peers.openvino_latency_runner(compiled)) for p in precisions]
+    monkeypatch.setattr(encoder_peers, "openvino_runners", latency_runners)
+
+    def build(precision: str):
+        built.append(precision)
+        scale = {"f32": 2.0, "bf16": 3.0}[precision]  # what each model computes says which one ran
+        graph = onnx.helper.make_graph(
+            [onnx.helper.make_node("Mul", ["x", "s"], ["y"])], "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["rows", 4])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["rows", 4])],
+            [onnx.numpy_helper.from_array(np.full(4, scale, np.float32), "s")])
+        return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), "1/1"
+
+    built: list[str] = []
+    precisions = ["f32", "bf16"] if openvino_run.has_bf16() else ["f32"]
+    contenders = encoder_peers._on_openvino(lambda p: f"model ({p})", build, 2, "int8", per_precision=per_precision)
+    assert built == (precisions if per_precision else precisions[-1:])
+    assert sorted({c.name for c in contenders}) == sorted(f"model ({p})" for p in precisions)
+    for contender in contenders:
+        ran_for = contender.name[len("model ("):-1] if per_precision else precisions[-1]
+        got = contender.run({"x": np.ones((2, 4), np.float32)})[0]
+        np.testing.assert_allclose(got, {"f32": 2.0, "bf16": 3.0}[ran_for])

@@ -280,9 +280,10 @@ def _on_openvino(name_of: Callable[[str], str], build: Callable, threads: int, q
     precisions = ("f32", "bf16") if openvino_run.installed() and openvino_run.has_bf16() else ("f32",)
     if not openvino_run.installed():
         return [Contender(name_of(p), error=NOT_INSTALLED, precision=quantize, peer=peer) for p in precisions]
+    # the precision a model is built for -> those it runs at
+    builds = {p: (p,) for p in precisions} if per_precision else {precisions[-1]: precisions}
     contenders = []
-    for built_for in precisions if per_precision else precisions[-1:]:
-        runs_at = (built_for,) if per_precision else precisions
+    for built_for, runs_at in builds.items():
         try:
             runners, fused = _openvino_built(build, built_for, threads, runs_at)
         except Exception as error:  # a contender that cannot be built is a result, not a crash of the bench
