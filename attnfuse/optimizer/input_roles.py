@@ -20,6 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnfuse.core import registry
+from attnfuse.kernels.onnx_forms import GROUP_QUERY_ATTENTION, MATMUL_NBITS, MULTI_HEAD_ATTENTION
 
 # Roles.
 IDS, MASK, TOKEN_TYPES, POSITIONS = "ids", "mask", "token_types", "positions"
@@ -167,7 +168,8 @@ def _head_size(cache: ir.Value) -> int | None:
     query packed with the keys and values (no key input) counting kv_num_heads twice more."""
     for node, _ in cache.uses():
         heads = node.attributes.get("num_heads")
-        if heads is None or node.op_type not in ("GroupQueryAttention", "MultiHeadAttention") or not node.inputs:
+        if heads is None or node.op_type not in (GROUP_QUERY_ATTENTION.op_type, MULTI_HEAD_ATTENTION.op_type) \
+                or not node.inputs:
             continue
         kv_heads = node.attributes.get("kv_num_heads")
         packed = len(node.inputs) < 2 or node.inputs[1] is None
@@ -188,7 +190,7 @@ def _width(value: ir.Value | None, depth: int = 3) -> int | None:
     node = value.producer()
     if node is None or depth == 0:
         return None
-    if node.op_type == "MatMulNBits" and "N" in node.attributes:
+    if node.op_type == MATMUL_NBITS.op_type and "N" in node.attributes:
         return node.attributes["N"].value
     if node.op_type == "MatMul" and len(node.inputs) == 2 and node.inputs[1] is not None \
             and node.inputs[1].shape is not None and isinstance(node.inputs[1].shape[-1], int):

@@ -43,7 +43,7 @@ from attnfuse.core.text_enum import TextEnum
 from attnfuse.optimizer import io
 from attnfuse.optimizer.errors import UserError, first_line
 from attnfuse.kernels import onnx_forms as forms
-from attnfuse.passes.onnx.graph import attr, nodes_on_one_path, remove_unused, replace_uses
+from attnfuse.passes.onnx.graph import attr, nodes_on_one_path, remove_unused, replace_node
 from attnfuse.passes.onnx.quantized import MatMulCount, count_matmuls
 
 INT4_BLOCK = 32
@@ -120,9 +120,7 @@ def gemms_as_matmuls(model: ir.Model) -> ir.Model:
             made = [ir.node("MatMul", [a, weight], outputs=[ir.Value(name=f"{out.name}.product")])]
             if bias is not None:
                 made.append(ir.node("Add", [made[0].outputs[0], bias], outputs=[ir.Value(name=f"{out.name}.biased")]))
-            graph.insert_after(node, made)
-            replace_uses(out, made[-1].outputs[0])
-            graph.remove(node, safe=True)
+            replace_node(graph, node, made, [made[-1].outputs[0]], take_name=False)
     return model
 
 
@@ -220,9 +218,7 @@ def weights_int8_widened(model: ir.Model) -> ir.Model:
         product = node.outputs[0]
         made = [ir.node("MatMul", [node.inputs[0], widened], outputs=[ir.Value(name=f"{product.name}.int8")])]
         made.append(ir.node("Mul", [made[0].outputs[0], scales], outputs=[ir.Value(name=f"{product.name}.scaled")]))
-        graph.insert_after(node, made)
-        replace_uses(product, made[-1].outputs[0])
-        graph.remove(node, safe=True)
+        replace_node(graph, node, made, [made[-1].outputs[0]], take_name=False)
     remove_unused(model)
     return model
 

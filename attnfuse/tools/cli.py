@@ -169,8 +169,8 @@ def _optimize(args: argparse.Namespace) -> int:
               f"with {SUBGRAPH_OPTION}: its MatMuls are inside If branches")
     if config.int8_activations and openvino_run.has_bf16():
         # OpenVINO runs at bf16 by default on such a CPU, where this file's weights are widened at every run
-        print(f"attnfuse: note: OpenVINO computes in bf16 by default on this CPU; --precision bf16 writes the int8 "
-              f"file that runs fastest there (the one written is for f32)")
+        print("attnfuse: note: OpenVINO computes in bf16 by default on this CPU; --precision bf16 writes the int8 "
+              "file that runs fastest there (the one written is for f32)")
     verify = result.report.verify
     if verify is not None and not verify.ok:  # only reached with --force
         print(f"attnfuse: warning: verification failed ({verify.message}); written anyway because of --force", file=sys.stderr)

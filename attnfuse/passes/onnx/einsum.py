@@ -14,7 +14,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from attnfuse.passes.onnx.graph import Builder, NoMatch, attr, constant, replace_uses
+from attnfuse.passes.onnx.graph import Builder, NoMatch, attr, constant, replace_node
 
 
 def lower_einsums(model: ir.Model) -> int:
@@ -28,9 +28,7 @@ def lower_einsums(model: ir.Model) -> int:
                 builder, result = _as_matmul(node)
             except NoMatch:
                 continue
-            graph.insert_before(node, builder.nodes)
-            replace_uses(node.outputs[0], result, take_name=True)
-            graph.remove(node, safe=True)
+            replace_node(graph, node, builder.nodes, [result])
             count += 1
     return count
 

@@ -20,7 +20,8 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 
-from attnfuse.passes.onnx.graph import Builder, attr, opset, replace_uses, speaking_opset
+from attnfuse.kernels.onnx_forms import RMS_NORMALIZATION, STANDARD_ATTENTION
+from attnfuse.passes.onnx.graph import Builder, attr, opset, replace_node, speaking_opset
 
 
 def expand_functions(model: ir.Model) -> int:
@@ -33,14 +34,14 @@ def expand_functions(model: ir.Model) -> int:
             for node in list(graph):
                 if node.domain not in ("", "ai.onnx"):
                     continue
-                if node.op_type == "RMSNormalization":
+                if node.op_type == RMS_NORMALIZATION.op_type:
                     body = _function_body(node, version)
                     if body is not None:
                         _inline(graph, node, body)
                         count += 1
                 elif node.op_type == "RotaryEmbedding":
                     count += _rotate_halves(graph, node)
-                elif node.op_type == "Attention":
+                elif node.op_type == STANDARD_ATTENTION.op_type:
                     count += _heads_first(graph, node)
     return count
 
@@ -63,11 +64,9 @@ def _heads_first(graph: ir.Graph, node: ir.Node) -> bool:
     kept = {name: attribute for name, attribute in node.attributes.items()
             if name not in ("q_num_heads", "kv_num_heads")}
     mask = node.inputs[3] if len(node.inputs) > 3 else None
-    attended = b.op("Attention", [q, k, v, *([mask] if mask is not None else [])], kept)
+    attended = b.op(STANDARD_ATTENTION.op_type, [q, k, v, *([mask] if mask is not None else [])], kept)
     y = b.op("Reshape", [b.op("Transpose", [attended], {"perm": [0, 2, 1, 3]}), b.const([0, 0, -1], np.int64)])
-    graph.insert_before(node, b.nodes)
-    replace_uses(node.outputs[0], y, take_name=True)
-    graph.remove(node, safe=True)
+    replace_node(graph, node, b.nodes, [y])
     return True
 
 
@@ -95,9 +94,7 @@ def _rotate_halves(graph: ir.Graph, node: ir.Node) -> bool:
     if rotated < head:
         pieces.append(part(rotated, head))
     y = b.op("Concat", pieces, {"axis": -1})
-    graph.insert_before(node, b.nodes)
-    replace_uses(node.outputs[0], y, take_name=True)
-    graph.remove(node, safe=True)
+    replace_node(graph, node, b.nodes, [y])
     return True
 
 
@@ -131,7 +128,4 @@ def _inline(graph: ir.Graph, node: ir.Node, body: ir.Function) -> None:
         inner_node.name = f"{node.name}/{i}_{inner_node.op_type}"
         for out in inner_node.outputs:
             out.name = f"{node.name}/{out.name}"
-    graph.insert_before(node, nodes)
-    for out, inner in zip(node.outputs, body.outputs):
-        replace_uses(out, inner, take_name=True)
-    graph.remove(node, safe=True)
+    replace_node(graph, node, nodes, body.outputs)

@@ -207,6 +207,16 @@ def replace_uses(old: ir.Value, new: ir.Value, take_name: bool = False) -> None:
     old.replace_all_uses_with(new)
 
 
+def replace_node(graph: ir.Graph, node: ir.Node, nodes: Sequence[ir.Node], outputs: Sequence[ir.Value],
+                 take_name: bool = True) -> None:
+    """`node` replaced by `nodes` (inserted before it), `outputs[i]` read wherever its output i was (with
+    `take_name`, under its name: replace_uses)."""
+    graph.insert_before(node, list(nodes))
+    for old, new in zip(node.outputs, outputs):
+        replace_uses(old, new, take_name=take_name)
+    graph.remove(node, safe=True)
+
+
 def remove_unused(model: ir.Model) -> None:
     """Drop the nodes and weights nothing reads (the subgraphs' own weights too: onnx_ir's pass keeps them)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
